@@ -1,0 +1,1 @@
+"""inventory.v1: generated at install time from protos/inventory/v1/."""

@@ -1,0 +1,1 @@
+"""Application layer: composes domain rules and storage into the service's use cases."""

@@ -1,0 +1,245 @@
+"""Reservations: a Redis hold first, then the Postgres commit; the hold is given back if Postgres
+refuses or fails (DESIGN §2). Lifecycle per I7: ACTIVE → COMMITTED | RELEASED | EXPIRED, once."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import asyncpg
+
+from inventory_svc.app.context import Context
+from inventory_svc.domain import validation as val
+from inventory_svc.domain.model import (
+    Channel,
+    Line,
+    Movement,
+    MovementKind,
+    Reservation,
+    ReservationStatus,
+    SkuQuantity,
+    StockLevel,
+)
+from inventory_svc.domain.rules import check_can_take, check_release
+from inventory_svc.storage.pg import MovementDraft, PgStore
+from inventory_svc.storage.pg_base import Idem, Replay
+from inventory_svc.storage.redis_stock import Hold
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A reservation that ended in a sale, with its ledger rows."""
+
+    reservation: Reservation
+    movements: tuple[Movement, ...]
+
+
+def new_reservation_id() -> str:
+    # time-ordered so ids sort roughly by creation; 64 random bits make collisions moot
+    return f"r{int(time.time() * 1000):011x}{secrets.token_hex(8)}"
+
+
+def _res_event(res: Reservation) -> tuple[str, str, dict[str, object]]:
+    return ("", "", {"reservation_id": res.id, "status": res.status.value,
+                     "order_ref": res.order_ref})
+
+
+class ReservationService:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def _ttl(self, field: str, ttl_s: int, v: val.Violations) -> int:
+        s = self.ctx.settings
+        val.validate_ttl(v, field, ttl_s, s.min_ttl_s, s.max_ttl_s)
+        return ttl_s or s.default_ttl_s
+
+    async def reserve(
+        self, lines: Sequence[Line], ttl_s: int, channel: Channel, order_ref: str,
+        idem: Idem | None,
+    ) -> Reservation | Replay:
+        v = val.Violations()
+        val.validate_lines(v, "lines", lines, self.ctx.settings.max_lines)
+        ttl = self._ttl("ttl_seconds", ttl_s, v)
+        v.text("order_ref", order_ref)
+        v.raise_if_any()
+        return await self._take(lines, channel, order_ref, idem, ttl=ttl, sale=False)
+
+    async def sell(
+        self, location_id: str, items: Sequence[SkuQuantity], channel: Channel, order_ref: str,
+        idem: Idem | None,
+    ) -> Settled | Replay:
+        v = val.Violations()
+        v.location_id("location_id", location_id)
+        val.validate_items(v, "items", items, self.ctx.settings.max_lines)
+        v.text("order_ref", order_ref)
+        v.raise_if_any()
+        await self.ctx.known_location(location_id)
+        lines = [Line(x.sku, location_id, x.quantity) for x in items]
+        return await self._take(lines, channel, order_ref, idem, ttl=0, sale=True)
+
+    async def _take(
+        self, lines: Sequence[Line], channel: Channel, order_ref: str, idem: Idem | None, *,
+        ttl: int, sale: bool,
+    ) -> Reservation | Settled | Replay:
+        """Hold in Redis, then commit in Postgres: a reservation, or with `sale` a POS sale."""
+        hold: Hold | None = None
+        result: Reservation | Settled
+        try:
+            async with self.ctx.pg.unit(idem) as u:
+                if u.replay is not None:
+                    return Replay(u.replay)
+                hold = await self.ctx.redis.hold(
+                    lines, pos=channel is Channel.POS, hydrate=self.ctx.hydrate)
+                rows = await PgStore.lock_stock(u.conn, [(x.sku, x.location_id) for x in lines])
+                check_can_take(lines, rows, channel)
+                olds = [rows[(x.sku, x.location_id)].level for x in lines]
+                res_id = new_reservation_id()
+                if sale:
+                    news = await PgStore.write_levels(u.conn, [
+                        replace(lv, on_hand=lv.on_hand - x.quantity)
+                        for lv, x in zip(olds, lines, strict=True)])
+                    res = await PgStore.insert_reservation(
+                        u.conn, res_id, ReservationStatus.COMMITTED, channel, order_ref, lines, 0)
+                    moves = await PgStore.add_movements(u.conn, [
+                        MovementDraft(x.sku, x.location_id, -x.quantity, MovementKind.SALE,
+                                      "pos sale", res_id, order_ref) for x in lines],
+                        [n.on_hand for n in news])
+                    result = Settled(res, tuple(moves))
+                else:
+                    news = await PgStore.write_levels(u.conn, [
+                        replace(lv, reserved=lv.reserved + x.quantity)
+                        for lv, x in zip(olds, lines, strict=True)])
+                    res = await PgStore.insert_reservation(
+                        u.conn, res_id, ReservationStatus.ACTIVE, channel, order_ref, lines, ttl)
+                    result = res
+                await PgStore.add_outbox(u.conn, "RESERVATION", [_res_event(res)])
+                await u.remember(result)
+        except BaseException:
+            if hold is not None:
+                await self.ctx.give_back(hold)
+            raise
+        # A sale turns the hold into fewer units on hand; a reservation keeps it as reserved.
+        moves_back = [(x, -x.quantity) for x in lines] if sale else []
+        await self.ctx.publish(news, moves_back)
+        return result
+
+    async def get(self, res_id: str) -> Reservation:
+        self._check_id(res_id)
+        return await self.ctx.pg.get_reservation(res_id)
+
+    async def extend(self, res_id: str, ttl_s: int, idem: Idem | None) -> Reservation | Replay:
+        v = val.Violations()
+        self._check_id(res_id, v)
+        ttl = self._ttl("ttl_seconds", ttl_s, v)
+        v.raise_if_any()
+        async with self.ctx.pg.unit(idem) as u:
+            if u.replay is not None:
+                return Replay(u.replay)
+            res = await PgStore.read_reservation(u.conn, res_id, lock=True)
+            await PgStore.ensure_active(u.conn, res)
+            await PgStore.extend(u.conn, res_id, ttl)
+            res = await PgStore.read_reservation(u.conn, res_id, lock=False)
+            await u.remember(res)
+        return res
+
+    async def release(
+        self, res_id: str, lines: Sequence[Line], idem: Idem | None
+    ) -> Reservation | Replay:
+        v = val.Violations()
+        self._check_id(res_id, v)
+        if lines:
+            val.validate_lines(v, "lines", lines, self.ctx.settings.max_lines)
+        v.raise_if_any()
+        async with self.ctx.pg.unit(idem) as u:
+            if u.replay is not None:
+                return Replay(u.replay)
+            res = await PgStore.read_reservation(u.conn, res_id, lock=True)
+            await PgStore.ensure_active(u.conn, res)
+            held = {(x.sku, x.location_id): x.quantity for x in res.lines}
+            check_release(held, lines)
+            give = list(lines) if lines else [x for x in res.lines if x.quantity > 0]
+            news = await self._unreserve(u.conn, give, sale=False)
+            if lines:
+                for x in lines:
+                    held[(x.sku, x.location_id)] -= x.quantity
+                await PgStore.set_lines_held(u.conn, res_id, held)
+            if not lines or not any(held.values()):
+                await PgStore.end_reservation(u.conn, res_id, ReservationStatus.RELEASED)
+            res = await PgStore.read_reservation(u.conn, res_id, lock=False)
+            await PgStore.add_outbox(u.conn, "RESERVATION", [_res_event(res)])
+            await u.remember(res)
+        await self.ctx.publish(news, [(x, -x.quantity) for x in give])
+        return res
+
+    async def commit(self, res_id: str, idem: Idem | None) -> Settled | Replay:
+        v = val.Violations()
+        self._check_id(res_id, v)
+        v.raise_if_any()
+        async with self.ctx.pg.unit(idem) as u:
+            if u.replay is not None:
+                return Replay(u.replay)
+            res = await PgStore.read_reservation(u.conn, res_id, lock=True)
+            await PgStore.ensure_active(u.conn, res)
+            sold = [x for x in res.lines if x.quantity > 0]
+            news = await self._unreserve(u.conn, sold, sale=True)
+            moves = await PgStore.add_movements(u.conn, [
+                MovementDraft(x.sku, x.location_id, -x.quantity, MovementKind.SALE, "commit",
+                              res_id, res.order_ref) for x in sold],
+                [{(n.sku, n.location_id): n.on_hand for n in news}[(x.sku, x.location_id)]
+                 for x in sold])
+            await PgStore.end_reservation(u.conn, res_id, ReservationStatus.COMMITTED)
+            res = await PgStore.read_reservation(u.conn, res_id, lock=False)
+            await PgStore.add_outbox(u.conn, "RESERVATION", [_res_event(res)])
+            result = Settled(res, tuple(moves))
+            await u.remember(result)
+        await self.ctx.publish(news, [(x, -x.quantity) for x in sold])
+        return result
+
+    async def expire_due(self) -> int:
+        """Expire reservations past their Postgres `expires_at`; safe with N sweepers."""
+        async with self.ctx.pg.unit(None) as u:
+            ids = await PgStore.lock_due(u.conn, self.ctx.settings.sweep_batch)
+            if not ids:
+                return 0
+            rows = await u.conn.fetch(
+                "SELECT sku, location_id, quantity FROM reservation_lines"
+                " WHERE reservation_id = ANY($1::text[]) AND quantity > 0", ids)
+            lines = [Line(r["sku"], r["location_id"], r["quantity"]) for r in rows]
+            news = await self._unreserve(u.conn, lines, sale=False)
+            await u.conn.execute(
+                "UPDATE reservations SET status = 'EXPIRED', ended_at = now()"
+                " WHERE id = ANY($1::text[])", ids)
+            await PgStore.add_outbox(u.conn, "RESERVATION", [
+                ("", "", {"reservation_id": i, "status": "EXPIRED"}) for i in ids])
+        await self.ctx.publish(news, [(x, -x.quantity) for x in lines])
+        log.info("expired %d reservations", len(ids))
+        return len(ids)
+
+    @staticmethod
+    async def _unreserve(
+        conn: asyncpg.Connection, lines: Sequence[Line], *, sale: bool
+    ) -> list[StockLevel]:
+        """Give back reserved units in Postgres (several lines may share a SKU-location)."""
+        total: dict[tuple[str, str], int] = {}
+        for x in lines:
+            total[(x.sku, x.location_id)] = total.get((x.sku, x.location_id), 0) + x.quantity
+        if not total:
+            return []
+        rows = await PgStore.lock_stock(conn, total)
+        return await PgStore.write_levels(conn, [
+            replace(rows[k].level, reserved=rows[k].level.reserved - q,
+                    on_hand=rows[k].level.on_hand - (q if sale else 0))
+            for k, q in sorted(total.items())])
+
+    @staticmethod
+    def _check_id(res_id: str, v: val.Violations | None = None) -> None:
+        own = v or val.Violations()
+        if not res_id or len(res_id) > 64:
+            own.add("reservation_id", f"{res_id!r} must be 1-64 characters")
+        if v is None:
+            own.raise_if_any()

@@ -1,0 +1,97 @@
+"""Configuration from INVENTORY_* environment variables, validated at start (DESIGN §6)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable and the value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str = ""  # empty: start the embedded Redis-compatible server
+    redis_cluster: bool = False
+    database_url: str = ""  # empty: start the embedded Postgres
+    data_dir: Path = Path(".data")
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 0  # 0: no metrics HTTP endpoint
+    default_ttl_s: int = 900
+    min_ttl_s: int = 1
+    max_ttl_s: int = 86_400
+    max_lines: int = 200
+    max_skus_per_read: int = 1_000
+    sweep_interval_s: float = 1.0
+    sweep_batch: int = 200
+    reconcile_interval_s: float = 30.0
+    pg_pool_min: int = 2
+    pg_pool_max: int = 20
+    pg_timeout_s: float = 5.0
+    redis_timeout_s: float = 2.0
+    max_concurrent_rpcs: int = 2_000
+    shutdown_grace_s: float = 10.0
+    api_keys: str = ""  # "key:role,key:role" — empty: no authentication
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = "INVENTORY_" + f.name.upper()
+            if name not in env:
+                continue
+            raw = env[name]
+            values[f.name] = _parse(name, raw, f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, value: object, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"INVENTORY_{name.upper()}={value!r}: {rule}")
+
+        need(0 < self.port < 65536 or self.port == 0, "port", self.port, "must be a TCP port")
+        need(1 <= self.min_ttl_s <= self.default_ttl_s <= self.max_ttl_s, "default_ttl_s",
+             self.default_ttl_s, "need 1 <= MIN_TTL_S <= DEFAULT_TTL_S <= MAX_TTL_S")
+        need(self.max_lines >= 1, "max_lines", self.max_lines, "must be >= 1")
+        need(self.sweep_interval_s > 0, "sweep_interval_s", self.sweep_interval_s, "must be > 0")
+        need(self.reconcile_interval_s > 0, "reconcile_interval_s", self.reconcile_interval_s,
+             "must be > 0")
+        need(1 <= self.pg_pool_min <= self.pg_pool_max, "pg_pool_max", self.pg_pool_max,
+             "need 1 <= PG_POOL_MIN <= PG_POOL_MAX")
+        for url, name, schemes in (
+            (self.redis_url, "redis_url", ("redis://", "rediss://", "unix://")),
+            (self.database_url, "database_url", ("postgres://", "postgresql://")),
+        ):
+            need(not url or url.startswith(schemes), name, url, f"must start with {schemes}")
+        for item in filter(None, self.api_keys.split(",")):
+            need(item.count(":") == 1 and all(item.split(":")), "api_keys", "***",
+                 "must be a comma-separated list of key:role")
+
+
+def _parse(name: str, raw: str, type_: object) -> object:
+    kind = str(type_)
+    try:
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a {kind}") from None

@@ -1,0 +1,48 @@
+"""Load the demo network (real Polish cities) into a running service over its own gRPC API."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from inventory.v1 import common_pb2 as pb
+from inventory.v1 import inventory_service_pb2 as api
+from inventory.v1 import inventory_service_pb2_grpc as api_grpc
+from inventory_svc.demo_data import DemoNetwork, build_demo
+
+log = logging.getLogger(__name__)
+ROWS_PER_MESSAGE = 5_000
+
+
+def _location(loc: object) -> pb.Location:
+    d = loc.__dict__ if hasattr(loc, "__dict__") else {f: getattr(loc, f) for f in loc.__slots__}  # type: ignore[attr-defined]
+    return pb.Location(
+        id=d["id"], name=d["name"], type=pb.LocationType.Value("LOCATION_TYPE_" + d["type"]),
+        lat=d["lat"], lon=d["lon"], can_ship=d["can_ship"], can_pickup=d["can_pickup"],
+        active=d["active"], priority=d["priority"], fixed_cost=d["fixed_cost"],
+        cost_per_km=d["cost_per_km"], cost_per_unit=d["cost_per_unit"],
+        daily_capacity=d["daily_capacity"], default_safety_stock=d["default_safety_stock"],
+    )
+
+
+async def load_demo(target: str, *, seed: int = 7, sku_count: int = 10_000) -> DemoNetwork:
+    """Upsert the demo locations and import their stock; safe to run again (absolute counts)."""
+    demo = build_demo(seed, sku_count=sku_count)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = api_grpc.InventoryServiceStub(channel)
+        await stub.UpsertLocations(api.UpsertLocationsRequest(
+            locations=[_location(x) for x in demo.locations]))
+
+        async def batches() -> AsyncIterator[api.ImportStockRequest]:
+            rows = demo.stock
+            for i in range(0, len(rows), ROWS_PER_MESSAGE):
+                yield api.ImportStockRequest(reason="demo load", rows=[
+                    api.ImportRow(sku=r.sku, location_id=r.location_id, on_hand=r.on_hand)
+                    for r in rows[i:i + ROWS_PER_MESSAGE]])
+
+        result = await stub.ImportStock(batches())
+    log.info("demo loaded: %d locations, %d stock rows (%d SKUs)", len(demo.locations),
+             result.rows_received, result.skus)
+    return demo

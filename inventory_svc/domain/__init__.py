@@ -1,0 +1,1 @@
+"""Domain: frozen types, rules and validation. No I/O here."""

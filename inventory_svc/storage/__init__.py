@@ -1,0 +1,1 @@
+"""Storage: Postgres (source of truth) and Redis (atomic gate + read model), behind small classes."""

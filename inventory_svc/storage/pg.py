@@ -1,0 +1,373 @@
+"""Postgres store: the source of truth. Every stock change locks its rows in (sku, location) order,
+applies a pure domain check, and writes stock, ledger and outbox in one transaction."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+import asyncpg
+
+from inventory_svc.domain.errors import FailedPrecondition, NotFound
+from inventory_svc.domain.model import (
+    Channel,
+    Line,
+    Location,
+    LocationType,
+    Movement,
+    MovementKind,
+    Reservation,
+    ReservationStatus,
+    StockLevel,
+)
+from inventory_svc.domain.rules import LockedStock, StockKey
+from inventory_svc.storage.pg_base import PgBase, to_ms, translate_errors
+
+LOCATION_COLUMNS = (
+    "id, name, type, lat, lon, can_ship, can_pickup, active, priority, fixed_cost, cost_per_km,"
+    " cost_per_unit, daily_capacity, default_safety_stock"
+)
+STOCK_SELECT = (
+    "SELECT s.sku, s.location_id, s.on_hand, s.reserved,"
+    " COALESCE(s.safety_stock, l.default_safety_stock) AS safety, s.version, l.active"
+    " FROM stock s JOIN locations l ON l.id = s.location_id"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MovementDraft:
+    sku: str
+    location_id: str
+    delta: int
+    kind: MovementKind
+    reason: str = ""
+    reservation_id: str = ""
+    order_ref: str = ""
+
+
+def _location(row: asyncpg.Record) -> Location:
+    return Location(
+        id=row["id"], name=row["name"], type=LocationType(row["type"]), lat=row["lat"],
+        lon=row["lon"], can_ship=row["can_ship"], can_pickup=row["can_pickup"],
+        active=row["active"], priority=row["priority"], fixed_cost=row["fixed_cost"],
+        cost_per_km=row["cost_per_km"], cost_per_unit=row["cost_per_unit"],
+        daily_capacity=row["daily_capacity"], default_safety_stock=row["default_safety_stock"],
+    )
+
+
+def _level(row: asyncpg.Record) -> StockLevel:
+    return StockLevel(
+        row["sku"], row["location_id"], row["on_hand"], row["reserved"], row["safety"],
+        row["version"],
+    )
+
+
+def _movement(row: asyncpg.Record) -> Movement:
+    return Movement(
+        id=row["id"], sku=row["sku"], location_id=row["location_id"], delta=row["delta"],
+        kind=MovementKind(row["kind"]), reason=row["reason"], on_hand_after=row["on_hand_after"],
+        reservation_id=row["reservation_id"], order_ref=row["order_ref"],
+        created_at_ms=to_ms(row["created_at"]),
+    )
+
+
+class PgStore(PgBase):
+    """Reads and the row-level writes the application composes into units of work."""
+
+    # ---- locations -------------------------------------------------------------------------
+    async def list_locations(
+        self, ids: Sequence[str] = (), type_: LocationType | None = None,
+        include_inactive: bool = True,
+    ) -> list[Location]:
+        sql = f"SELECT {LOCATION_COLUMNS} FROM locations WHERE true"
+        args: list[object] = []
+        if ids:
+            args.append(list(ids))
+            sql += f" AND id = ANY(${len(args)}::text[])"
+        if type_ is not None:
+            args.append(type_.value)
+            sql += f" AND type = ${len(args)}"
+        if not include_inactive:
+            sql += " AND active"
+        with translate_errors():
+            rows = await self.pool.fetch(sql + " ORDER BY id", *args)
+        return [_location(r) for r in rows]
+
+    @staticmethod
+    async def upsert_locations(conn: asyncpg.Connection, locations: Sequence[Location]) -> None:
+        await conn.executemany(
+            f"INSERT INTO locations ({LOCATION_COLUMNS}) VALUES"
+            " ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+            " ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, type = EXCLUDED.type,"
+            " lat = EXCLUDED.lat, lon = EXCLUDED.lon, can_ship = EXCLUDED.can_ship,"
+            " can_pickup = EXCLUDED.can_pickup, active = EXCLUDED.active,"
+            " priority = EXCLUDED.priority, fixed_cost = EXCLUDED.fixed_cost,"
+            " cost_per_km = EXCLUDED.cost_per_km, cost_per_unit = EXCLUDED.cost_per_unit,"
+            " daily_capacity = EXCLUDED.daily_capacity,"
+            " default_safety_stock = EXCLUDED.default_safety_stock, updated_at = now()",
+            [
+                (l.id, l.name, l.type.value, l.lat, l.lon, l.can_ship, l.can_pickup, l.active,
+                 l.priority, l.fixed_cost, l.cost_per_km, l.cost_per_unit, l.daily_capacity,
+                 l.default_safety_stock)
+                for l in locations
+            ],
+        )
+        await PgStore.add_outbox(conn, "LOCATIONS_CHANGED", [("", "", {"ids": [l.id for l in locations]})])
+
+    @staticmethod
+    async def skus_at_locations(conn: asyncpg.Connection, location_ids: Sequence[str]) -> list[str]:
+        rows = await conn.fetch(
+            "SELECT DISTINCT sku FROM stock WHERE location_id = ANY($1::text[])", list(location_ids)
+        )
+        return [r["sku"] for r in rows]
+
+    # ---- stock reads -----------------------------------------------------------------------
+    async def stock_of_skus(self, skus: Sequence[str]) -> dict[str, list[StockLevel]]:
+        """Every stock row of these SKUs, as Redis hydration needs them."""
+        with translate_errors():
+            rows = await self.pool.fetch(
+                STOCK_SELECT + " WHERE s.sku = ANY($1::text[])", list(skus)
+            )
+        out: dict[str, list[StockLevel]] = {sku: [] for sku in skus}
+        for r in rows:
+            out[r["sku"]].append(_level(r))
+        return out
+
+    async def stock_page(self, after_sku: str, limit: int) -> dict[str, list[StockLevel]]:
+        """All rows of the next `limit` SKUs after `after_sku`, for rebuilds and reconciliation."""
+        with translate_errors():
+            rows = await self.pool.fetch(
+                STOCK_SELECT
+                + " WHERE s.sku IN (SELECT DISTINCT sku FROM stock WHERE sku > $1"
+                " ORDER BY sku LIMIT $2) ORDER BY s.sku",
+                after_sku, limit,
+            )
+        out: dict[str, list[StockLevel]] = {}
+        for r in rows:
+            out.setdefault(r["sku"], []).append(_level(r))
+        return out
+
+    # ---- stock writes (inside a unit) --------------------------------------------------------
+    @staticmethod
+    async def lock_stock(
+        conn: asyncpg.Connection, keys: Iterable[StockKey], *, create: bool = False
+    ) -> dict[StockKey, LockedStock]:
+        """Lock the rows in (sku, location) order, so concurrent multi-row changes never deadlock.
+
+        With `create`, rows that do not exist yet are made (on_hand 0, version 0) first, provided
+        their location exists; the caller reports a missing location as NOT_FOUND.
+        """
+        ordered = sorted(set(keys))
+        skus = [k[0] for k in ordered]
+        locs = [k[1] for k in ordered]
+        if create:
+            await conn.execute(
+                "INSERT INTO stock (sku, location_id, on_hand, version)"
+                " SELECT k.sku, k.location_id, 0, 0"
+                " FROM unnest($1::text[], $2::text[]) AS k(sku, location_id)"
+                " JOIN locations l ON l.id = k.location_id ORDER BY 1, 2"
+                " ON CONFLICT DO NOTHING",
+                skus, locs,
+            )
+        rows = await conn.fetch(
+            STOCK_SELECT
+            + " WHERE (s.sku, s.location_id) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[]))"
+            " ORDER BY s.sku, s.location_id FOR UPDATE OF s",
+            skus, locs,
+        )
+        return {(r["sku"], r["location_id"]): LockedStock(_level(r), r["active"]) for r in rows}
+
+    @staticmethod
+    async def write_levels(conn: asyncpg.Connection, levels: Sequence[StockLevel]) -> list[StockLevel]:
+        """Store new on_hand/reserved of locked rows; returns them with their bumped versions."""
+        await conn.execute(
+            "UPDATE stock s SET on_hand = c.on_hand, reserved = c.reserved, version = s.version + 1"
+            " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])"
+            " AS c(sku, location_id, on_hand, reserved)"
+            " WHERE s.sku = c.sku AND s.location_id = c.location_id",
+            [x.sku for x in levels], [x.location_id for x in levels],
+            [x.on_hand for x in levels], [x.reserved for x in levels],
+        )
+        return [replace(x, version=x.version + 1) for x in levels]
+
+    @staticmethod
+    async def write_safety(
+        conn: asyncpg.Connection, sku: str, location_id: str, safety: int | None
+    ) -> StockLevel:
+        row = await conn.fetchrow(
+            "WITH u AS (UPDATE stock SET safety_stock = $3, version = version + 1"
+            " WHERE sku = $1 AND location_id = $2 RETURNING *)"
+            " SELECT u.sku, u.location_id, u.on_hand, u.reserved, u.version,"
+            " COALESCE(u.safety_stock, l.default_safety_stock) AS safety"
+            " FROM u JOIN locations l ON l.id = u.location_id",
+            sku, location_id, safety,
+        )
+        return _level(row)
+
+    @staticmethod
+    async def add_movements(
+        conn: asyncpg.Connection, drafts: Sequence[MovementDraft], on_hand_after: Sequence[int]
+    ) -> list[Movement]:
+        if not drafts:
+            return []
+        rows = await conn.fetch(
+            "INSERT INTO movements (sku, location_id, delta, kind, reason, on_hand_after,"
+            " reservation_id, order_ref) SELECT * FROM unnest($1::text[], $2::text[],"
+            " $3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::text[], $8::text[])"
+            " RETURNING *",
+            [d.sku for d in drafts], [d.location_id for d in drafts], [d.delta for d in drafts],
+            [d.kind.value for d in drafts], [d.reason for d in drafts], list(on_hand_after),
+            [d.reservation_id for d in drafts], [d.order_ref for d in drafts],
+        )
+        return [_movement(r) for r in rows]
+
+    @staticmethod
+    async def add_outbox(
+        conn: asyncpg.Connection, kind: str, events: Sequence[tuple[str, str, dict[str, object]]]
+    ) -> None:
+        if not events:
+            return
+        await conn.execute(
+            "INSERT INTO outbox (kind, sku, location_id, payload)"
+            " SELECT $1, e.sku, e.loc, e.payload::jsonb"
+            " FROM unnest($2::text[], $3::text[], $4::text[]) AS e(sku, loc, payload)",
+            kind, [e[0] for e in events], [e[1] for e in events],
+            [json.dumps(e[2]) for e in events],
+        )
+
+    # ---- reservations ----------------------------------------------------------------------
+    @staticmethod
+    async def insert_reservation(
+        conn: asyncpg.Connection, res_id: str, status: ReservationStatus, channel: Channel,
+        order_ref: str, lines: Sequence[Line], ttl_s: int,
+    ) -> Reservation:
+        ended = "now()" if status is not ReservationStatus.ACTIVE else "NULL"
+        row = await conn.fetchrow(
+            "INSERT INTO reservations (id, status, channel, order_ref, expires_at, ended_at)"
+            f" VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5), {ended})"
+            " RETURNING created_at, expires_at, ended_at",
+            res_id, status.value, channel.value, order_ref, float(ttl_s),
+        )
+        await conn.execute(
+            "INSERT INTO reservation_lines (reservation_id, sku, location_id, quantity, requested)"
+            " SELECT $1, l.sku, l.loc, l.qty, l.qty"
+            " FROM unnest($2::text[], $3::text[], $4::bigint[]) AS l(sku, loc, qty)",
+            res_id, [x.sku for x in lines], [x.location_id for x in lines],
+            [x.quantity for x in lines],
+        )
+        return Reservation(
+            res_id, status, channel, order_ref, tuple(sorted(lines, key=_line_key)),
+            to_ms(row["created_at"]), to_ms(row["expires_at"]), to_ms(row["ended_at"]),
+        )
+
+    async def get_reservation(self, res_id: str) -> Reservation:
+        with translate_errors():
+            async with self.pool.acquire() as conn:
+                return await self.read_reservation(conn, res_id, lock=False)
+
+    @staticmethod
+    async def read_reservation(conn: asyncpg.Connection, res_id: str, *, lock: bool) -> Reservation:
+        row = await conn.fetchrow(
+            "SELECT id, status, channel, order_ref, created_at, expires_at, ended_at,"
+            " expires_at <= now() AS due FROM reservations WHERE id = $1"
+            + (" FOR UPDATE" if lock else ""),
+            res_id,
+        )
+        if row is None:
+            raise NotFound("reservation", res_id)
+        lines = await conn.fetch(
+            "SELECT sku, location_id, quantity FROM reservation_lines WHERE reservation_id = $1"
+            " ORDER BY sku, location_id",
+            res_id,
+        )
+        return _reservation(row, lines)
+
+    @staticmethod
+    async def ensure_active(conn: asyncpg.Connection, res: Reservation) -> None:
+        if res.status is not ReservationStatus.ACTIVE:
+            raise FailedPrecondition(
+                f"reservation {res.id!r} is {res.status.value}, not ACTIVE",
+                violation_type="RESERVATION_NOT_ACTIVE", subject=res.id,
+            )
+        due = await conn.fetchval("SELECT expires_at <= now() FROM reservations WHERE id = $1", res.id)
+        if due:
+            raise FailedPrecondition(
+                f"reservation {res.id!r} has expired", violation_type="RESERVATION_EXPIRED",
+                subject=res.id,
+            )
+
+    @staticmethod
+    async def set_lines_held(
+        conn: asyncpg.Connection, res_id: str, held: dict[StockKey, int]
+    ) -> None:
+        keys = sorted(held)
+        await conn.execute(
+            "UPDATE reservation_lines r SET quantity = c.qty"
+            " FROM unnest($2::text[], $3::text[], $4::bigint[]) AS c(sku, loc, qty)"
+            " WHERE r.reservation_id = $1 AND r.sku = c.sku AND r.location_id = c.loc",
+            res_id, [k[0] for k in keys], [k[1] for k in keys], [held[k] for k in keys],
+        )
+
+    @staticmethod
+    async def end_reservation(
+        conn: asyncpg.Connection, res_id: str, status: ReservationStatus
+    ) -> None:
+        await conn.execute(
+            "UPDATE reservations SET status = $2, ended_at = now() WHERE id = $1",
+            res_id, status.value,
+        )
+
+    @staticmethod
+    async def extend(conn: asyncpg.Connection, res_id: str, ttl_s: int) -> None:
+        await conn.execute(
+            "UPDATE reservations SET expires_at = now() + make_interval(secs => $2) WHERE id = $1",
+            res_id, float(ttl_s),
+        )
+
+    @staticmethod
+    async def lock_due(conn: asyncpg.Connection, limit: int) -> list[str]:
+        """Reservations past expiry, locked; those another sweeper holds are skipped."""
+        rows = await conn.fetch(
+            "SELECT id FROM reservations WHERE status = 'ACTIVE' AND expires_at <= now()"
+            " ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+            limit,
+        )
+        return [r["id"] for r in rows]
+
+    # ---- ledger ----------------------------------------------------------------------------
+    async def list_movements(
+        self, *, sku: str, location_id: str, order_ref: str, reservation_id: str,
+        after_id: int, limit: int,
+    ) -> list[Movement]:
+        if order_ref:
+            where, args = "order_ref = $1", [order_ref]
+        elif reservation_id:
+            where, args = "reservation_id = $1", [reservation_id]
+        else:
+            where, args = "sku = $1 AND location_id = $2", [sku, location_id]
+        n = len(args)
+        with translate_errors():
+            rows = await self.pool.fetch(
+                f"SELECT * FROM movements WHERE {where} AND id > ${n + 1} ORDER BY id"
+                f" LIMIT ${n + 2}",
+                *args, after_id, limit,
+            )
+        return [_movement(r) for r in rows]
+
+
+def _line_key(line: Line) -> tuple[str, str]:
+    return (line.sku, line.location_id)
+
+
+def _reservation(row: asyncpg.Record, lines: Sequence[asyncpg.Record]) -> Reservation:
+    ended: datetime | None = row["ended_at"]
+    return Reservation(
+        id=row["id"], status=ReservationStatus(row["status"]), channel=Channel(row["channel"]),
+        order_ref=row["order_ref"],
+        lines=tuple(Line(r["sku"], r["location_id"], r["quantity"]) for r in lines),
+        created_at_ms=to_ms(row["created_at"]), expires_at_ms=to_ms(row["expires_at"]),
+        ended_at_ms=to_ms(ended),
+    )

@@ -1,0 +1,190 @@
+"""Postgres plumbing: the pool, migrations, error translation and idempotent units of work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from inventory_svc.domain.errors import Aborted, AlreadyExists, Unavailable
+
+log = logging.getLogger(__name__)
+
+# Any of these means Postgres could not be reached or the connection broke mid-call.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ConnectionError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+MIGRATION_LOCK_ID = 0x1F0E_7A11  # one fixed advisory lock: replicas starting at once migrate in turn
+
+
+@dataclass(frozen=True, slots=True)
+class Idem:
+    """An idempotent call: its key, what it was, and how its answer is stored (DESIGN I6)."""
+
+    key: str
+    method: str
+    fingerprint: bytes
+    encode: Callable[[Any], bytes]
+
+    @staticmethod
+    def fingerprint_of(method: str, request: bytes) -> bytes:
+        return hashlib.sha256(method.encode() + b"\0" + request).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The stored answer of an earlier call with the same idempotency key and request."""
+
+    payload: bytes
+
+
+def to_ms(ts: datetime | None) -> int:
+    return 0 if ts is None else int(ts.timestamp() * 1000)
+
+
+def advisory_key(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+@contextlib.contextmanager
+def translate_errors() -> Any:
+    """Connection trouble becomes UNAVAILABLE; lock conflicts become ABORTED (retry whole)."""
+    try:
+        yield
+    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
+        raise Aborted(f"concurrent conflict, retry the call: {exc}") from exc
+    except asyncpg.QueryCanceledError as exc:
+        raise Unavailable(f"postgres statement timed out: {exc}") from exc
+    except CONNECTION_ERRORS as exc:
+        raise Unavailable(f"postgres unavailable: {exc!r}") from exc
+
+
+class Unit:
+    """One transaction of a mutating call, with its idempotency record."""
+
+    def __init__(self, conn: asyncpg.Connection, idem: Idem | None) -> None:
+        self.conn = conn
+        self.idem = idem
+        self.replay: bytes | None = None
+
+    async def claim(self) -> None:
+        if self.idem is None:
+            return
+        locked = await self.conn.fetchval(
+            "SELECT pg_try_advisory_xact_lock($1)", advisory_key(self.idem.key)
+        )
+        if not locked:
+            raise Aborted(
+                f"a call with idempotency_key {self.idem.key!r} is still running; retry it later"
+            )
+        # Read the record only now: a snapshot taken before the lock could miss a first call
+        # that committed while we waited for it.
+        row = await self.conn.fetchrow(
+            "SELECT method, request_hash, response FROM idempotency WHERE key = $1", self.idem.key
+        )
+        if row is not None:
+            self._check_same(row["method"], bytes(row["request_hash"]))
+            self.replay = bytes(row["response"])
+
+    def _check_same(self, method: str, fingerprint: bytes) -> None:
+        assert self.idem is not None
+        if method != self.idem.method or fingerprint != self.idem.fingerprint:
+            raise AlreadyExists(
+                f"idempotency_key {self.idem.key!r} was already used for a different request"
+                f" ({method})"
+            )
+
+    async def remember(self, result: Any) -> None:
+        if self.idem is None:
+            return
+        payload = self.idem.encode(result)
+        try:
+            await self.conn.execute(
+                "INSERT INTO idempotency (key, method, request_hash, response)"
+                " VALUES ($1, $2, $3, $4)",
+                self.idem.key,
+                self.idem.method,
+                self.idem.fingerprint,
+                payload,
+            )
+        except asyncpg.UniqueViolationError as exc:  # only on an advisory-lock hash collision
+            raise Aborted(f"idempotency_key {self.idem.key!r} is busy; retry") from exc
+
+
+class PgBase:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int, max_size: int, timeout_s: float) -> Any:
+        with translate_errors():
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=timeout_s,
+                timeout=timeout_s,
+            )
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @contextlib.asynccontextmanager
+    async def unit(self, idem: Idem | None) -> AsyncIterator[Unit]:
+        """A transaction that commits on success; `unit.replay` is set for a repeated call."""
+        with translate_errors():
+            async with self.pool.acquire() as conn, conn.transaction():
+                unit = Unit(conn, idem)
+                await unit.claim()
+                yield unit
+
+    async def migrate(self) -> list[str]:
+        """Apply the packaged migrations not yet applied; safe when N replicas start at once."""
+        files = sorted(
+            (f for f in resources.files("inventory_svc.storage.migrations").iterdir()
+             if f.name.endswith(".sql")),
+            key=lambda f: f.name,
+        )
+        applied: list[str] = []
+        with translate_errors():
+            async with self.pool.acquire() as conn:
+                await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+                try:
+                    await conn.execute(
+                        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                        " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                    )
+                    done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+                    for f in files:
+                        if f.name in done:
+                            continue
+                        async with conn.transaction():
+                            await conn.execute(f.read_text())
+                            await conn.execute(
+                                "INSERT INTO schema_migrations (name) VALUES ($1)", f.name
+                            )
+                        applied.append(f.name)
+                        log.info("applied migration %s", f.name)
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+        return applied
+
+    async def generation(self) -> str:
+        with translate_errors():
+            value = await self.pool.fetchval("SELECT value FROM meta WHERE key = 'generation'")
+        return str(value)

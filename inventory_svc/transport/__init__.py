@@ -1,0 +1,1 @@
+"""Transport: gRPC servicers; the only place that knows protobuf."""

@@ -1,0 +1,117 @@
+"""Protobuf ↔ domain conversion, at the transport edge only."""
+
+from __future__ import annotations
+
+from inventory.v1 import common_pb2 as pb
+from inventory.v1 import inventory_service_pb2 as api
+from inventory_svc.domain.errors import FieldViolation, InvalidArgument
+from inventory_svc.domain.model import (
+    Channel,
+    Line,
+    Location,
+    LocationType,
+    Movement,
+    MovementKind,
+    Reservation,
+    ReservationStatus,
+    SkuQuantity,
+    StockLevel,
+)
+
+_LOCATION_TYPES = {
+    pb.LOCATION_TYPE_WAREHOUSE: LocationType.WAREHOUSE,
+    pb.LOCATION_TYPE_STORE: LocationType.STORE,
+}
+_LOCATION_TYPES_BACK = {v: k for k, v in _LOCATION_TYPES.items()}
+
+
+def channel(value: int, field: str = "channel", default: Channel = Channel.WEB) -> Channel:
+    if value == pb.CHANNEL_UNSPECIFIED:
+        return default
+    try:
+        return Channel(pb.Channel.Name(value).removeprefix("CHANNEL_"))
+    except ValueError:
+        raise InvalidArgument([FieldViolation(field, f"unknown channel {value}")]) from None
+
+
+def location_type(value: int, field: str) -> LocationType | None:
+    if value == pb.LOCATION_TYPE_UNSPECIFIED:
+        return None
+    if value not in _LOCATION_TYPES:
+        raise InvalidArgument([FieldViolation(field, f"unknown location type {value}")])
+    return _LOCATION_TYPES[value]
+
+
+def location_in(msg: pb.Location, index: int) -> Location:
+    kind = location_type(msg.type, f"locations[{index}].type")
+    if kind is None:
+        raise InvalidArgument([FieldViolation(
+            f"locations[{index}].type", "must be LOCATION_TYPE_WAREHOUSE or LOCATION_TYPE_STORE")])
+    return Location(
+        id=msg.id, name=msg.name, type=kind, lat=msg.lat, lon=msg.lon, can_ship=msg.can_ship,
+        can_pickup=msg.can_pickup, active=msg.active, priority=msg.priority,
+        fixed_cost=msg.fixed_cost, cost_per_km=msg.cost_per_km, cost_per_unit=msg.cost_per_unit,
+        daily_capacity=msg.daily_capacity, default_safety_stock=msg.default_safety_stock,
+    )
+
+
+def location_out(loc: Location) -> pb.Location:
+    return pb.Location(
+        id=loc.id, name=loc.name, type=_LOCATION_TYPES_BACK[loc.type], lat=loc.lat, lon=loc.lon,
+        can_ship=loc.can_ship, can_pickup=loc.can_pickup, active=loc.active,
+        priority=loc.priority, fixed_cost=loc.fixed_cost, cost_per_km=loc.cost_per_km,
+        cost_per_unit=loc.cost_per_unit, daily_capacity=loc.daily_capacity,
+        default_safety_stock=loc.default_safety_stock,
+    )
+
+
+def level_out(level: StockLevel, ch: Channel) -> pb.StockLevel:
+    return pb.StockLevel(
+        sku=level.sku, location_id=level.location_id, on_hand=level.on_hand,
+        reserved=level.reserved, safety_stock=level.safety_stock, available=level.available(ch),
+        version=level.version,
+    )
+
+
+def lines_in(msgs: list[pb.ReservationLine]) -> list[Line]:
+    return [Line(m.sku, m.location_id, m.quantity) for m in msgs]
+
+
+def items_in(msgs: list[api.SkuQuantity]) -> list[SkuQuantity]:
+    return [SkuQuantity(m.sku, m.quantity) for m in msgs]
+
+
+def reservation_out(res: Reservation) -> pb.Reservation:
+    return pb.Reservation(
+        id=res.id,
+        status=pb.ReservationStatus.Value("RESERVATION_STATUS_" + res.status.value),
+        channel=pb.Channel.Value("CHANNEL_" + res.channel.value),
+        order_ref=res.order_ref,
+        lines=[pb.ReservationLine(sku=x.sku, location_id=x.location_id, quantity=x.quantity)
+               for x in res.lines],
+        created_at_unix_ms=res.created_at_ms, expires_at_unix_ms=res.expires_at_ms,
+        ended_at_unix_ms=res.ended_at_ms,
+    )
+
+
+def movement_out(m: Movement) -> pb.Movement:
+    return pb.Movement(
+        id=m.id, sku=m.sku, location_id=m.location_id, delta=m.delta,
+        kind=pb.MovementKind.Value("MOVEMENT_KIND_" + m.kind.value), reason=m.reason,
+        on_hand_after=m.on_hand_after, reservation_id=m.reservation_id, order_ref=m.order_ref,
+        created_at_unix_ms=m.created_at_ms,
+    )
+
+
+def adjustment_kind(reason: int) -> tuple[MovementKind, str]:
+    """RECEIPT is a goods receipt in the ledger; every other reason is an ADJUSTMENT."""
+    if reason == api.ADJUSTMENT_REASON_RECEIPT:
+        return MovementKind.RECEIPT, "receipt"
+    if reason == api.ADJUSTMENT_REASON_UNSPECIFIED or reason not in api.AdjustmentReason.values():
+        raise InvalidArgument([FieldViolation(
+            "reason", f"{reason} must be one of RECEIPT, DAMAGE, SHRINKAGE, CORRECTION, FOUND, OTHER")])
+    return MovementKind.ADJUSTMENT, api.AdjustmentReason.Name(reason).removeprefix(
+        "ADJUSTMENT_REASON_").lower()
+
+
+__all__ = ["ReservationStatus"]

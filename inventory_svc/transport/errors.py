@@ -1,0 +1,71 @@
+"""Domain errors → gRPC status with google.rpc details (DESIGN §4)."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from inventory.v1 import common_pb2 as pb
+from inventory_svc.domain import errors as e
+
+
+def _pack(*details: object) -> list[any_pb2.Any]:
+    out = []
+    for d in details:
+        a = any_pb2.Any()
+        a.Pack(d)  # type: ignore[arg-type]
+        out.append(a)
+    return out
+
+
+def to_status(err: e.DomainError) -> grpc.Status:
+    code: int
+    details: list[any_pb2.Any] = []
+    match err:
+        case e.InvalidArgument():
+            code = code_pb2.INVALID_ARGUMENT
+            details = _pack(error_details_pb2.BadRequest(field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in err.violations]))
+        case e.NotFound():
+            code = code_pb2.NOT_FOUND
+            details = _pack(error_details_pb2.ResourceInfo(
+                resource_type=err.resource_type, resource_name=err.resource_name,
+                description=err.message))
+        case e.FailedPrecondition():
+            code = code_pb2.FAILED_PRECONDITION
+            violations = [error_details_pb2.PreconditionFailure.Violation(
+                type=err.violation_type, subject=f"{s.sku}@{s.location_id}",
+                description=f"requested {s.requested}, available {s.available}")
+                for s in err.shortfalls] or [error_details_pb2.PreconditionFailure.Violation(
+                    type=err.violation_type, subject=err.subject, description=err.message)]
+            details = _pack(error_details_pb2.PreconditionFailure(violations=violations))
+            if err.shortfalls:
+                details += _pack(pb.InsufficientStock(lines=[
+                    pb.InsufficientStock.Line(sku=s.sku, location_id=s.location_id,
+                                              requested=s.requested, available=s.available)
+                    for s in err.shortfalls]))
+        case e.AlreadyExists():
+            code = code_pb2.ALREADY_EXISTS
+        case e.Aborted():
+            code = code_pb2.ABORTED
+            details = _pack(error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(nanos=50_000_000)))
+        case e.Unavailable():
+            code = code_pb2.UNAVAILABLE
+            details = _pack(error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(nanos=200_000_000)))
+        case e.ResourceExhausted():
+            code = code_pb2.RESOURCE_EXHAUSTED
+            details = _pack(error_details_pb2.QuotaFailure(violations=[
+                error_details_pb2.QuotaFailure.Violation(subject=err.subject,
+                                                         description=err.message)]))
+        case e.Unauthenticated():
+            code = code_pb2.UNAUTHENTICATED
+        case e.PermissionDenied():
+            code = code_pb2.PERMISSION_DENIED
+        case _:
+            code = code_pb2.INTERNAL
+    return rpc_status.to_status(status_pb2.Status(code=code, message=err.message, details=details))

@@ -1,0 +1,294 @@
+"""InventoryService over grpc.aio: decode, call the use case, encode; errors as rich status."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from inventory.v1 import inventory_service_pb2 as api
+from inventory.v1 import inventory_service_pb2_grpc as api_grpc
+from inventory_svc.app.reservations import ReservationService, Settled
+from inventory_svc.app.stock import (
+    ImportResult,
+    StockChange,
+    StockChangeSet,
+    StockService,
+    TransferResult,
+)
+from inventory_svc.domain.errors import DomainError, FieldViolation, InvalidArgument
+from inventory_svc.domain.model import Channel, ImportRow, Location, Reservation, StockLevel
+from inventory_svc.domain.validation import Violations, check_idempotency_key
+from inventory_svc.storage.pg_base import Idem, Replay
+from inventory_svc.transport import convert as cv
+from inventory_svc.transport.errors import to_status
+
+log = logging.getLogger(__name__)
+R = TypeVar("R", bound=Message)
+
+
+def idem_for(
+    method: str, request: Message | bytes, key: str, encode: Callable[[Any], Message]
+) -> Idem | None:
+    """The call's idempotency context; None when the client sent no key."""
+    v = Violations()
+    check_idempotency_key(v, key)
+    v.raise_if_any()
+    if not key:
+        return None
+    body = request if isinstance(request, bytes) else request.SerializeToString(deterministic=True)
+    return Idem(key, method, Idem.fingerprint_of(method, body),
+                lambda result: encode(result).SerializeToString())
+
+
+async def guarded(context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[R]) -> R:
+    """Run a call; a DomainError becomes its DESIGN §4 status, anything else INTERNAL (logged)."""
+    try:
+        return await call
+    except DomainError as err:
+        await context.abort_with_status(to_status(err))
+    except Exception:
+        log.exception("unexpected error")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+    raise AssertionError("unreachable: abort raises")
+
+
+def _replayed(result: object, response_type: type[R], encode: Callable[[Any], R]) -> R:
+    if isinstance(result, Replay):
+        return response_type.FromString(result.payload)
+    return encode(result)
+
+
+class InventoryServicer(api_grpc.InventoryServiceServicer):
+    def __init__(self, stock: StockService, reservations: ReservationService) -> None:
+        self.stock = stock
+        self.res = reservations
+
+    async def UpsertLocations(self, request: api.UpsertLocationsRequest, context: Any) -> api.UpsertLocationsResponse:  # noqa: E501
+        def encode(locs: list[Location]) -> api.UpsertLocationsResponse:
+            return api.UpsertLocationsResponse(locations=[cv.location_out(x) for x in locs])
+
+        async def run() -> api.UpsertLocationsResponse:
+            locs = [cv.location_in(m, i) for i, m in enumerate(request.locations)]
+            idem = idem_for("UpsertLocations", request, request.idempotency_key, encode)
+            return _replayed(await self.stock.upsert_locations(locs, idem),
+                             api.UpsertLocationsResponse, encode)
+        return await guarded(context, run())
+
+    async def ListLocations(self, request: api.ListLocationsRequest, context: Any) -> api.ListLocationsResponse:  # noqa: E501
+        async def run() -> api.ListLocationsResponse:
+            kind = cv.location_type(request.type, "type")
+            locs = await self.stock.list_locations(list(request.ids), kind, request.include_inactive)
+            return api.ListLocationsResponse(locations=[cv.location_out(x) for x in locs])
+        return await guarded(context, run())
+
+    async def SetStock(self, request: api.SetStockRequest, context: Any) -> api.SetStockResponse:
+        ch = Channel.WEB
+
+        def encode(r: tuple[StockLevel, int]) -> api.SetStockResponse:
+            return api.SetStockResponse(stock=cv.level_out(r[0], ch), delta=r[1])
+
+        async def run() -> api.SetStockResponse:
+            nonlocal ch
+            ch = cv.channel(request.channel)
+            expected = request.expected_version if request.HasField("expected_version") else None
+            idem = idem_for("SetStock", request, request.idempotency_key, encode)
+            out = await self.stock.set_stock(request.sku, request.location_id, request.on_hand,
+                                             expected, request.reason, idem)
+            return _replayed(out, api.SetStockResponse, encode)
+        return await guarded(context, run())
+
+    async def AdjustStock(self, request: api.AdjustStockRequest, context: Any) -> api.AdjustStockResponse:  # noqa: E501
+        ch = Channel.WEB
+
+        def encode(r: StockChange) -> api.AdjustStockResponse:
+            return api.AdjustStockResponse(stock=cv.level_out(r.level, ch),
+                                           movement=cv.movement_out(r.movements[0]))
+
+        async def run() -> api.AdjustStockResponse:
+            nonlocal ch
+            ch = cv.channel(request.channel)
+            kind, label = cv.adjustment_kind(request.reason)
+            reason = f"{label}: {request.note}" if request.note else label
+            idem = idem_for("AdjustStock", request, request.idempotency_key, encode)
+            out = await self.stock.adjust_stock(request.sku, request.location_id, request.delta,
+                                                kind, reason, idem)
+            return _replayed(out, api.AdjustStockResponse, encode)
+        return await guarded(context, run())
+
+    async def ImportStock(self, request_iterator: AsyncIterator[api.ImportStockRequest], context: Any) -> api.ImportStockResponse:  # noqa: E501
+        def encode(r: ImportResult) -> api.ImportStockResponse:
+            return api.ImportStockResponse(rows_received=r.rows_received,
+                                           rows_changed=r.rows_changed, skus=r.skus)
+
+        async def run() -> api.ImportStockResponse:
+            rows: list[ImportRow] = []
+            key = reason = ""
+            digest = hashlib.sha256()
+            first = True
+            async for msg in request_iterator:
+                if first:
+                    key, reason, first = msg.idempotency_key, msg.reason, False
+                digest.update(msg.SerializeToString(deterministic=True))
+                for r in msg.rows:
+                    rows.append(ImportRow(len(rows), r.sku, r.location_id, r.on_hand,
+                                          r.safety_stock if r.HasField("safety_stock") else None))
+            if len(rows) > 2_000_000:
+                raise InvalidArgument([FieldViolation("rows", f"{len(rows)} rows exceed 2000000")])
+            idem = idem_for("ImportStock", digest.digest(), key, encode)
+            return _replayed(await self.stock.import_stock(rows, reason, idem),
+                             api.ImportStockResponse, encode)
+        return await guarded(context, run())
+
+    async def TransferStock(self, request: api.TransferStockRequest, context: Any) -> api.TransferStockResponse:  # noqa: E501
+        ch = Channel.WEB
+
+        def encode(r: TransferResult) -> api.TransferStockResponse:
+            return api.TransferStockResponse(
+                from_stock=cv.level_out(r.source, ch), to_stock=cv.level_out(r.destination, ch),
+                movements=[cv.movement_out(m) for m in r.movements])
+
+        async def run() -> api.TransferStockResponse:
+            nonlocal ch
+            ch = cv.channel(request.channel)
+            idem = idem_for("TransferStock", request, request.idempotency_key, encode)
+            out = await self.stock.transfer_stock(request.sku, request.from_location_id,
+                                                  request.to_location_id, request.quantity,
+                                                  request.reason, idem)
+            return _replayed(out, api.TransferStockResponse, encode)
+        return await guarded(context, run())
+
+    async def SetSafetyStock(self, request: api.SetSafetyStockRequest, context: Any) -> api.SetSafetyStockResponse:  # noqa: E501
+        ch = Channel.WEB
+
+        def encode(r: StockLevel) -> api.SetSafetyStockResponse:
+            return api.SetSafetyStockResponse(stock=cv.level_out(r, ch))
+
+        async def run() -> api.SetSafetyStockResponse:
+            nonlocal ch
+            ch = cv.channel(request.channel)
+            safety = request.safety_stock if request.HasField("safety_stock") else None
+            idem = idem_for("SetSafetyStock", request, request.idempotency_key, encode)
+            out = await self.stock.set_safety_stock(request.sku, request.location_id, safety, idem)
+            return _replayed(out, api.SetSafetyStockResponse, encode)
+        return await guarded(context, run())
+
+    async def GetAvailability(self, request: api.GetAvailabilityRequest, context: Any) -> api.GetAvailabilityResponse:  # noqa: E501
+        async def run() -> api.GetAvailabilityResponse:
+            ch = cv.channel(request.channel)
+            items = await self.stock.get_availability(list(request.skus), list(request.location_ids))
+            out = api.GetAvailabilityResponse()
+            for item in items:
+                msg = out.items.add(sku=item.sku)
+                for lv in item.levels:
+                    msg.levels.append(cv.level_out(lv, ch))
+                    msg.total_on_hand += lv.on_hand
+                    msg.total_reserved += lv.reserved
+                    msg.total_available += lv.available(ch)
+            return out
+        return await guarded(context, run())
+
+    async def FindNearby(self, request: api.FindNearbyRequest, context: Any) -> api.FindNearbyResponse:  # noqa: E501
+        async def run() -> api.FindNearbyResponse:
+            ch = cv.channel(request.channel)
+            found = await self.stock.find_nearby(
+                cv.items_in(list(request.items)), request.lat, request.lon, request.radius_km, ch,
+                request.limit, request.pickup_only)
+            return api.FindNearbyResponse(locations=[api.NearbyLocation(
+                location=cv.location_out(n.location), distance_km=n.distance_km,
+                stock=[cv.level_out(lv, ch) for lv in n.levels]) for n in found])
+        return await guarded(context, run())
+
+    async def Reserve(self, request: api.ReserveRequest, context: Any) -> api.ReserveResponse:
+        def encode(r: Reservation) -> api.ReserveResponse:
+            return api.ReserveResponse(reservation=cv.reservation_out(r))
+
+        async def run() -> api.ReserveResponse:
+            ch = cv.channel(request.channel)
+            idem = idem_for("Reserve", request, request.idempotency_key, encode)
+            out = await self.res.reserve(cv.lines_in(list(request.lines)), request.ttl_seconds, ch,
+                                         request.order_ref, idem)
+            return _replayed(out, api.ReserveResponse, encode)
+        return await guarded(context, run())
+
+    async def GetReservation(self, request: api.GetReservationRequest, context: Any) -> api.GetReservationResponse:  # noqa: E501
+        async def run() -> api.GetReservationResponse:
+            res = await self.res.get(request.reservation_id)
+            return api.GetReservationResponse(reservation=cv.reservation_out(res))
+        return await guarded(context, run())
+
+    async def ExtendReservation(self, request: api.ExtendReservationRequest, context: Any) -> api.ExtendReservationResponse:  # noqa: E501
+        def encode(r: Reservation) -> api.ExtendReservationResponse:
+            return api.ExtendReservationResponse(reservation=cv.reservation_out(r))
+
+        async def run() -> api.ExtendReservationResponse:
+            idem = idem_for("ExtendReservation", request, request.idempotency_key, encode)
+            out = await self.res.extend(request.reservation_id, request.ttl_seconds, idem)
+            return _replayed(out, api.ExtendReservationResponse, encode)
+        return await guarded(context, run())
+
+    async def ReleaseReservation(self, request: api.ReleaseReservationRequest, context: Any) -> api.ReleaseReservationResponse:  # noqa: E501
+        def encode(r: Reservation) -> api.ReleaseReservationResponse:
+            return api.ReleaseReservationResponse(reservation=cv.reservation_out(r))
+
+        async def run() -> api.ReleaseReservationResponse:
+            idem = idem_for("ReleaseReservation", request, request.idempotency_key, encode)
+            out = await self.res.release(request.reservation_id, cv.lines_in(list(request.lines)),
+                                         idem)
+            return _replayed(out, api.ReleaseReservationResponse, encode)
+        return await guarded(context, run())
+
+    async def CommitReservation(self, request: api.CommitReservationRequest, context: Any) -> api.CommitReservationResponse:  # noqa: E501
+        def encode(r: Settled) -> api.CommitReservationResponse:
+            return api.CommitReservationResponse(
+                reservation=cv.reservation_out(r.reservation),
+                movements=[cv.movement_out(m) for m in r.movements])
+
+        async def run() -> api.CommitReservationResponse:
+            idem = idem_for("CommitReservation", request, request.idempotency_key, encode)
+            out = await self.res.commit(request.reservation_id, idem)
+            return _replayed(out, api.CommitReservationResponse, encode)
+        return await guarded(context, run())
+
+    async def Sell(self, request: api.SellRequest, context: Any) -> api.SellResponse:
+        def encode(r: Settled) -> api.SellResponse:
+            return api.SellResponse(reservation=cv.reservation_out(r.reservation),
+                                    movements=[cv.movement_out(m) for m in r.movements])
+
+        async def run() -> api.SellResponse:
+            ch = cv.channel(request.channel, default=Channel.POS)
+            idem = idem_for("Sell", request, request.idempotency_key, encode)
+            out = await self.res.sell(request.location_id, cv.items_in(list(request.items)), ch,
+                                      request.order_ref, idem)
+            return _replayed(out, api.SellResponse, encode)
+        return await guarded(context, run())
+
+    async def ReturnItems(self, request: api.ReturnItemsRequest, context: Any) -> api.ReturnItemsResponse:  # noqa: E501
+        ch = Channel.WEB
+
+        def encode(r: StockChangeSet) -> api.ReturnItemsResponse:
+            return api.ReturnItemsResponse(
+                movements=[cv.movement_out(m) for m in r.movements],
+                stock=[cv.level_out(lv, ch) for lv in r.levels])
+
+        async def run() -> api.ReturnItemsResponse:
+            nonlocal ch
+            ch = cv.channel(request.channel)
+            idem = idem_for("ReturnItems", request, request.idempotency_key, encode)
+            out = await self.stock.return_items(request.location_id, cv.items_in(list(request.items)),
+                                                request.order_ref, request.reason, idem)
+            return _replayed(out, api.ReturnItemsResponse, encode)
+        return await guarded(context, run())
+
+    async def ListMovements(self, request: api.ListMovementsRequest, context: Any) -> api.ListMovementsResponse:  # noqa: E501
+        async def run() -> api.ListMovementsResponse:
+            rows, token = await self.stock.list_movements(
+                request.sku, request.location_id, request.order_ref, request.reservation_id,
+                request.page_size, request.page_token)
+            return api.ListMovementsResponse(movements=[cv.movement_out(m) for m in rows],
+                                             next_page_token=token)
+        return await guarded(context, run())
