@@ -22,7 +22,9 @@ import redis
 
 from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc and prctl")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="Linux /proc and prctl"
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 15.0
@@ -135,7 +137,7 @@ def test_redis_kill_then_restart_keeps_fsynced_writes(tmp_path: Path, track: Any
     client = rds(server.start())
     client.set("k", "before-crash")
     # WAITAOF 1 0: returns once the write is fsynced to the local AOF (numlocal=1).
-    assert client.execute_command("WAITAOF", 1, 0, 5000)[0] == 1
+    assert client.execute_command("WAITAOF", 1, 0, 5000)[0] == 1  # type: ignore[no-untyped-call]
     pid = server.pid
     server.kill()
     assert not server.running and not alive(pid)

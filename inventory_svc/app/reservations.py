@@ -89,12 +89,17 @@ class ReservationService:
         """Hold in Redis, then commit in Postgres: a reservation, or with `sale` a POS sale."""
         hold: Hold | None = None
         result: Reservation | Settled
+        pos = channel is Channel.POS
         try:
+            if idem is None:
+                # Without a key there is nothing to replay: take the hold before Postgres, so
+                # calls that lose on stock (a flash sale's many) never touch the database.
+                hold = await self.ctx.redis.hold(lines, pos=pos, hydrate=self.ctx.hydrate)
             async with self.ctx.pg.unit(idem) as u:
                 if u.replay is not None:
                     return Replay(u.replay)
-                hold = await self.ctx.redis.hold(
-                    lines, pos=channel is Channel.POS, hydrate=self.ctx.hydrate)
+                if hold is None:
+                    hold = await self.ctx.redis.hold(lines, pos=pos, hydrate=self.ctx.hydrate)
                 rows = await PgStore.lock_stock(u.conn, [(x.sku, x.location_id) for x in lines])
                 check_can_take(lines, rows, channel)
                 olds = [rows[(x.sku, x.location_id)].level for x in lines]
