@@ -329,6 +329,10 @@ class _ChildServer:
         """One readiness probe; True once the server answers real requests."""
         raise NotImplementedError
 
+    def _failure_hint(self, log_tail: str) -> str:
+        """Extra advice appended to a startup error."""
+        return ""
+
     # -- public API
 
     @property
@@ -443,7 +447,7 @@ class _ChildServer:
                     error = _PortInUse if "Address already in use" in tail else EmbeddedServerError
                     raise error(
                         f"{self._name} exited with code {proc.returncode} during startup; "
-                        f"log {self.log_path}:\n{tail}"
+                        f"log {self.log_path}:\n{tail}{self._failure_hint(tail)}"
                     )
                 if self._ready(deadline):
                     return
@@ -738,6 +742,15 @@ class EmbeddedPostgres(_ChildServer):
         digest = hashlib.sha256(os.fsencode(self.data_dir)).hexdigest()[:16]
         return Path("/tmp") / f"inventory-pg-{digest}"
 
+    def _failure_hint(self, log_tail: str) -> str:
+        if self._user is None or "Permission denied" not in log_tail:
+            return ""
+        return (
+            f"\nhint: postgres runs as {self._user.pw_name!r} and needs search (o+x) permission on "
+            f"every parent of {self.data_dir}; something removed it after start() granted it "
+            "(pytest resets /tmp/pytest-of-<user> to 0700 whenever another session starts)"
+        )
+
     def _spawn_kwargs(self) -> dict[str, Any]:
         if self._user is None:
             return {}
@@ -793,6 +806,8 @@ class EmbeddedPostgres(_ChildServer):
         ]  # fmt: skip
         if not self.durable:
             args.append("--no-sync")
+        elif sys.platform.startswith("linux"):
+            args.append("--sync-method=syncfs")  # one syncfs() instead of an fsync per file
         log_start = _log_size(self.log_path)
         with self.log_path.open("ab") as log:
             proc = _spawner.popen(
@@ -821,6 +836,9 @@ class EmbeddedPostgres(_ChildServer):
         settings = ["max_connections=200", "shared_buffers=128MB", "logging_collector=off"]
         if not self.durable:
             settings += ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
+        elif sys.platform.startswith("linux"):
+            # After a crash postgres syncs PGDATA before recovery; file-by-file fsync takes seconds.
+            settings.append("recovery_init_sync_method=syncfs")
         args = [
             str(postgres_bin_dir() / "postgres"),
             "-D", str(self.pgdata),
@@ -839,7 +857,22 @@ class EmbeddedPostgres(_ChildServer):
             **self._spawn_kwargs(),
         )
 
+    def _postmaster_status(self) -> str | None:
+        """The status line of postmaster.pid ("starting", "ready", ...) if it is our server's."""
+        try:
+            lines = (self.pgdata / "postmaster.pid").read_text().split("\n")
+            if self._proc is None or int(lines[0]) != self._proc.pid:
+                return "starting"
+        except FileNotFoundError:
+            return "starting"
+        except (OSError, ValueError, IndexError):
+            return None  # unreadable or mid-write: fall back to probing
+        return lines[7].strip() if len(lines) > 7 else "starting"
+
     def _ready(self, deadline: float) -> bool:
+        # Wait for postmaster.pid to say "ready" before probing: every refused probe logs a FATAL.
+        if self._postmaster_status() not in ("ready", None):
+            return False
         timeout = max(0.1, min(2.0, deadline - time.monotonic()))
         try:
             _pg_session(self._port, "postgres", self.database, (), timeout)

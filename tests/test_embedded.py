@@ -6,10 +6,12 @@ import asyncio
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -80,8 +82,20 @@ def rds(url: str) -> redis.Redis:
 
 
 @pytest.fixture
-def track() -> Iterator[Callable[[S], S]]:
-    """Register servers to be killed at teardown even if the test fails half-way."""
+def data_dir() -> Iterator[Path]:
+    """A fresh directory for server data.
+
+    Not tmp_path: any pytest session starting on the machine resets /tmp/pytest-of-<user> to 0700,
+    which cuts the unprivileged postgres user (tests run as root) off from its data mid-test.
+    """
+    path = Path(tempfile.mkdtemp(prefix="inventory-embedded-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def track(data_dir: Path) -> Iterator[Callable[[S], S]]:
+    """Register servers to be killed at teardown (before data_dir is removed), even on failure."""
     servers: list[EmbeddedRedis | EmbeddedPostgres] = []
 
     def add(server: S) -> S:
@@ -97,8 +111,8 @@ def track() -> Iterator[Callable[[S], S]]:
 # Valkey
 
 
-def test_redis_start_stop_restart_keeps_data(tmp_path: Path, track: Any) -> None:
-    server = track(EmbeddedRedis(tmp_path / "redis"))
+def test_redis_start_stop_restart_keeps_data(data_dir: Path, track: Any) -> None:
+    server = track(EmbeddedRedis(data_dir / "redis"))
     url = server.start()
     port = server.port
     assert url == f"redis://127.0.0.1:{port}/0" == server.url
@@ -110,8 +124,8 @@ def test_redis_start_stop_restart_keeps_data(tmp_path: Path, track: Any) -> None
     server.stop()
     assert not server.running and server.pid is None
     assert not alive(pid)
-    assert (tmp_path / "redis" / "appendonlydir").is_dir()
-    assert (tmp_path / "redis" / "valkey.log").is_file()
+    assert (data_dir / "redis" / "appendonlydir").is_dir()
+    assert (data_dir / "redis" / "valkey.log").is_file()
 
     assert server.start() == url
     assert rds(url).get("sku:{SKU-1}") == b"42"
@@ -122,18 +136,18 @@ def test_redis_start_stop_restart_keeps_data(tmp_path: Path, track: Any) -> None
     server.stop()
 
 
-def test_redis_not_durable_keeps_nothing(tmp_path: Path, track: Any) -> None:
-    server = track(EmbeddedRedis(tmp_path, durable=False))
+def test_redis_not_durable_keeps_nothing(data_dir: Path, track: Any) -> None:
+    server = track(EmbeddedRedis(data_dir, durable=False))
     rds(server.start()).set("k", "v")
     server.restart()
     assert rds(server.url).get("k") is None
-    assert not (tmp_path / "appendonlydir").exists()
-    assert not list(tmp_path.glob("*.rdb"))
+    assert not (data_dir / "appendonlydir").exists()
+    assert not list(data_dir.glob("*.rdb"))
     server.stop()
 
 
-def test_redis_kill_then_restart_keeps_fsynced_writes(tmp_path: Path, track: Any) -> None:
-    server = track(EmbeddedRedis(tmp_path))
+def test_redis_kill_then_restart_keeps_fsynced_writes(data_dir: Path, track: Any) -> None:
+    server = track(EmbeddedRedis(data_dir))
     client = rds(server.start())
     client.set("k", "before-crash")
     # WAITAOF 1 0: returns once the write is fsynced to the local AOF (numlocal=1).
@@ -146,11 +160,11 @@ def test_redis_kill_then_restart_keeps_fsynced_writes(tmp_path: Path, track: Any
     server.stop()
 
 
-def test_redis_context_manager_and_fixed_port(tmp_path: Path) -> None:
+def test_redis_context_manager_and_fixed_port(data_dir: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with EmbeddedRedis(tmp_path, port, durable=False) as server:
+    with EmbeddedRedis(data_dir, port, durable=False) as server:
         assert server.port == port and server.url == f"redis://127.0.0.1:{port}/0"
         assert rds(server.url).ping()
         pid = server.pid
@@ -158,20 +172,20 @@ def test_redis_context_manager_and_fixed_port(tmp_path: Path) -> None:
     assert not server.running and not alive(pid)
 
 
-def test_redis_start_failure_is_a_clear_error(tmp_path: Path) -> None:
+def test_redis_start_failure_is_a_clear_error(data_dir: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        server = EmbeddedRedis(tmp_path, taken.getsockname()[1], durable=False)
+        server = EmbeddedRedis(data_dir, taken.getsockname()[1], durable=False)
         with pytest.raises(EmbeddedServerError, match="Address already in use") as info:
             server.start()
         assert "valkey.log" in str(info.value)
         assert not server.running and server.pid is None
 
 
-def test_server_started_from_a_short_lived_thread_survives_it(tmp_path: Path, track: Any) -> None:
+def test_server_started_from_a_short_lived_thread_survives_it(data_dir: Path, track: Any) -> None:
     # PR_SET_PDEATHSIG fires when the forking *thread* exits; the server must outlive this one.
-    server = track(EmbeddedRedis(tmp_path, durable=False))
+    server = track(EmbeddedRedis(data_dir, durable=False))
     thread_ids: list[int] = []
 
     def start() -> None:
@@ -191,11 +205,11 @@ def test_server_started_from_a_short_lived_thread_survives_it(tmp_path: Path, tr
 # PostgreSQL
 
 
-def test_postgres_start_stop_restart_keeps_rows(tmp_path: Path, track: Any) -> None:
-    server = track(EmbeddedPostgres(tmp_path / "pg", durable=False))
+def test_postgres_start_stop_restart_keeps_rows(data_dir: Path, track: Any) -> None:
+    server = track(EmbeddedPostgres(data_dir / "pg", durable=False))
     url = server.start()
     assert url == f"postgresql://postgres@127.0.0.1:{server.port}/inventory" == server.url
-    assert (tmp_path / "pg" / "pgdata" / "PG_VERSION").is_file()
+    assert (data_dir / "pg" / "pgdata" / "PG_VERSION").is_file()
     assert server.start() == url
     pg(url, "CREATE TABLE stock (sku text PRIMARY KEY, on_hand int NOT NULL)")
     pg(url, "INSERT INTO stock VALUES ($1, $2)", "SKU-000001", 7)
@@ -217,8 +231,8 @@ def test_postgres_start_stop_restart_keeps_rows(tmp_path: Path, track: Any) -> N
     server.stop()
 
 
-def test_postgres_kill_then_restart_with_stale_postmaster_pid(tmp_path: Path, track: Any) -> None:
-    server = track(EmbeddedPostgres(tmp_path, durable=True))
+def test_postgres_kill_then_restart_with_stale_postmaster_pid(data_dir: Path, track: Any) -> None:
+    server = track(EmbeddedPostgres(data_dir, durable=True))
     url = server.start()
     pg(url, "CREATE TABLE t (x int)")
     pg(url, "INSERT INTO t VALUES (1)")
@@ -243,8 +257,8 @@ def test_postgres_kill_then_restart_with_stale_postmaster_pid(tmp_path: Path, tr
     server.stop()
 
 
-def test_postgres_creates_the_named_database(tmp_path: Path, track: Any) -> None:
-    server = track(EmbeddedPostgres(tmp_path, durable=False, database="orders db"))
+def test_postgres_creates_the_named_database(data_dir: Path, track: Any) -> None:
+    server = track(EmbeddedPostgres(data_dir, durable=False, database="orders db"))
     url = server.start()
     assert url.endswith("/orders%20db")
     assert pg(url, "SELECT current_database() AS db")[0]["db"] == "orders db"
@@ -253,8 +267,8 @@ def test_postgres_creates_the_named_database(tmp_path: Path, track: Any) -> None
     server.stop()
 
 
-def test_postgres_runs_unprivileged(tmp_path: Path, track: Any) -> None:
-    server = track(EmbeddedPostgres(tmp_path, durable=False))
+def test_postgres_runs_unprivileged(data_dir: Path, track: Any) -> None:
+    server = track(EmbeddedPostgres(data_dir, durable=False))
     server.start()
     status = Path(f"/proc/{server.pid}/status").read_text()
     uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
@@ -283,10 +297,10 @@ if sys.argv[2] == "hang":
 """
 
 
-def _run_owner(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+def _run_owner(data_dir: Path, mode: str) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     owner = subprocess.Popen(
-        [sys.executable, "-c", CHILD_SCRIPT, str(tmp_path), mode],
+        [sys.executable, "-c", CHILD_SCRIPT, str(data_dir), mode],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,
@@ -306,8 +320,8 @@ def _kill_leftovers(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def test_children_die_when_owner_is_sigkilled(tmp_path: Path) -> None:
-    owner, pids = _run_owner(tmp_path, "hang")
+def test_children_die_when_owner_is_sigkilled(data_dir: Path) -> None:
+    owner, pids = _run_owner(data_dir, "hang")
     watched = [pids["redis"], pids["postgres"], *children(pids["postgres"])]
     try:
         assert all(alive(pid) for pid in watched[:2])
@@ -318,15 +332,15 @@ def test_children_die_when_owner_is_sigkilled(tmp_path: Path) -> None:
         _kill_leftovers(watched)
 
 
-def test_children_stopped_when_owner_exits_without_stop(tmp_path: Path) -> None:
-    owner, pids = _run_owner(tmp_path, "exit")
+def test_children_stopped_when_owner_exits_without_stop(data_dir: Path) -> None:
+    owner, pids = _run_owner(data_dir, "exit")
     watched = [pids["redis"], pids["postgres"], *children(pids["postgres"])]
     try:
         assert owner.wait(DEADLINE) == 0
         # The exit-time finalizer stopped them gracefully and waited, before the owner exited.
         assert not alive(pids["redis"]) and not alive(pids["postgres"])
         assert wait_until(lambda: not any(alive(pid) for pid in watched))
-        log = (tmp_path / "pg" / "postgres.log").read_text()
+        log = (data_dir / "pg" / "postgres.log").read_text()
         assert "received fast shutdown request" in log
     finally:
         _kill_leftovers(watched)

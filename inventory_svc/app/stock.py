@@ -57,6 +57,10 @@ class Nearby:
     levels: tuple[StockLevel, ...]
 
 
+# A bulk load of a few hundred thousand rows legitimately runs for many seconds.
+BULK_TIMEOUT_S = 300.0
+
+
 def _stock_event(level: StockLevel) -> tuple[str, str, dict[str, object]]:
     return (level.sku, level.location_id, {
         "on_hand": level.on_hand, "reserved": level.reserved,
@@ -291,8 +295,9 @@ class StockService:
         async with self.ctx.pg.unit(idem) as u:
             if u.replay is not None:
                 return Replay(u.replay)
+            bulk = BULK_TIMEOUT_S
             locked = await PgStore.lock_stock(
-                u.conn, [(r.sku, r.location_id) for r in rows], create=True)
+                u.conn, [(r.sku, r.location_id) for r in rows], create=True, timeout=bulk)
             changed: list[StockLevel] = []
             drafts: list[MovementDraft] = []
             for r in rows:
@@ -311,10 +316,10 @@ class StockService:
                 if delta:
                     drafts.append(MovementDraft(r.sku, r.location_id, delta, MovementKind.IMPORT,
                                                 reason))
-            news = await PgStore.write_levels(u.conn, changed)
+            news = await PgStore.write_levels(u.conn, changed, timeout=bulk)
             after = {(n.sku, n.location_id): n.on_hand for n in news}
             await PgStore.add_movements(
-                u.conn, drafts, [after[(d.sku, d.location_id)] for d in drafts])
+                u.conn, drafts, [after[(d.sku, d.location_id)] for d in drafts], timeout=bulk)
             safety = [r for r in rows if r.safety_stock is not None]
             if safety:
                 await u.conn.execute(
@@ -322,7 +327,7 @@ class StockService:
                     " FROM unnest($1::text[], $2::text[], $3::bigint[]) AS c(sku, loc, safety)"
                     " WHERE s.sku = c.sku AND s.location_id = c.loc",
                     [r.sku for r in safety], [r.location_id for r in safety],
-                    [r.safety_stock for r in safety])
+                    [r.safety_stock for r in safety], timeout=bulk)
             await PgStore.add_outbox(u.conn, "STOCK_IMPORTED", [
                 ("", "", {"rows": len(rows), "changed": len(changed)})])
             result = ImportResult(len(rows), len(changed), len({r.sku for r in rows}))

@@ -152,7 +152,8 @@ class PgStore(PgBase):
     # ---- stock writes (inside a unit) --------------------------------------------------------
     @staticmethod
     async def lock_stock(
-        conn: asyncpg.Connection, keys: Iterable[StockKey], *, create: bool = False
+        conn: asyncpg.Connection, keys: Iterable[StockKey], *, create: bool = False,
+        timeout: float | None = None,
     ) -> dict[StockKey, LockedStock]:
         """Lock the rows in (sku, location) order, so concurrent multi-row changes never deadlock.
 
@@ -169,19 +170,25 @@ class PgStore(PgBase):
                 " FROM unnest($1::text[], $2::text[]) AS k(sku, location_id)"
                 " JOIN locations l ON l.id = k.location_id ORDER BY 1, 2"
                 " ON CONFLICT DO NOTHING",
-                skus, locs,
+                skus, locs, timeout=timeout,
             )
+        # The key list drives an index nested loop into stock. (An `IN (SELECT unnest ...)`
+        # form got a cached generic plan from small calls that went quadratic on bulk loads.)
         rows = await conn.fetch(
-            STOCK_SELECT
-            + " WHERE (s.sku, s.location_id) IN"
-            " (SELECT * FROM unnest($1::text[], $2::text[]))"
+            "SELECT s.sku, s.location_id, s.on_hand, s.reserved,"
+            " COALESCE(s.safety_stock, l.default_safety_stock) AS safety, s.version, l.active"
+            " FROM unnest($1::text[], $2::text[]) AS k(sku, location_id)"
+            " JOIN stock s ON s.sku = k.sku AND s.location_id = k.location_id"
+            " JOIN locations l ON l.id = s.location_id"
             " ORDER BY s.sku, s.location_id FOR UPDATE OF s",
-            skus, locs,
+            skus, locs, timeout=timeout,
         )
         return {(r["sku"], r["location_id"]): LockedStock(_level(r), r["active"]) for r in rows}
 
     @staticmethod
-    async def write_levels(conn: asyncpg.Connection, levels: Sequence[StockLevel]) -> list[StockLevel]:
+    async def write_levels(
+        conn: asyncpg.Connection, levels: Sequence[StockLevel], *, timeout: float | None = None
+    ) -> list[StockLevel]:
         """Store new on_hand/reserved of locked rows; returns them with their bumped versions."""
         await conn.execute(
             "UPDATE stock s SET on_hand = c.on_hand, reserved = c.reserved, version = s.version + 1"
@@ -189,7 +196,7 @@ class PgStore(PgBase):
             " AS c(sku, location_id, on_hand, reserved)"
             " WHERE s.sku = c.sku AND s.location_id = c.location_id",
             [x.sku for x in levels], [x.location_id for x in levels],
-            [x.on_hand for x in levels], [x.reserved for x in levels],
+            [x.on_hand for x in levels], [x.reserved for x in levels], timeout=timeout,
         )
         return [replace(x, version=x.version + 1) for x in levels]
 
@@ -209,7 +216,8 @@ class PgStore(PgBase):
 
     @staticmethod
     async def add_movements(
-        conn: asyncpg.Connection, drafts: Sequence[MovementDraft], on_hand_after: Sequence[int]
+        conn: asyncpg.Connection, drafts: Sequence[MovementDraft], on_hand_after: Sequence[int],
+        *, timeout: float | None = None,
     ) -> list[Movement]:
         if not drafts:
             return []
@@ -220,7 +228,7 @@ class PgStore(PgBase):
             " RETURNING *",
             [d.sku for d in drafts], [d.location_id for d in drafts], [d.delta for d in drafts],
             [d.kind.value for d in drafts], [d.reason for d in drafts], list(on_hand_after),
-            [d.reservation_id for d in drafts], [d.order_ref for d in drafts],
+            [d.reservation_id for d in drafts], [d.order_ref for d in drafts], timeout=timeout,
         )
         return [_movement(r) for r in rows]
 

@@ -134,6 +134,9 @@ class PgBase:
         with translate_errors():
             pool = await asyncpg.create_pool(
                 dsn,
+                # Our statements take arrays of any length (1 key or 100k). A generic plan cached
+                # from small calls can go quadratic on a bulk call, so always plan for the input.
+                server_settings={"plan_cache_mode": "force_custom_plan"},
                 min_size=min_size,
                 max_size=max_size,
                 command_timeout=timeout_s,
