@@ -355,15 +355,19 @@ class _ChildServer:
         """True while the child process is alive."""
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> str:
-        """Start the server (no-op if running) and wait until it serves requests; return its URL."""
+    def start(self, timeout: float = START_TIMEOUT) -> str:
+        """Start the server (no-op if running) and wait until it serves requests; return its URL.
+
+        Raises EmbeddedServerError, with the log's tail, if it is not ready within timeout seconds
+        (the child is then killed). Crash recovery of a large durable cluster may need more.
+        """
         with self._lock:
             if self.running:
                 return self.url
             attempts = 3 if self._auto_port and not self._started_once else 1
             for attempt in range(attempts):
                 try:
-                    self._start_once()
+                    self._start_once(timeout)
                     break
                 except _PortInUse:
                     if attempt == attempts - 1:
@@ -406,11 +410,11 @@ class _ChildServer:
                 _wait_gone(children, STOP_TIMEOUT)
             self._forget()
 
-    def restart(self) -> str:
+    def restart(self, timeout: float = START_TIMEOUT) -> str:
         """Stop (if running) and start again on the same port and data directory."""
         with self._lock:
             self.stop()
-            return self.start()
+            return self.start(timeout)
 
     def __enter__(self) -> Self:
         self.start()
@@ -430,7 +434,7 @@ class _ChildServer:
 
     # -- internals
 
-    def _start_once(self) -> None:
+    def _start_once(self, timeout: float) -> None:
         self._prepare()
         log_start = _log_size(self.log_path)
         with self.log_path.open("ab") as log:
@@ -439,7 +443,7 @@ class _ChildServer:
         self._finalizer = weakref.finalize(
             self, _reap, proc, os.getpid(), self._stop_signal, EXIT_STOP_TIMEOUT
         )
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + timeout
         try:
             while True:
                 if proc.poll() is not None:
@@ -453,7 +457,7 @@ class _ChildServer:
                     return
                 if time.monotonic() >= deadline:
                     raise EmbeddedServerError(
-                        f"{self._name} did not become ready within {START_TIMEOUT:.0f} s on port "
+                        f"{self._name} did not become ready within {timeout:g} s on port "
                         f"{self._port}; log {self.log_path}:\n{_log_tail(self.log_path, log_start)}"
                     )
                 time.sleep(_POLL_INTERVAL)

@@ -43,26 +43,32 @@ def _beats(ca: float, sa: int, ra: np.ndarray, cb: float, sb: int, rb: np.ndarra
 
 
 @njit(cache=True)
-def can_prune(pcost: np.ndarray, psize: np.ndarray, pn: np.ndarray, lb: float, minsize: int,
-              k1: int) -> bool:
-    """Do k1 pool plans beat every plan of cost >= lb and size >= minsize?"""
-    if pn[0] < k1:
-        return False
-    cnt = 0
-    for p in range(pn[0]):
-        c = pcost[p]
-        if c + tol(c) < lb or (c <= lb and psize[p] < minsize):
-            cnt += 1
-            if cnt >= k1:
-                return True
-    return False
+def _thresholds(pcost: np.ndarray, psize: np.ndarray, pn: np.ndarray, k1: int,
+                thr: np.ndarray) -> None:
+    """thr[s]: a plan of cost >= thr[s] and size >= s is beaten by k1 pool plans.
+
+    P beats such a plan when cost(P) + tol < lb (strict) or cost(P) <= lb with size(P) < s, so
+    thr[s] is the k1-th smallest of cost(P) (size < s) or nextafter(cost(P) + tol) (others).
+    """
+    n = pn[0]
+    keys = np.empty(n, np.float64)
+    for s in range(thr.shape[0]):
+        if n < k1:
+            thr[s] = np.inf
+            continue
+        for p in range(n):
+            c = pcost[p]
+            keys[p] = c if psize[p] < s else np.nextafter(c + tol(c), np.inf)
+        keys.sort()
+        thr[s] = keys[k1 - 1]
 
 
 @njit(cache=True)
 def pool_insert(pcost: np.ndarray, psize: np.ndarray, pranks: np.ndarray, pmem: np.ndarray,
-                pn: np.ndarray, cost: float, mem: np.ndarray, m: int, crank: np.ndarray,
-                k1: int) -> None:
-    """Add plan `mem[:m]` unless it duplicates a pool plan or k1 pool plans beat it."""
+                pn: np.ndarray, thr: np.ndarray, cost: float, mem: np.ndarray, m: int,
+                crank: np.ndarray, k1: int) -> None:
+    """Add plan `mem[:m]` unless it duplicates a pool plan or k1 pool plans beat it; then
+    refresh the pruning thresholds `thr`."""
     ranks = np.empty(pranks.shape[1], np.int64)
     for i in range(m):
         r = crank[mem[i]]
@@ -113,6 +119,7 @@ def pool_insert(pcost: np.ndarray, psize: np.ndarray, pranks: np.ndarray, pmem: 
                 pmem[w] = pmem[q]
             w += 1
     pn[0] = w
+    _thresholds(pcost, psize, pn, k1, thr)
 
 
 @njit(cache=True)
@@ -158,7 +165,7 @@ def _unit_bound(cs: np.ndarray, ccpu: np.ndarray, qty: np.ndarray) -> float:
 def search(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
            qty: np.ndarray, pen: float, split: bool, kmax: int, k1: int, cov_ptr: np.ndarray,
            cov_idx: np.ndarray, pcost: np.ndarray, psize: np.ndarray, pranks: np.ndarray,
-           pmem: np.ndarray, pn: np.ndarray) -> None:
+           pmem: np.ndarray, pn: np.ndarray, thr: np.ndarray) -> None:
     """Fill the pool with every plan of at most `kmax` candidates that may be among the first k1.
 
     Candidates must be sorted by ship cost (ascending): bounds that grow with the ship cost of
@@ -181,21 +188,21 @@ def search(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarra
         if full:
             one[0] = c
             cost = set_cost(one, 1, cship, ccpu, crank, cs, qty, pen, order, maxcpu, take)
-            pool_insert(pcost, psize, pranks, pmem, pn, cost, one, 1, crank, k1)
+            pool_insert(pcost, psize, pranks, pmem, pn, thr, cost, one, 1, crank, k1)
     if nc == 0:
         return
     u0 = _unit_bound(cs, ccpu, qty)
     # Iterative deepening: plans with fewer locations, found first, tighten later bounds.
     for kcur in range(2, kmax + 1):
         _dfs(cship, ccpu, crank, cs, qty, pen, split, kcur, k1, cov_ptr, cov_idx, u0,
-             pcost, psize, pranks, pmem, pn)
+             pcost, psize, pranks, pmem, pn, thr)
 
 
 @njit(cache=True)
 def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
          qty: np.ndarray, pen: float, split: bool, kmax: int, k1: int, cov_ptr: np.ndarray,
          cov_idx: np.ndarray, u0: float, pcost: np.ndarray, psize: np.ndarray,
-         pranks: np.ndarray, pmem: np.ndarray, pn: np.ndarray) -> None:
+         pranks: np.ndarray, pmem: np.ndarray, pn: np.ndarray, thr: np.ndarray) -> None:
     """One depth-first pass over sets of at most kmax candidates (see `search`)."""
     nc, n_lines = cs.shape
     order = np.empty(kmax, np.int64)
@@ -242,7 +249,7 @@ def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
             if covered:
                 cost = set_cost(tmem, d, cship, ccpu, crank, cs, qty, pen, order, maxcpu, take)
                 if d >= 2 and make_valid(tmem, d, ccpu, cs, qty, split, order, maxcpu, take):
-                    pool_insert(pcost, psize, pranks, pmem, pn, cost, tmem, d, crank, k1)
+                    pool_insert(pcost, psize, pranks, pmem, pn, thr, cost, tmem, d, crank, k1)
                 if d < kmax:
                     f_cover[d] = False
                     f_end[d] = nc
@@ -297,7 +304,7 @@ def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
                 continue
             if f_cover[d]:
                 lb = ship_t + cship[c] + pen * d + u0
-                if can_prune(pcost, psize, pn, lb, d + 1, k1):
+                if lb >= thr[d + 1]:
                     f_pos[d] = f_end[d]
                     break
                 done = True
@@ -305,15 +312,12 @@ def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
                     if got[j] + cs[c, j] < qty[j]:
                         done = False
                         break
-                if not done:
-                    if d + 1 == kmax:
-                        continue
-                    if can_prune(pcost, psize, pn, lb + pen + ship_min, d + 2, k1):
-                        continue
+                if not done and (d + 1 == kmax or lb + pen + ship_min >= thr[d + 2]):
+                    continue
             else:
                 neg = (kmax - d - 1) * min(0.0, ship_min + pen - f_sumax[d])
                 lb = f_cost[d] + cship[c] + pen + neg
-                if can_prune(pcost, psize, pn, lb - f_sumax[d], d + 1, k1):
+                if lb - f_sumax[d] >= thr[d + 1]:
                     f_pos[d] = f_end[d]
                     break
                 # c can only ever supply a line whose dearest unit in T costs >= its own; if
@@ -327,7 +331,7 @@ def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
                         if cs[c, j] > 0 and gap >= 0.0:
                             useful = True
                             saving += cs[c, j] * gap
-                if not useful or can_prune(pcost, psize, pn, lb - saving, d + 1, k1):
+                if not useful or lb - saving >= thr[d + 1]:
                     blocked[c] = True
                     fstack[fsp] = c
                     fsp += 1

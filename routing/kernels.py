@@ -195,8 +195,9 @@ def _top_plans(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.nd
     pranks = np.empty((POOL_CAP, kmax), np.int64)
     pmem = np.empty((POOL_CAP, kmax), np.int64)
     pn = np.zeros(1, np.int64)
+    thr = np.full(kmax + 2, np.inf)
     search(cship, ccpu, crank, cs, qty, pen, split, kmax, k1, cov_ptr, cov_idx,
-           pcost, psize, pranks, pmem, pn)
+           pcost, psize, pranks, pmem, pn, thr)
     sel = pool_select(pcost, psize, pranks, pn, k1)
     n = sel.shape[0]
     cost = np.empty(n, np.float64)

@@ -66,6 +66,13 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def pg(url: str, sql: str, *args: Any) -> list[Any]:
     async def run() -> list[Any]:
         conn = await asyncpg.connect(url)
@@ -259,6 +266,13 @@ def test_postgres_kill_then_restart_with_stale_postmaster_pid(data_dir: Path, tr
 
 def test_postgres_creates_the_named_database(data_dir: Path, track: Any) -> None:
     server = track(EmbeddedPostgres(data_dir, durable=False, database="orders db"))
+    # A start that misses its deadline fails clearly and leaves nothing running (initdb, which
+    # runs before the deadline starts, is kept).
+    with pytest.raises(EmbeddedServerError, match="did not become ready") as info:
+        server.start(timeout=0)
+    assert "postgres.log" in str(info.value)
+    assert not server.running and server.pid is None
+    assert not [pid for pid in children(os.getpid()) if "postgres" in _comm(pid)]
     url = server.start()
     assert url.endswith("/orders%20db")
     assert pg(url, "SELECT current_database() AS db")[0]["db"] == "orders db"

@@ -1,0 +1,111 @@
+"""Contention and idempotency over real gRPC (DESIGN I1, I2, I6)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from inventory.v1 import common_pb2 as pb
+from inventory.v1 import inventory_service_pb2 as api
+from inventory.v1 import inventory_service_pb2_grpc as api_grpc
+from inventory_svc.server import Running
+from tests.conftest import make_world, uid
+from tests.grpc_helpers import expect_error
+from tests.invariants import assert_invariants
+
+Stub = api_grpc.InventoryServiceStub
+CLIENTS = 200
+ROUNDS = 50
+
+
+async def test_200_reservers_on_one_unit_exactly_one_wins_each_round(service: Running) -> None:
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") for _ in range(8)]
+    stubs = [api_grpc.InventoryServiceStub(c) for c in channels]
+    w = await make_world(stubs[0], locations=1, skus=ROUNDS, on_hand=1)
+    try:
+        for sku in w.skus:
+            async def reserve(i: int, sku: str = sku) -> grpc.StatusCode:
+                try:
+                    await stubs[i % len(stubs)].Reserve(api.ReserveRequest(lines=[
+                        pb.ReservationLine(sku=sku, location_id=w.locations[0], quantity=1)]))
+                    return grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as err:
+                    return err.code()
+
+            codes = await asyncio.gather(*(reserve(i) for i in range(CLIENTS)))
+            assert codes.count(grpc.StatusCode.OK) == 1, codes
+            assert codes.count(grpc.StatusCode.FAILED_PRECONDITION) == CLIENTS - 1
+    finally:
+        for c in channels:
+            await c.close()
+    await assert_invariants(service, w.skus)
+
+
+async def test_same_key_concurrently_and_in_sequence_has_one_effect(
+    stub: Stub, service: Running, channel: grpc.aio.Channel,
+) -> None:
+    w = await make_world(stub, locations=1, skus=1, on_hand=100)
+    request = api.ReserveRequest(
+        lines=[pb.ReservationLine(sku=w.skus[0], location_id=w.locations[0], quantity=3)],
+        idempotency_key=uid("idem"), order_ref="o-1")
+    raw = channel.unary_unary("/inventory.v1.InventoryService/Reserve")
+
+    async def call_until_answered() -> bytes:
+        # ABORTED means "the first call with this key is still running": retry, as a client would
+        for _ in range(200):
+            try:
+                return bytes(await raw(request.SerializeToString()))
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.ABORTED, err
+                await asyncio.sleep(0.01)
+        raise AssertionError("never answered")
+
+    concurrent = await asyncio.gather(*(call_until_answered() for _ in range(10)))
+    sequential = [await call_until_answered() for _ in range(10)]
+    assert len(set(concurrent + sequential)) == 1, "answers differ byte for byte"
+    out = await stub.GetAvailability(api.GetAvailabilityRequest(skus=w.skus))
+    assert out.items[0].levels[0].reserved == 3, "the key took effect more than once"
+
+    other = api.ReserveRequest()
+    other.CopyFrom(request)
+    other.lines[0].quantity = 4
+    err = await expect_error(stub.Reserve(other), grpc.StatusCode.ALREADY_EXISTS)
+    assert request.idempotency_key in (err.details() or "")
+    out = await stub.GetAvailability(api.GetAvailabilityRequest(skus=w.skus))
+    assert out.items[0].levels[0].reserved == 3, "a refused repeat changed stock"
+    await assert_invariants(service, w.skus)
+
+
+async def test_every_mutation_is_idempotent(stub: Stub, service: Running) -> None:
+    w = await make_world(stub, locations=2, skus=1, on_hand=20)
+    sku, a, b = w.skus[0], *w.locations
+    calls = [
+        (stub.SetStock, api.SetStockRequest(sku=sku, location_id=a, on_hand=25)),
+        (stub.AdjustStock, api.AdjustStockRequest(sku=sku, location_id=a, delta=5,
+                                                  reason=api.ADJUSTMENT_REASON_RECEIPT)),
+        (stub.TransferStock, api.TransferStockRequest(sku=sku, from_location_id=a,
+                                                      to_location_id=b, quantity=2)),
+        (stub.Sell, api.SellRequest(location_id=b, items=[api.SkuQuantity(sku=sku, quantity=1)])),
+        (stub.ReturnItems, api.ReturnItemsRequest(location_id=b, items=[
+            api.SkuQuantity(sku=sku, quantity=1)])),
+        (stub.SetSafetyStock, api.SetSafetyStockRequest(sku=sku, location_id=a, safety_stock=2)),
+    ]
+    for method, request in calls:
+        request.idempotency_key = uid("k")
+        first = await method(request)
+        again = await method(request)
+        assert first == again, type(request).__name__
+    out = await stub.GetAvailability(api.GetAvailabilityRequest(skus=[sku], location_ids=[a, b]))
+    by_loc = {lv.location_id: lv.on_hand for lv in out.items[0].levels}
+    assert by_loc == {a: 28, b: 22}
+    res = (await stub.Reserve(api.ReserveRequest(lines=[
+        pb.ReservationLine(sku=sku, location_id=a, quantity=2)]))).reservation
+    for method, request in (
+        (stub.ExtendReservation, api.ExtendReservationRequest(reservation_id=res.id,
+                                                              ttl_seconds=120)),
+        (stub.CommitReservation, api.CommitReservationRequest(reservation_id=res.id)),
+    ):
+        request.idempotency_key = uid("k")
+        assert await method(request) == await method(request)
+    await assert_invariants(service, [sku])
