@@ -54,7 +54,7 @@ async def _serve(settings: Settings, demo: bool) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with embedded_stores(settings) as resolved, serve(resolved) as running:
         if demo and not running.ctx.locations:
-            await load_demo(f"127.0.0.1:{running.port}")
+            await load_demo(f"127.0.0.1:{running.port}", sku_count=settings.demo_skus)
             await running.ctx.refresh_locations()
         print(f"inventory-svc serving gRPC on {resolved.host}:{running.port} "
               f"({len(running.ctx.locations)} locations); Ctrl-C to stop", flush=True)

@@ -37,6 +37,7 @@ class Settings:
     shutdown_grace_s: float = 10.0
     api_keys: str = ""  # "key:role,key:role" — empty: no authentication
     log_level: str = "INFO"
+    demo_skus: int = 10_000  # size of the network `serve --demo` loads
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
