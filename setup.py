@@ -6,6 +6,8 @@ editable install (`pip install -e .`) writes it next to the sources, where .giti
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -30,12 +32,22 @@ def compile_protos(out_dir: Path) -> None:
         f"-I{well_known}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        f"--mypy_out={out_dir}",
-        f"--mypy_grpc_out={out_dir}",
+        *_mypy_stub_args(out_dir),
         *protos,
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {protos}")
+
+
+def _mypy_stub_args(out_dir: Path) -> list[str]:
+    """Typed stubs (.pyi) via mypy-protobuf's plugins, found next to this interpreter or on PATH."""
+    args = []
+    for name, flag in (("protoc-gen-mypy", "mypy_out"), ("protoc-gen-mypy_grpc", "mypy_grpc_out")):
+        plugin = Path(sys.executable).parent / name
+        found = str(plugin) if plugin.exists() else shutil.which(name)
+        if found:
+            args += [f"--plugin={name}={found}", f"--{flag}={out_dir}"]
+    return args
 
 
 class BuildPyWithProtos(build_py):
