@@ -9,6 +9,8 @@ the suite only ever adds its own uniquely named SKUs and locations there.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -35,10 +37,12 @@ class Stores:
 
 
 @pytest.fixture(scope="session")
-def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stores]:
+def stores() -> Iterator[Stores]:
     redis_url = os.environ.get("INVENTORY_TEST_REDIS_URL", "")
     database_url = os.environ.get("INVENTORY_TEST_DATABASE_URL", "")
-    root: Path = tmp_path_factory.mktemp("stores")
+    # Not under pytest's basetemp: a second pytest session on the machine resets that tree to
+    # 0700, cutting the unprivileged postgres user off its data mid-run.
+    root = Path(tempfile.mkdtemp(prefix="inventory-test-stores-"))
     redis_server = pg_server = None
     if not redis_url:
         redis_server = EmbeddedRedis(root / "redis", durable=False)
@@ -53,6 +57,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stores]:
             pg_server.stop()
         if redis_server:
             redis_server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_settings(stores: Stores, **overrides: object) -> Settings:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +45,9 @@ def test_bad_config_fails_fast_and_clearly(tmp_path: Path) -> None:
     assert "INVENTORY_SWEEP_INTERVAL_S='often'" in run.stderr
 
 
-def test_serve_embedded_demo_health_reflection_and_clean_sigterm(tmp_path: Path) -> None:
+def test_serve_embedded_demo_health_reflection_and_clean_sigterm() -> None:
+    # outside pytest's basetemp (see conftest): the postgres user must reach the data dir
+    tmp_path = Path(tempfile.mkdtemp(prefix="inventory-test-cli-"))
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ("INVENTORY_REDIS_URL", "INVENTORY_DATABASE_URL")}
@@ -88,3 +92,4 @@ def test_serve_embedded_demo_health_reflection_and_clean_sigterm(tmp_path: Path)
         for child in children:
             if child.is_running():
                 child.kill()
+        shutil.rmtree(tmp_path, ignore_errors=True)

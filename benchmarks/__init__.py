@@ -1,0 +1,1 @@
+"""Benchmarks: measured, never timed in tests. Results go to benchmarks/RESULTS.md."""
