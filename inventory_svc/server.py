@@ -13,6 +13,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -46,7 +47,7 @@ class Running:
     stock: StockService
     reservations: ReservationService
     reconciler: Reconciler
-    health: health.aio.HealthServicer  # type: ignore[name-defined]
+    health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped in the stubs)
 
 
 @contextlib.asynccontextmanager
@@ -96,7 +97,7 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
         )
         api_grpc.add_InventoryServiceServicer_to_server(
             InventoryServicer(stock, reservations), server)
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

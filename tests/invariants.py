@@ -1,4 +1,4 @@
-"""DESIGN §3 invariants I1–I4, checked across both stores for a set of SKUs."""
+"""DESIGN §3 invariants I1-I4, checked across both stores for a set of SKUs."""
 
 from __future__ import annotations
 
@@ -39,4 +39,5 @@ async def assert_invariants(service: Running, skus: Sequence[str]) -> None:
         redis_level = {lv.location_id: lv for lv in levels}.get(r["location_id"])
         assert redis_level is not None, f"I4: {where} missing in redis"
         assert (redis_level.on_hand, redis_level.reserved, redis_level.safety_stock) == (
-            r["on_hand"], r["reserved"], r["safety"]), f"I4 broken at {where}: redis {redis_level} pg {dict(r)}"
+            r["on_hand"], r["reserved"], r["safety"]
+        ), f"I4 broken at {where}: redis {redis_level} pg {dict(r)}"

@@ -84,7 +84,7 @@ def test_serve_embedded_demo_health_reflection_and_clean_sigterm() -> None:
             assert got.items[0].total_on_hand > 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        gone, alive = psutil.wait_procs(children, timeout=30)
+        _, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, f"orphaned processes: {alive}"
     finally:
         if proc.poll() is None:

@@ -67,7 +67,9 @@ class ReservationService:
         ttl = self._ttl("ttl_seconds", ttl_s, v)
         v.text("order_ref", order_ref)
         v.raise_if_any()
-        return await self._take(lines, channel, order_ref, idem, ttl=ttl, sale=False)
+        out = await self._take(lines, channel, order_ref, idem, ttl=ttl, sale=False)
+        assert not isinstance(out, Settled)
+        return out
 
     async def sell(
         self, location_id: str, items: Sequence[SkuQuantity], channel: Channel, order_ref: str,
@@ -80,7 +82,9 @@ class ReservationService:
         v.raise_if_any()
         await self.ctx.known_location(location_id)
         lines = [Line(x.sku, location_id, x.quantity) for x in items]
-        return await self._take(lines, channel, order_ref, idem, ttl=0, sale=True)
+        out = await self._take(lines, channel, order_ref, idem, ttl=0, sale=True)
+        assert not isinstance(out, Reservation)
+        return out
 
     async def _take(
         self, lines: Sequence[Line], channel: Channel, order_ref: str, idem: Idem | None, *,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import asyncpg
+
 from inventory_svc.app.context import Context
 from inventory_svc.domain import validation as val
 from inventory_svc.domain.errors import Aborted, FailedPrecondition, NotFound
@@ -340,8 +342,8 @@ class StockService:
                 lv for levels in (await self.ctx.pg.stock_of_skus(chunk)).values() for lv in levels)
         return result
 
-    async def _lock_one(self, conn: object, sku: str, location_id: str) -> LockedStock:
-        rows = await PgStore.lock_stock(conn, [(sku, location_id)], create=True)  # type: ignore[arg-type]
+    async def _lock_one(self, conn: asyncpg.Connection, sku: str, location_id: str) -> LockedStock:
+        rows = await PgStore.lock_stock(conn, [(sku, location_id)], create=True)
         row = rows.get((sku, location_id))
         if row is None:
             raise NotFound("location", location_id)

@@ -108,13 +108,14 @@ class PgStore(PgBase):
             " daily_capacity = EXCLUDED.daily_capacity,"
             " default_safety_stock = EXCLUDED.default_safety_stock, updated_at = now()",
             [
-                (l.id, l.name, l.type.value, l.lat, l.lon, l.can_ship, l.can_pickup, l.active,
-                 l.priority, l.fixed_cost, l.cost_per_km, l.cost_per_unit, l.daily_capacity,
-                 l.default_safety_stock)
-                for l in locations
+                (x.id, x.name, x.type.value, x.lat, x.lon, x.can_ship, x.can_pickup, x.active,
+                 x.priority, x.fixed_cost, x.cost_per_km, x.cost_per_unit, x.daily_capacity,
+                 x.default_safety_stock)
+                for x in locations
             ],
         )
-        await PgStore.add_outbox(conn, "LOCATIONS_CHANGED", [("", "", {"ids": [l.id for l in locations]})])
+        await PgStore.add_outbox(
+            conn, "LOCATIONS_CHANGED", [("", "", {"ids": [x.id for x in locations]})])
 
     @staticmethod
     async def skus_at_locations(conn: asyncpg.Connection, location_ids: Sequence[str]) -> list[str]:

@@ -156,7 +156,7 @@ class RedisStock:
                     args: list[Any] = [len(group)]
                     for sku, loc, h, s, v, dr in group:
                         args += [index[stock_key(sku)], loc, h, s, v, dr]
-                    await self._apply(keys=keys, args=args, client=pipe)
+                    await self._apply(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
                 await pipe.execute()
 
     # ---- reads and rebuilds ----------------------------------------------------------------
@@ -182,7 +182,8 @@ class RedisStock:
                     args: list[Any] = ["1" if force else "0"]
                     for lv in levels:
                         args += [lv.location_id, encode_level(lv)]
-                    await self._hydrate(keys=[stock_key(sku)], args=args, client=pipe)
+                    await self._hydrate(
+                        keys=[stock_key(sku)], args=args, client=pipe)  # type: ignore[arg-type]
                 written = await pipe.execute()
         return sum(int(w) for w in written)
 
@@ -194,7 +195,9 @@ class RedisStock:
     async def generation(self) -> str | None:
         with translate_redis():
             value = await self.client.hget(META_KEY, "generation")
-        return value.decode() if value is not None else None
+        if value is None:
+            return None
+        return value if isinstance(value, str) else value.decode()
 
     async def set_generation(self, generation: str) -> None:
         with translate_redis():
@@ -205,7 +208,7 @@ class RedisStock:
             return bool(await self.client.ping())
 
 
-class translate_redis:  # noqa: N801 - used as a context manager like contextlib helpers
+class translate_redis:
     """Redis connection trouble becomes UNAVAILABLE."""
 
     def __enter__(self) -> None:

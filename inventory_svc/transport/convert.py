@@ -18,18 +18,18 @@ from inventory_svc.domain.model import (
     StockLevel,
 )
 
-_LOCATION_TYPES = {
+_LOCATION_TYPES: dict[int, LocationType] = {
     pb.LOCATION_TYPE_WAREHOUSE: LocationType.WAREHOUSE,
     pb.LOCATION_TYPE_STORE: LocationType.STORE,
 }
-_LOCATION_TYPES_BACK = {v: k for k, v in _LOCATION_TYPES.items()}
+_LOCATION_TYPES_BACK: dict[LocationType, int] = {v: k for k, v in _LOCATION_TYPES.items()}
 
 
 def channel(value: int, field: str = "channel", default: Channel = Channel.WEB) -> Channel:
     if value == pb.CHANNEL_UNSPECIFIED:
         return default
     try:
-        return Channel(pb.Channel.Name(value).removeprefix("CHANNEL_"))
+        return Channel(pb.Channel.Name(pb.Channel.ValueType(value)).removeprefix("CHANNEL_"))
     except ValueError:
         raise InvalidArgument([FieldViolation(field, f"unknown channel {value}")]) from None
 
@@ -57,7 +57,8 @@ def location_in(msg: pb.Location, index: int) -> Location:
 
 def location_out(loc: Location) -> pb.Location:
     return pb.Location(
-        id=loc.id, name=loc.name, type=_LOCATION_TYPES_BACK[loc.type], lat=loc.lat, lon=loc.lon,
+        id=loc.id, name=loc.name,
+        type=pb.LocationType.ValueType(_LOCATION_TYPES_BACK[loc.type]), lat=loc.lat, lon=loc.lon,
         can_ship=loc.can_ship, can_pickup=loc.can_pickup, active=loc.active,
         priority=loc.priority, fixed_cost=loc.fixed_cost, cost_per_km=loc.cost_per_km,
         cost_per_unit=loc.cost_per_unit, daily_capacity=loc.daily_capacity,
@@ -110,8 +111,8 @@ def adjustment_kind(reason: int) -> tuple[MovementKind, str]:
     if reason == api.ADJUSTMENT_REASON_UNSPECIFIED or reason not in api.AdjustmentReason.values():
         raise InvalidArgument([FieldViolation(
             "reason", f"{reason} must be one of RECEIPT, DAMAGE, SHRINKAGE, CORRECTION, FOUND, OTHER")])
-    return MovementKind.ADJUSTMENT, api.AdjustmentReason.Name(reason).removeprefix(
-        "ADJUSTMENT_REASON_").lower()
+    name = api.AdjustmentReason.Name(api.AdjustmentReason.ValueType(reason))
+    return MovementKind.ADJUSTMENT, name.removeprefix("ADJUSTMENT_REASON_").lower()
 
 
 __all__ = ["ReservationStatus"]

@@ -50,7 +50,7 @@ async def guarded(context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[R
     try:
         return await call
     except DomainError as err:
-        await context.abort_with_status(to_status(err))
+        await context.abort_with_status(to_status(err))  # type: ignore[attr-defined]
     except Exception:
         log.exception("unexpected error")
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
@@ -102,7 +102,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
             return _replayed(out, api.SetStockResponse, encode)
         return await guarded(context, run())
 
-    async def AdjustStock(self, request: api.AdjustStockRequest, context: Any) -> api.AdjustStockResponse:  # noqa: E501
+    async def AdjustStock(self, request: api.AdjustStockRequest, context: Any) -> api.AdjustStockResponse:
         ch = Channel.WEB
 
         def encode(r: StockChange) -> api.AdjustStockResponse:
@@ -192,7 +192,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
             return out
         return await guarded(context, run())
 
-    async def FindNearby(self, request: api.FindNearbyRequest, context: Any) -> api.FindNearbyResponse:  # noqa: E501
+    async def FindNearby(self, request: api.FindNearbyRequest, context: Any) -> api.FindNearbyResponse:
         async def run() -> api.FindNearbyResponse:
             ch = cv.channel(request.channel)
             found = await self.stock.find_nearby(
@@ -267,7 +267,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
             return _replayed(out, api.SellResponse, encode)
         return await guarded(context, run())
 
-    async def ReturnItems(self, request: api.ReturnItemsRequest, context: Any) -> api.ReturnItemsResponse:  # noqa: E501
+    async def ReturnItems(self, request: api.ReturnItemsRequest, context: Any) -> api.ReturnItemsResponse:
         ch = Channel.WEB
 
         def encode(r: StockChangeSet) -> api.ReturnItemsResponse:
