@@ -35,7 +35,6 @@ class Settings:
     redis_timeout_s: float = 2.0
     max_concurrent_rpcs: int = 2_000
     shutdown_grace_s: float = 10.0
-    api_keys: str = ""  # "key:role,key:role" — empty: no authentication
     log_level: str = "INFO"
     demo_skus: int = 10_000  # size of the network `serve --demo` loads
 
@@ -73,9 +72,6 @@ class Settings:
             (self.database_url, "database_url", ("postgres://", "postgresql://")),
         ):
             need(not url or url.startswith(schemes), name, url, f"must start with {schemes}")
-        for item in filter(None, self.api_keys.split(",")):
-            need(item.count(":") == 1 and all(item.split(":")), "api_keys", "***",
-                 "must be a comma-separated list of key:role")
 
 
 def _parse(name: str, raw: str, type_: object) -> object:

@@ -60,7 +60,7 @@ def stores() -> Iterator[Stores]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_settings(stores: Stores, **overrides: object) -> Settings:
+def settings_for(stores: Stores, **overrides: object) -> Settings:
     base: dict[str, object] = dict(
         redis_url=stores.redis_url, database_url=stores.database_url, port=0,
         sweep_interval_s=0.1, reconcile_interval_s=3600.0, pg_pool_max=40, min_ttl_s=1,
@@ -72,7 +72,7 @@ def test_settings(stores: Stores, **overrides: object) -> Settings:
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def service(stores: Stores) -> AsyncIterator[Running]:
-    async with serve(test_settings(stores)) as running:
+    async with serve(settings_for(stores)) as running:
         yield running
 
 
