@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
@@ -17,6 +18,24 @@ Configuration comes from INVENTORY_* environment variables (see README). Without
 INVENTORY_REDIS_URL / INVENTORY_DATABASE_URL the service starts an embedded Valkey
 (Redis-compatible) server and an embedded PostgreSQL, keeping their data under --data-dir.
 """
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": self.formatTime(record), "level": record.levelname,
+                 "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if settings.log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +85,7 @@ async def _migrate(settings: Settings) -> None:
     from inventory_svc.server import embedded_stores
     from inventory_svc.storage.pg import PgStore
 
-    async with embedded_stores(settings) as resolved:
+    async with embedded_stores(settings, redis=False) as resolved:
         pg = await PgStore.connect(resolved.database_url, min_size=1, max_size=1, timeout_s=30)
         try:
             applied = await pg.migrate()
@@ -83,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"inventory-svc: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(settings)
     try:
         if args.command == "serve":
             try:

@@ -35,7 +35,9 @@ class Settings:
     redis_timeout_s: float = 2.0
     max_concurrent_rpcs: int = 2_000
     shutdown_grace_s: float = 10.0
+    api_keys: str = ""  # "key:role,..." with roles reader, shop, pos, erp, admin; empty: open
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one JSON object per line
     demo_skus: int = 10_000  # size of the network `serve --demo` loads
 
     @classmethod
@@ -67,6 +69,16 @@ class Settings:
              "must be > 0")
         need(1 <= self.pg_pool_min <= self.pg_pool_max, "pg_pool_max", self.pg_pool_max,
              "need 1 <= PG_POOL_MIN <= PG_POOL_MAX")
+        need(self.log_format in ("text", "json"), "log_format", self.log_format,
+             "must be text or json")
+        need(0 <= self.metrics_port < 65536, "metrics_port", self.metrics_port,
+             "must be a TCP port, or 0 for no metrics endpoint")
+        try:
+            from inventory_svc.transport.interceptors import parse_api_keys
+
+            parse_api_keys(self.api_keys)
+        except ValueError as exc:
+            raise ConfigError(f"INVENTORY_API_KEYS: {exc}") from None
         for url, name, schemes in (
             (self.redis_url, "redis_url", ("redis://", "rediss://", "unix://")),
             (self.database_url, "database_url", ("postgres://", "postgresql://")),

@@ -260,7 +260,10 @@ class _Spawner:
 
     def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         def launch() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(list(args), preexec_fn=_pdeathsig_preexec(), **kwargs)
+            # A process group of its own: Ctrl-C in a terminal reaches only the service, which
+            # drains its calls and then stops the servers in order (PDEATHSIG still covers -9).
+            return subprocess.Popen(
+                list(args), preexec_fn=_pdeathsig_preexec(), process_group=0, **kwargs)
 
         if threading.current_thread() is threading.main_thread():
             return launch()

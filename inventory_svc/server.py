@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,6 +30,11 @@ from inventory_svc.config import Settings
 from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis
 from inventory_svc.storage.pg import PgStore
 from inventory_svc.storage.redis_stock import RedisStock
+from inventory_svc.transport.interceptors import (
+    AuthInterceptor,
+    MetricsInterceptor,
+    parse_api_keys,
+)
 from inventory_svc.transport.inventory_servicer import InventoryServicer
 
 log = logging.getLogger(__name__)
@@ -51,11 +57,11 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def embedded_stores(settings: Settings) -> AsyncIterator[Settings]:
+async def embedded_stores(settings: Settings, *, redis: bool = True) -> AsyncIterator[Settings]:
     """Start the embedded Redis-compatible server and Postgres for the URLs not given."""
     started: list[EmbeddedRedis | EmbeddedPostgres] = []
     try:
-        if not settings.redis_url:
+        if redis and not settings.redis_url:
             r = EmbeddedRedis(settings.data_dir / "redis")
             started.append(r)
             settings = _with(settings, redis_url=await asyncio.to_thread(r.start))
@@ -90,7 +96,13 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
         await reconciler.ensure_generation(startup=True)
         stock, reservations = StockService(ctx), ReservationService(ctx)
 
+        interceptors: list[Any] = [MetricsInterceptor()]
+        if settings.api_keys:
+            interceptors.append(AuthInterceptor(parse_api_keys(settings.api_keys)))
+        if settings.metrics_port:
+            prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
         server = grpc.aio.server(
+            interceptors=interceptors,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                      ("grpc.so_reuseport", 0)],
