@@ -45,13 +45,14 @@ def parse_api_keys(spec: str) -> dict[str, str]:
     return keys
 
 
-def _wrap(handler: grpc.RpcMethodHandler, around: Callable[[Behavior], Behavior]) -> Any:
+def _wrap(handler: Any, around: Callable[[Behavior], Behavior]) -> Any:
+    """The same kind of handler with its behavior wrapped (grpc's stubs type these loosely)."""
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
             around(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            around(handler.stream_unary), handler.request_deserializer,  # type: ignore[arg-type]
+            around(handler.stream_unary), handler.request_deserializer,
             handler.response_serializer)
     return handler  # streaming responses: passed through as they are
 
