@@ -39,6 +39,8 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one JSON object per line
     demo_skus: int = 10_000  # size of the network `serve --demo` loads
+    split_penalty: float = 5.0  # routing: default cost of each extra location in a plan
+    route_attempts: int = 3  # RouteAndReserve re-routes this often when stock moves under it
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -22,9 +22,12 @@ from grpc_reflection.v1alpha import reflection
 
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
+from inventory.v1 import routing_service_pb2 as rp
+from inventory.v1 import routing_service_pb2_grpc as rp_grpc
 from inventory_svc.app.background import Reconciler, run_background
 from inventory_svc.app.context import Context
 from inventory_svc.app.reservations import ReservationService
+from inventory_svc.app.routing import RoutingService
 from inventory_svc.app.stock import StockService
 from inventory_svc.config import Settings
 from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -36,10 +39,13 @@ from inventory_svc.transport.interceptors import (
     parse_api_keys,
 )
 from inventory_svc.transport.inventory_servicer import InventoryServicer
+from inventory_svc.transport.routing_servicer import RoutingServicer
+from routing.solver import warm_up
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     api.DESCRIPTOR.services_by_name["InventoryService"].full_name,
+    rp.DESCRIPTOR.services_by_name["RoutingService"].full_name,
 )
 
 
@@ -54,6 +60,7 @@ class Running:
     reservations: ReservationService
     reconciler: Reconciler
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped in the stubs)
+    routing: RoutingService
 
 
 @contextlib.asynccontextmanager
@@ -95,6 +102,10 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
         reconciler = Reconciler(ctx)
         await reconciler.ensure_generation(startup=True)
         stock, reservations = StockService(ctx), ReservationService(ctx)
+        routing = RoutingService(ctx, stock, reservations)
+        # Compile (or load from numba's cache) every solver kernel before SERVING, so no request
+        # ever waits for a JIT compile.
+        await asyncio.to_thread(warm_up)
 
         interceptors: list[Any] = [MetricsInterceptor()]
         if settings.api_keys:
@@ -109,6 +120,7 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
         )
         api_grpc.add_InventoryServiceServicer_to_server(
             InventoryServicer(stock, reservations), server)
+        rp_grpc.add_RoutingServiceServicer_to_server(RoutingServicer(routing), server)
         health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -121,7 +133,8 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s:%d", settings.host, port)
         try:
-            yield Running(settings, port, ctx, stock, reservations, reconciler, health_servicer)
+            yield Running(settings, port, ctx, stock, reservations, reconciler, health_servicer,
+                          routing)
         finally:
             await health_servicer.enter_graceful_shutdown()
             await server.stop(settings.shutdown_grace_s)

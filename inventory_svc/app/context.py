@@ -21,9 +21,13 @@ class Context:
         self.pg = pg
         self.redis = redis
         self.locations: dict[str, Location] = {}
+        self.locations_version = 0  # moves only when the locations really change
 
     async def refresh_locations(self) -> None:
-        self.locations = {loc.id: loc for loc in await self.pg.list_locations()}
+        fresh = {loc.id: loc for loc in await self.pg.list_locations()}
+        if fresh != self.locations:
+            self.locations = fresh
+            self.locations_version += 1
 
     def location(self, location_id: str) -> Location:
         loc = self.locations.get(location_id)

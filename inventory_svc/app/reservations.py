@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import asyncpg
 
@@ -58,6 +59,15 @@ class ReservationService:
         val.validate_ttl(v, field, ttl_s, s.min_ttl_s, s.max_ttl_s)
         return ttl_s or s.default_ttl_s
 
+    async def reserve_routed(
+        self, lines: Sequence[Line], ttl_s: int, channel: Channel, order_ref: str,
+        idem: Idem | None, also: Callable[[asyncpg.Connection], Awaitable[None]],
+        answer: Callable[[Reservation], Any],
+    ) -> Any:
+        """A reservation of a routed plan: `also` consumes capacity in the same transaction."""
+        return await self._take(lines, channel, order_ref, idem, ttl=ttl_s, sale=False,
+                                also=also, answer=answer)
+
     async def reserve(
         self, lines: Sequence[Line], ttl_s: int, channel: Channel, order_ref: str,
         idem: Idem | None,
@@ -67,8 +77,8 @@ class ReservationService:
         ttl = self._ttl("ttl_seconds", ttl_s, v)
         v.text("order_ref", order_ref)
         v.raise_if_any()
-        out = await self._take(lines, channel, order_ref, idem, ttl=ttl, sale=False)
-        assert not isinstance(out, Settled)
+        out: Reservation | Replay = await self._take(
+            lines, channel, order_ref, idem, ttl=ttl, sale=False)
         return out
 
     async def sell(
@@ -82,15 +92,19 @@ class ReservationService:
         v.raise_if_any()
         await self.ctx.known_location(location_id)
         lines = [Line(x.sku, location_id, x.quantity) for x in items]
-        out = await self._take(lines, channel, order_ref, idem, ttl=0, sale=True)
-        assert not isinstance(out, Reservation)
+        out: Settled | Replay = await self._take(lines, channel, order_ref, idem, ttl=0, sale=True)
         return out
 
     async def _take(
         self, lines: Sequence[Line], channel: Channel, order_ref: str, idem: Idem | None, *,
-        ttl: int, sale: bool,
-    ) -> Reservation | Settled | Replay:
-        """Hold in Redis, then commit in Postgres: a reservation, or with `sale` a POS sale."""
+        ttl: int, sale: bool, also: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+        answer: Callable[[Reservation], Any] | None = None,
+    ) -> Any:
+        """Hold in Redis, then commit in Postgres: a reservation, or with `sale` a POS sale.
+
+        `also` runs inside the same transaction (routing consumes capacity there); `answer`
+        turns the reservation into what the call returns and remembers for its key.
+        """
         hold: Hold | None = None
         result: Reservation | Settled
         pos = channel is Channel.POS
@@ -125,7 +139,9 @@ class ReservationService:
                         for lv, x in zip(olds, lines, strict=True)])
                     res = await PgStore.insert_reservation(
                         u.conn, res_id, ReservationStatus.ACTIVE, channel, order_ref, lines, ttl)
-                    result = res
+                    result = answer(res) if answer else res
+                if also is not None:
+                    await also(u.conn)
                 await PgStore.add_outbox(u.conn, "RESERVATION", [_res_event(res)])
                 await u.remember(result)
         except BaseException:

@@ -159,7 +159,7 @@ class PgBase:
     async def migrate(self) -> list[str]:
         """Apply the packaged migrations not yet applied; safe when N replicas start at once."""
         files = sorted(
-            (f for f in resources.files("inventory_svc.storage.migrations").iterdir()
+            (f for f in resources.files("inventory_svc.storage").joinpath("migrations").iterdir()
              if f.name.endswith(".sql")),
             key=lambda f: f.name,
         )

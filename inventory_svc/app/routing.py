@@ -1,0 +1,173 @@
+"""Routing use cases (DESIGN §5): the solver runs in process on cached location arrays and on
+availability read from Redis; RouteAndReserve reserves the plan through the core reservation path
+and consumes daily capacity in the same transaction."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import numpy as np
+
+from inventory_svc.app.context import Context
+from inventory_svc.app.reservations import ReservationService
+from inventory_svc.app.stock import StockService
+from inventory_svc.domain import validation as val
+from inventory_svc.domain.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InsufficientStock,
+    InvalidArgument,
+    NotFound,
+    Shortfall,
+)
+from inventory_svc.domain.model import Channel, Line, LocationType, Reservation
+from inventory_svc.storage.pg_base import Idem, Replay
+from routing import model as rm
+from routing.solver import Network, solve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedReservation:
+    plan: rm.Plan
+    order: rm.Order
+    reservation: Reservation
+    attempts: int
+
+
+class CapacityTaken(FailedPrecondition):
+    """A concurrent order used a location's last shipment of the day first: route again."""
+
+
+def _site_type(kind: LocationType) -> rm.LocationType:
+    return rm.LocationType.WAREHOUSE if kind is LocationType.WAREHOUSE else rm.LocationType.STORE
+
+
+def plan_lines(order: rm.Order, plan: rm.Plan) -> list[Line]:
+    return [Line(order.lines[j].sku, a.location_id, units)
+            for a in plan.allocations for j, units in enumerate(a.units) if units > 0]
+
+
+def no_plan_error(order: rm.Order, result: rm.RoutingResult) -> InsufficientStock:
+    shorts = tuple(Shortfall(s.sku, "*", s.requested, s.obtainable) for s in result.shortfall)
+    if not shorts:  # every line exists somewhere, but not together within the constraints
+        shorts = tuple(Shortfall(x.sku, "*", x.qty, 0) for x in order.lines)
+    return InsufficientStock(shorts)
+
+
+class RoutingService:
+    def __init__(self, ctx: Context, stock: StockService, reservations: ReservationService) -> None:
+        self.ctx = ctx
+        self.stock = stock
+        self.reservations = reservations
+        self._network: Network | None = None
+        self._network_version = -1
+        self._daily_capacity = np.zeros(0, np.int64)
+
+    def network(self) -> Network:
+        """The solver's arrays, rebuilt only when the locations changed (not per request)."""
+        if self._network is None or self._network_version != self.ctx.locations_version:
+            locs = sorted(self.ctx.locations.values(), key=lambda x: x.id)
+            self._network = Network([
+                rm.SiteInfo(x.id, _site_type(x.type), x.lat, x.lon, x.can_ship, x.can_pickup,
+                            x.active, x.priority, x.fixed_cost, x.cost_per_km, x.cost_per_unit)
+                for x in locs])
+            self._daily_capacity = np.array([x.daily_capacity for x in locs], np.int64)
+            self._network_version = self.ctx.locations_version
+        return self._network
+
+    def check_order(self, order: rm.Order) -> None:
+        v = val.Violations()
+        val.check_count("order.lines", len(order.lines), self.ctx.settings.max_lines)
+        for i, line in enumerate(order.lines):
+            v.sku(f"order.lines[{i}].sku", line.sku)
+            v.quantity(f"order.lines[{i}].quantity", line.qty)
+        v.raise_if_any()
+        if order.pickup_location_id is not None:
+            self.ctx.location(order.pickup_location_id)
+
+    async def capacity_left(self, network: Network) -> np.ndarray:
+        rows = await self.ctx.pg.pool.fetch(
+            "SELECT location_id, used FROM capacity_usage WHERE day = current_date")
+        used = np.zeros(network.size, np.int64)
+        for r in rows:
+            i = network.index.get(r["location_id"])
+            if i is not None:
+                used[i] = r["used"]
+        return np.where(self._daily_capacity > 0, np.maximum(self._daily_capacity - used, 0), -1)
+
+    async def stock_matrix(self, network: Network, order: rm.Order, channel: Channel) -> np.ndarray:
+        """Units available to the channel per (location, line), from Redis in one pipeline."""
+        skus = [x.sku for x in order.lines]
+        levels = await self.stock.levels_of(skus)
+        matrix = np.zeros((network.size, len(skus)), np.int64)
+        for j, sku in enumerate(skus):
+            for lv in levels[sku]:
+                i = network.index.get(lv.location_id)
+                if i is not None:
+                    matrix[i, j] = lv.available(channel)
+        return matrix
+
+    async def route(self, order: rm.Order, channel: Channel) -> rm.RoutingResult:
+        if not self.ctx.locations:
+            await self.ctx.refresh_locations()
+        self.check_order(order)
+        network = self.network()
+        stock = await self.stock_matrix(network, order, channel)
+        capacity = await self.capacity_left(network)
+        try:
+            return solve(network, order, stock, capacity)
+        except rm.UnknownLocationError as exc:
+            raise NotFound("location", str(order.pickup_location_id)) from exc
+        except rm.RoutingInputError as exc:
+            raise InvalidArgument([FieldViolation(f"order.{exc.field}", str(exc))]) from exc
+
+    async def route_and_reserve(
+        self, order: rm.Order, channel: Channel, ttl_s: int, order_ref: str, idem: Idem | None,
+    ) -> RoutedReservation | Replay:
+        v = val.Violations()
+        val.validate_ttl(v, "ttl_seconds", ttl_s, self.ctx.settings.min_ttl_s,
+                         self.ctx.settings.max_ttl_s)
+        v.text("order_ref", order_ref)
+        v.raise_if_any()
+        ttl = ttl_s or self.ctx.settings.default_ttl_s
+        last: FailedPrecondition | None = None
+        for attempt in range(1, self.ctx.settings.route_attempts + 1):
+            result = await self.route(order, channel)
+            if result.plan is None:
+                raise no_plan_error(order, result)
+            plan = result.plan
+            used = sorted(a.location_id for a in plan.allocations)
+
+            async def consume(conn: asyncpg.Connection, used: Sequence[str] = used) -> None:
+                await self._consume_capacity(conn, used)
+
+            def answer(res: Reservation, plan: rm.Plan = plan, n: int = attempt) -> RoutedReservation:
+                return RoutedReservation(plan, order, res, n)
+
+            try:
+                out: RoutedReservation | Replay = await self.reservations.reserve_routed(
+                    plan_lines(order, plan), ttl, channel, order_ref, idem, consume, answer)
+                return out
+            except (InsufficientStock, CapacityTaken) as exc:
+                log.info("route attempt %d lost a race (%s); routing again", attempt, exc.message)
+                last = exc
+        assert last is not None
+        raise last
+
+    async def _consume_capacity(self, conn: asyncpg.Connection, location_ids: Sequence[str]) -> None:
+        rows = await conn.fetch(
+            "INSERT INTO capacity_usage AS c (location_id, day, used)"
+            " SELECT x, current_date, 1 FROM unnest($1::text[]) AS x ORDER BY x"
+            " ON CONFLICT (location_id, day) DO UPDATE SET used = c.used + 1"
+            " RETURNING location_id, used", list(location_ids))
+        for r in rows:
+            cap = self.ctx.locations[r["location_id"]].daily_capacity
+            if 0 < cap < r["used"]:
+                raise CapacityTaken(
+                    f"location {r['location_id']!r} has used its {cap} shipments for today",
+                    violation_type="NO_CAPACITY", subject=r["location_id"])
