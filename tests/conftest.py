@@ -8,6 +8,10 @@ the suite only ever adds its own uniquely named SKUs and locations there.
 
 from __future__ import annotations
 
+# isort: off
+import inventory_svc  # noqa: F401  (first: it turns gRPC's fork handlers off before gRPC starts)
+# isort: on
+
 import os
 import shutil
 import tempfile
@@ -26,6 +30,17 @@ from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.config import Settings
 from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis
 from inventory_svc.server import Running, serve
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", default=False,
+                     help="run the long soak/chaos versions of the fault and model-based tests")
+
+
+@pytest.fixture(scope="session")
+def soak(request: pytest.FixtureRequest) -> bool:
+    """True under --soak: tests scale their rounds/examples up to the long versions."""
+    return bool(request.config.getoption("--soak"))
 
 
 @dataclass
