@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 
-from inventory_svc.domain.errors import FailedPrecondition, NotFound
+from inventory_svc.domain.errors import Aborted, FailedPrecondition, NotFound
 from inventory_svc.domain.model import (
     Channel,
     Line,
@@ -156,6 +156,14 @@ class PgStore(PgBase):
         conn: asyncpg.Connection, keys: Iterable[StockKey], *, create: bool = False,
         timeout: float | None = None,
     ) -> dict[StockKey, LockedStock]:
+        rows, _ = await PgStore.lock_stock_timed(conn, keys, create=create, timeout=timeout)
+        return rows
+
+    @staticmethod
+    async def lock_stock_timed(
+        conn: asyncpg.Connection, keys: Iterable[StockKey], *, create: bool = False,
+        timeout: float | None = None,
+    ) -> tuple[dict[StockKey, LockedStock], datetime]:
         """Lock the rows in (sku, location) order, so concurrent multi-row changes never deadlock.
 
         With `create`, rows that do not exist yet are made (on_hand 0, version 0) first, provided
@@ -177,29 +185,38 @@ class PgStore(PgBase):
         # form got a cached generic plan from small calls that went quadratic on bulk loads.)
         rows = await conn.fetch(
             "SELECT s.sku, s.location_id, s.on_hand, s.reserved,"
-            " COALESCE(s.safety_stock, l.default_safety_stock) AS safety, s.version, l.active"
-            " FROM unnest($1::text[], $2::text[]) AS k(sku, location_id)"
+            " COALESCE(s.safety_stock, l.default_safety_stock) AS safety, s.version, l.active,"
+            " now() AS now FROM unnest($1::text[], $2::text[]) AS k(sku, location_id)"
             " JOIN stock s ON s.sku = k.sku AND s.location_id = k.location_id"
             " JOIN locations l ON l.id = s.location_id"
             " ORDER BY s.sku, s.location_id FOR UPDATE OF s",
             skus, locs, timeout=timeout,
         )
-        return {(r["sku"], r["location_id"]): LockedStock(_level(r), r["active"]) for r in rows}
+        # now(): the transaction's start, so a caller can stamp rows without asking again
+        now = rows[0]["now"] if rows else await conn.fetchval("SELECT now()")
+        return {(r["sku"], r["location_id"]): LockedStock(_level(r), r["active"]) for r in rows}, now
 
     @staticmethod
     async def write_levels(
         conn: asyncpg.Connection, levels: Sequence[StockLevel], *, timeout: float | None = None
     ) -> list[StockLevel]:
-        """Store new on_hand/reserved of locked rows; returns them with their bumped versions."""
-        await conn.execute(
-            "UPDATE stock s SET on_hand = c.on_hand, reserved = c.reserved, version = s.version + 1"
+        """Store new on_hand/reserved of locked rows; returns them with their versions.
+
+        The version moves only when on_hand does: it guards counts (SetStock's compare-and-set),
+        which reservations coming and going must not invalidate.
+        """
+        rows = await conn.fetch(
+            "UPDATE stock s SET on_hand = c.on_hand, reserved = c.reserved,"
+            " version = s.version + CASE WHEN s.on_hand <> c.on_hand THEN 1 ELSE 0 END"
             " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])"
             " AS c(sku, location_id, on_hand, reserved)"
-            " WHERE s.sku = c.sku AND s.location_id = c.location_id",
+            " WHERE s.sku = c.sku AND s.location_id = c.location_id"
+            " RETURNING s.sku, s.location_id, s.version",
             [x.sku for x in levels], [x.location_id for x in levels],
             [x.on_hand for x in levels], [x.reserved for x in levels], timeout=timeout,
         )
-        return [replace(x, version=x.version + 1) for x in levels]
+        version = {(r["sku"], r["location_id"]): r["version"] for r in rows}
+        return [replace(x, version=version[(x.sku, x.location_id)]) for x in levels]
 
     @staticmethod
     async def write_safety(
@@ -248,6 +265,44 @@ class PgStore(PgBase):
         )
 
     # ---- reservations ----------------------------------------------------------------------
+    @staticmethod
+    async def write_reservation(
+        conn: asyncpg.Connection, res: Reservation, levels: Sequence[StockLevel],
+        event: dict[str, object], record: tuple[str | None, str, bytes, bytes],
+    ) -> None:
+        """The whole write of a reservation in one statement (one round trip): reserved units,
+        the reservation and its lines, its outbox event and, with a key, its idempotency record.
+        `levels` are the locked rows with their new `reserved`."""
+        key, method, fingerprint, payload = record
+        try:
+            await conn.execute(
+                "WITH upd AS (UPDATE stock s SET reserved = c.reserved"
+                "  FROM unnest($1::text[], $2::text[], $3::bigint[]) AS c(sku, loc, reserved)"
+                "  WHERE s.sku = c.sku AND s.location_id = c.loc RETURNING 1),"
+                " res AS (INSERT INTO reservations"
+                "  (id, status, channel, order_ref, created_at, expires_at)"
+                "  VALUES ($4, 'ACTIVE', $5, $6, $7, $8)),"
+                " lines AS (INSERT INTO reservation_lines"
+                "  (reservation_id, sku, location_id, quantity, requested)"
+                "  SELECT $4, l.sku, l.loc, l.qty, l.qty"
+                "  FROM unnest($9::text[], $10::text[], $11::bigint[]) AS l(sku, loc, qty)),"
+                " ob AS (INSERT INTO outbox (kind, payload) VALUES ('RESERVATION', $12::jsonb)),"
+                " idem AS (INSERT INTO idempotency (key, method, request_hash, response)"
+                "  SELECT $13, $14, $15, $16 WHERE $13::text IS NOT NULL)"
+                " SELECT count(*) FROM upd",
+                [x.sku for x in levels], [x.location_id for x in levels],
+                [x.reserved for x in levels], res.id, res.channel.value, res.order_ref,
+                _from_ms(res.created_at_ms), _from_ms(res.expires_at_ms),
+                [x.sku for x in res.lines], [x.location_id for x in res.lines],
+                [x.quantity for x in res.lines], json.dumps(event), key, method, fingerprint,
+                payload,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            if "idempotency" not in str(exc.constraint_name or ""):
+                raise
+            # a first call with this key committed in the instant of our lookup: see Unit.claim
+            raise Aborted(f"idempotency_key {key!r} was just used; retry to get its answer") from exc
+
     @staticmethod
     async def insert_reservation(
         conn: asyncpg.Connection, res_id: str, status: ReservationStatus, channel: Channel,
@@ -365,6 +420,10 @@ class PgStore(PgBase):
                 *args, after_id, limit,
             )
         return [_movement(r) for r in rows]
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 def _line_key(line: Line) -> tuple[str, str]:

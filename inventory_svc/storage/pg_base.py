@@ -84,19 +84,20 @@ class Unit:
     async def claim(self) -> None:
         if self.idem is None:
             return
-        locked = await self.conn.fetchval(
-            "SELECT pg_try_advisory_xact_lock($1)", advisory_key(self.idem.key)
+        # One round trip for the lock and the lookup. The lookup's snapshot is taken as the
+        # statement starts, so a first call committing in that instant can be missed; the
+        # idempotency primary key then refuses our record at commit, and the repeat is
+        # answered ABORTED (retry), never run twice.
+        row = await self.conn.fetchrow(
+            "SELECT pg_try_advisory_xact_lock($1) AS locked, i.method, i.request_hash, i.response"
+            " FROM (SELECT 1) AS one LEFT JOIN idempotency i ON i.key = $2",
+            advisory_key(self.idem.key), self.idem.key,
         )
-        if not locked:
+        if not row["locked"]:
             raise Aborted(
                 f"a call with idempotency_key {self.idem.key!r} is still running; retry it later"
             )
-        # Read the record only now: a snapshot taken before the lock could miss a first call
-        # that committed while we waited for it.
-        row = await self.conn.fetchrow(
-            "SELECT method, request_hash, response FROM idempotency WHERE key = $1", self.idem.key
-        )
-        if row is not None:
+        if row["method"] is not None:
             self._check_same(row["method"], bytes(row["request_hash"]))
             self.replay = bytes(row["response"])
 
@@ -107,6 +108,12 @@ class Unit:
                 f"idempotency_key {self.idem.key!r} was already used for a different request"
                 f" ({method})"
             )
+
+    def record(self, result: Any) -> tuple[str | None, str, bytes, bytes]:
+        """The idempotency row for `result`, for a statement that inserts it itself."""
+        if self.idem is None:
+            return None, "", b"", b""
+        return self.idem.key, self.idem.method, self.idem.fingerprint, self.idem.encode(result)
 
     async def remember(self, result: Any) -> None:
         if self.idem is None:
