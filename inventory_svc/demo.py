@@ -30,6 +30,8 @@ def _location(loc: object) -> pb.Location:
 async def load_demo(target: str, *, seed: int = 7, sku_count: int = 10_000) -> DemoNetwork:
     """Upsert the demo locations and import their stock; safe to run again (absolute counts)."""
     demo = build_demo(seed, sku_count=sku_count)
+    log.info("loading the demo network: %d locations, %d SKUs, %d stock rows (one transaction)",
+             len(demo.locations), sku_count, len(demo.stock))
     async with grpc.aio.insecure_channel(target) as channel:
         stub = api_grpc.InventoryServiceStub(channel)
         await stub.UpsertLocations(api.UpsertLocationsRequest(

@@ -321,7 +321,8 @@ class StockService:
             news = await PgStore.write_levels(u.conn, changed, timeout=bulk)
             after = {(n.sku, n.location_id): n.on_hand for n in news}
             await PgStore.add_movements(
-                u.conn, drafts, [after[(d.sku, d.location_id)] for d in drafts], timeout=bulk)
+                u.conn, drafts, [after[(d.sku, d.location_id)] for d in drafts], timeout=bulk,
+                returning=False)
             safety = [r for r in rows if r.safety_stock is not None]
             if safety:
                 await u.conn.execute(

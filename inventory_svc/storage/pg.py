@@ -235,20 +235,21 @@ class PgStore(PgBase):
     @staticmethod
     async def add_movements(
         conn: asyncpg.Connection, drafts: Sequence[MovementDraft], on_hand_after: Sequence[int],
-        *, timeout: float | None = None,
+        *, timeout: float | None = None, returning: bool = True,
     ) -> list[Movement]:
+        """Ledger rows; `returning=False` for bulk loads that do not answer with them."""
         if not drafts:
             return []
-        rows = await conn.fetch(
+        rows = await (conn.fetch if returning else conn.execute)(
             "INSERT INTO movements (sku, location_id, delta, kind, reason, on_hand_after,"
             " reservation_id, order_ref) SELECT * FROM unnest($1::text[], $2::text[],"
             " $3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::text[], $8::text[])"
-            " RETURNING *",
+            + (" RETURNING *" if returning else ""),
             [d.sku for d in drafts], [d.location_id for d in drafts], [d.delta for d in drafts],
             [d.kind.value for d in drafts], [d.reason for d in drafts], list(on_hand_after),
             [d.reservation_id for d in drafts], [d.order_ref for d in drafts], timeout=timeout,
         )
-        return [_movement(r) for r in rows]
+        return [_movement(r) for r in rows] if returning else []
 
     @staticmethod
     async def add_outbox(
