@@ -115,3 +115,41 @@ async def test_route_and_reserve_under_contention(service: Running) -> None:
     finally:
         for c in channels:
             await c.close()
+
+
+async def test_pickup_uses_own_shelf_then_transfers_and_suggests_stores(
+    stub: api_grpc.InventoryServiceStub, channel: grpc.aio.Channel
+) -> None:
+    routing = rp_grpc.RoutingServiceStub(channel)
+    # P's shelf is cheap to pick from, so under the §5 cost its own units come first
+    ids = await network(stub, st={"cost_per_unit": 0.1})
+    other = uid("ST2")
+    await stub.UpsertLocations(api.UpsertLocationsRequest(locations=[
+        store_location(other, lat=52.24, lon=21.03, cost_per_unit=3.0, can_ship=False)]))
+    sku = uid("SKU")
+    for loc, qty in ((ids["st"], 1), (ids["wh"], 10), (other, 3)):
+        await stub.SetStock(api.SetStockRequest(sku=sku, location_id=loc, on_hand=qty))
+
+    out = await routing.RouteOrder(rp.RouteOrderRequest(order=rp.RoutingOrder(
+        lines=[rp.OrderLine(sku=sku, quantity=3)], method=rp.FULFILMENT_METHOD_PICKUP,
+        pickup_location_id=ids["st"], split_penalty=0.0)))
+    by_loc = {s.location_id: s for s in out.plan.shipments}
+    own = by_loc[ids["st"]]
+    assert own.lines[0].quantity == 1 and own.ship_cost == 0.0 and own.distance_km == 0.0
+    assert sum(s.lines[0].quantity for s in out.plan.shipments) == 3
+    transfer = [s for s in out.plan.shipments if s.location_id != ids["st"]]
+    assert transfer and all(s.ship_cost > 0 for s in transfer)
+    cost = sum(s.ship_cost + s.unit_cost for s in out.plan.shipments)
+    assert math.isclose(out.plan.total_cost, cost, rel_tol=1e-9)
+
+    # without the warehouse, and `other` unable to send a transfer, P cannot be served: the answer
+    # names the nearest pickup store that can serve the whole order from its own shelf
+    short = await routing.RouteOrder(rp.RouteOrderRequest(order=rp.RoutingOrder(
+        lines=[rp.OrderLine(sku=sku, quantity=3)], method=rp.FULFILMENT_METHOD_PICKUP,
+        pickup_location_id=ids["st"], excluded_location_ids=[ids["wh"]])))
+    assert not short.HasField("plan")
+    assert other in short.suggested_pickup_location_ids
+
+    await expect_error(routing.RouteOrder(rp.RouteOrderRequest(order=rp.RoutingOrder(
+        lines=[rp.OrderLine(sku=sku, quantity=1)], method=rp.FULFILMENT_METHOD_PICKUP,
+        pickup_location_id=uid("NOPE")))), grpc.StatusCode.NOT_FOUND)
