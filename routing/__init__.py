@@ -1,5 +1,6 @@
 """Order routing solver (DESIGN §5): numba kernels behind a typed front."""
 
+from routing import _numba_cache  # noqa: F401  (first: cache locators before any kernel)
 from routing.model import (
     Allocation,
     Exclusion,

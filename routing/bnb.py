@@ -1,15 +1,17 @@
-"""Exact OPTIMAL search (numba): branch and bound over location sets, keeping the top plans.
+"""Exact OPTIMAL search (numba): branch and bound over location sets.
 
-Plan order (DESIGN §5, shared with `routing.reference`): repeatedly take, among the plans left,
-those whose cost is within tol of the cheapest left (tol(x) = 1e-9 * max(1, |x|)) and pick the
-one with fewer locations, then the lexicographically smaller list of its members' ranks sorted
-ascending, where a rank is the position of the location in the network sorted by
-(priority, location id). The first pick is the plan, the next `top_k` the alternatives.
+A node holds a set T of candidates and a set F of forbidden ones. While T misses units it
+branches on the candidates holding the rarest short line (every completion contains one of them);
+once T covers the order, on adding any candidate that could still lower the cost or rank among
+the top plans. Sibling branches forbid the candidates already tried, so each set is visited
+once. Passes with at most 2, 3, ..., max_shipments locations (iterative deepening) fill the pool
+(`routing.pool`) with small plans early; its thresholds prune a branch as soon as k1 pool plans
+beat everything the branch can still produce, on cost, on size, or on the sorted rank list.
 
-Plan P "beats" Q when cost(P) + tol(cost(P)) < cost(Q), or cost(P) <= cost(Q) with a smaller
-(size, ranks) key. This is transitive, and a plan beaten by `k1` = top_k + 1 plans is never
-picked, so the search drops such plans and prunes a branch when `k1` pool plans beat every plan
-it can still produce (bounded by a lower bound on cost and a minimum size).
+Lower bounds: (1) ship costs of T and the next member, penalties, and the cheapest unit cost;
+(2) a per-line greedy where new locations' units carry their ship cost and penalty spread over
+the most units they could supply; (3) a Lagrangian bound with unit prices pi; (4) for a
+covering T, cost(T) plus, per added location, ship + penalty - the most it could save on units.
 """
 
 from __future__ import annotations
@@ -17,148 +19,83 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from routing.evaluate import make_valid, set_cost
-
-POOL_CAP = 64  # plans kept at once; more only with > 64 plans mutually within tolerance
-
-
-@njit(cache=True)
-def tol(x: float) -> float:
-    return 1e-9 * max(1.0, abs(x))
+from routing.evaluate import make_valid, set_cost, sort_members
+from routing.pool import pool_insert, tie_prune
 
 
 @njit(cache=True)
-def _key_less(sa: int, ra: np.ndarray, sb: int, rb: np.ndarray) -> bool:
-    if sa != sb:
-        return sa < sb
-    for i in range(sa):
-        if ra[i] != rb[i]:
-            return ra[i] < rb[i]
-    return False
+def _line_bound(j: int, tmem: np.ndarray, tord: np.ndarray, d: int, ccpu: np.ndarray,
+                eff: np.ndarray, cs: np.ndarray, qty: np.ndarray, in_t: np.ndarray,
+                forb: np.ndarray, ptr: np.ndarray, eff_idx: np.ndarray, lbl: np.ndarray,
+                marg: np.ndarray) -> None:
+    """Lower bound on what line j adds to any completion of T (inf if it cannot be supplied).
 
-
-@njit(cache=True)
-def _beats(ca: float, sa: int, ra: np.ndarray, cb: float, sb: int, rb: np.ndarray) -> bool:
-    return ca + tol(ca) < cb or (ca <= cb and _key_less(sa, ra, sb, rb))
-
-
-@njit(cache=True)
-def _thresholds(pcost: np.ndarray, psize: np.ndarray, pn: np.ndarray, k1: int,
-                thr: np.ndarray) -> None:
-    """thr[s]: a plan of cost >= thr[s] and size >= s is beaten by k1 pool plans.
-
-    P beats such a plan when cost(P) + tol < lb (strict) or cost(P) <= lb with size(P) < s, so
-    thr[s] is the k1-th smallest of cost(P) (size < s) or nextafter(cost(P) + tol) (others).
+    A unit from a member of T costs its cost_per_unit; a unit from a new location x at least
+    eff[x] = cost_per_unit + (ship + penalty) / (units x can supply at most), since x's ship
+    cost and penalty are spread over at most that many units. Greedy over both, cheapest first;
+    `tord` lists T by cost_per_unit and `eff_idx[ptr[j]:ptr[j+1]]` the others by eff.
     """
-    n = pn[0]
-    keys = np.empty(n, np.float64)
-    for s in range(thr.shape[0]):
-        if n < k1:
-            thr[s] = np.inf
-            continue
-        for p in range(n):
-            c = pcost[p]
-            keys[p] = c if psize[p] < s else np.nextafter(c + tol(c), np.inf)
-        keys.sort()
-        thr[s] = keys[k1 - 1]
-
-
-@njit(cache=True)
-def pool_insert(pcost: np.ndarray, psize: np.ndarray, pranks: np.ndarray, pmem: np.ndarray,
-                pn: np.ndarray, thr: np.ndarray, cost: float, mem: np.ndarray, m: int,
-                crank: np.ndarray, k1: int) -> None:
-    """Add plan `mem[:m]` unless it duplicates a pool plan or k1 pool plans beat it; then
-    refresh the pruning thresholds `thr`."""
-    ranks = np.empty(pranks.shape[1], np.int64)
-    for i in range(m):
-        r = crank[mem[i]]
-        k = i - 1
-        while k >= 0 and ranks[k] > r:
-            ranks[k + 1] = ranks[k]
-            k -= 1
-        ranks[k + 1] = r
-    n = pn[0]
-    for p in range(n):
-        if psize[p] == m and not _key_less(m, ranks, m, pranks[p]) \
-                and not _key_less(m, pranks[p], m, ranks):
-            return
-    cnt = 0
-    for p in range(n):
-        if _beats(pcost[p], psize[p], pranks[p], cost, m, ranks):
-            cnt += 1
-            if cnt >= k1:
-                return
-    slot = n
-    if n == pcost.shape[0]:
-        slot = 0
-        for p in range(1, n):
-            w = pcost[slot]
-            if pcost[p] > w or (pcost[p] == w and _key_less(
-                    psize[slot], pranks[slot], psize[p], pranks[p])):
-                slot = p
-    else:
-        pn[0] = n + 1
-    pcost[slot] = cost
-    psize[slot] = m
-    pranks[slot, :m] = ranks[:m]
-    pmem[slot, :m] = mem[:m]
-    # Drop every plan now beaten by k1 others (all at once: each keeps k1 beaters in the pool).
-    n = pn[0]
-    beaten = np.zeros(n, np.int64)
-    for q in range(n):
-        for p in range(n):
-            if p != q and _beats(pcost[p], psize[p], pranks[p], pcost[q], psize[q], pranks[q]):
-                beaten[q] += 1
-    w = 0
-    for q in range(n):
-        if beaten[q] < k1:
-            if w != q:
-                pcost[w] = pcost[q]
-                psize[w] = psize[q]
-                pranks[w] = pranks[q]
-                pmem[w] = pmem[q]
-            w += 1
-    pn[0] = w
-    _thresholds(pcost, psize, pn, k1, thr)
-
-
-@njit(cache=True)
-def pool_select(pcost: np.ndarray, psize: np.ndarray, pranks: np.ndarray, pn: np.ndarray,
-                k1: int) -> np.ndarray:
-    """Pool indices of the first k1 picks in plan order (see module docstring)."""
-    n = pn[0]
-    taken = np.zeros(n, np.bool_)
-    out = np.empty(min(n, k1), np.int64)
-    for s in range(out.shape[0]):
-        lo = np.inf
-        for p in range(n):
-            if not taken[p] and pcost[p] < lo:
-                lo = pcost[p]
-        best = -1
-        for p in range(n):
-            if taken[p] or pcost[p] > lo + tol(lo):
-                continue
-            if best < 0 or _key_less(psize[p], pranks[p], psize[best], pranks[best]):
-                best = p
-        taken[best] = True
-        out[s] = best
-    return out
-
-
-@njit(cache=True)
-def _unit_bound(cs: np.ndarray, ccpu: np.ndarray, qty: np.ndarray) -> float:
-    """Cheapest unit cost of the whole order with every candidate available (a lower bound)."""
-    by_cpu = np.argsort(ccpu, kind="mergesort")
+    need = qty[j]
     total = 0.0
+    price = 0.0
+    ti = 0
+    p = ptr[j]
+    end = ptr[j + 1]
+    while need > 0:
+        while ti < d and cs[tmem[tord[ti]], j] == 0:
+            ti += 1
+        while p < end and (forb[eff_idx[p]] or in_t[eff_idx[p]]):
+            p += 1
+        if ti < d and (p == end or ccpu[tmem[tord[ti]]] <= eff[eff_idx[p]]):
+            c = tmem[tord[ti]]
+            price = ccpu[c]
+            ti += 1
+        elif p < end:
+            c = eff_idx[p]
+            price = eff[c]
+            p += 1
+        else:
+            lbl[j] = np.inf
+            marg[j] = np.inf
+            return
+        t = min(need, cs[c, j])
+        total += t * price
+        need -= t
+    lbl[j] = total
+    marg[j] = price
+
+
+@njit(cache=True)
+def _forbid(c: int, bound: bool, tmem: np.ndarray, tord: np.ndarray, d: int,
+            ccpu: np.ndarray, eff: np.ndarray, cs: np.ndarray, qty: np.ndarray,
+            in_t: np.ndarray, forb: np.ndarray, fstack: np.ndarray, fsp: int,
+            avail: np.ndarray, cnt: np.ndarray, ptr: np.ndarray, eff_idx: np.ndarray,
+            lbl: np.ndarray, marg: np.ndarray) -> int:
+    """Forbid c; with `bound`, refresh the line bounds c may have contributed to."""
+    forb[c] = True
+    fstack[fsp] = c
     for j in range(qty.shape[0]):
-        need = qty[j]
-        for c in by_cpu:
-            if need == 0:
-                break
-            t = min(need, cs[c, j])
-            total += t * ccpu[c]
-            need -= t
-    return total
+        if cs[c, j] > 0:
+            avail[j] -= cs[c, j]
+            cnt[j] -= 1
+            if bound and eff[c] <= marg[j]:
+                _line_bound(j, tmem, tord, d, ccpu, eff, cs, qty, in_t, forb, ptr, eff_idx,
+                            lbl, marg)
+    return fsp + 1
+
+
+@njit(cache=True)
+def _lists_in_order(cs: np.ndarray, ptr: np.ndarray, seq: np.ndarray) -> np.ndarray:
+    """Per-line lists (CSR with offsets `ptr`) of the candidates holding the line, in `seq`
+    order."""
+    out = np.empty(ptr[-1], np.int64)
+    fill = ptr[:-1].copy()
+    for c in seq:
+        for j in range(cs.shape[1]):
+            if cs[c, j] > 0:
+                out[fill[j]] = c
+                fill[j] += 1
+    return out
 
 
 @njit(cache=True)
@@ -168,42 +105,147 @@ def search(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarra
            pmem: np.ndarray, pn: np.ndarray, thr: np.ndarray) -> None:
     """Fill the pool with every plan of at most `kmax` candidates that may be among the first k1.
 
-    Candidates must be sorted by ship cost (ascending): bounds that grow with the ship cost of
-    the next location let a loop stop early. Each node holds a set T of at most kmax members;
-    while T misses units, it branches on the candidates holding the rarest short line (every
-    completion must contain one); once T covers the order, on adding any candidate whose
-    possible saving (units it could supply more cheaply) could pay its ship cost and penalty.
+    Candidates must be sorted by ship cost, ascending (loops over them stop early on bounds).
     """
     nc, n_lines = cs.shape
     order = np.empty(kmax, np.int64)
     maxcpu = np.empty(n_lines, np.float64)
     take = np.empty((kmax, n_lines), np.int64)
     one = np.empty(1, np.int64)
+    eff = np.empty(nc, np.float64)
     for c in range(nc):
         full = True
+        units = 0
         for j in range(n_lines):
+            units += cs[c, j]
             if cs[c, j] < qty[j]:
                 full = False
-                break
+        eff[c] = ccpu[c] + (cship[c] + pen) / max(units, 1)
         if full:
             one[0] = c
             cost = set_cost(one, 1, cship, ccpu, crank, cs, qty, pen, order, maxcpu, take)
             pool_insert(pcost, psize, pranks, pmem, pn, thr, cost, one, 1, crank, k1)
-    if nc == 0:
+    if nc == 0 or kmax == 1:
         return
-    u0 = _unit_bound(cs, ccpu, qty)
+    # Branch on the cheapest sources per unit (eff) first: once their subtrees are done they
+    # are forbidden, which raises the bound of the remaining siblings the most.
+    eff_idx = _lists_in_order(cs, cov_ptr, np.argsort(eff, kind="mergesort"))
+    u0 = 0.0
+    by_cpu = np.argsort(ccpu, kind="mergesort")
+    for j in range(n_lines):
+        need = qty[j]
+        for c in by_cpu:
+            if need == 0:
+                break
+            t = min(need, cs[c, j])
+            u0 += t * ccpu[c]
+            need -= t
+    # Lagrangian bound: with a price pi[j] per unit of line j (here the eff price of the
+    # marginal unit when every candidate is available), any plan S costs at least
+    # sum_j pi[j] * qty[j] - pen + sum over S of rc[x], where
+    # rc[x] = ship[x] + pen + sum_j cs[x, j] * min(0, cpu[x] - pi[j]).
+    lag0 = -pen
+    pi = np.zeros(n_lines, np.float64)
+    for j in range(n_lines):
+        need = qty[j]
+        for p in range(cov_ptr[j], cov_ptr[j + 1]):
+            c = eff_idx[p]
+            need -= min(need, cs[c, j])
+            pi[j] = eff[c]
+            if need == 0:
+                break
+        if need > 0:
+            pi[j] = 0.0
+        lag0 += pi[j] * qty[j]
+    rc = np.empty(nc, np.float64)
+    for c in range(nc):
+        rc[c] = cship[c] + pen
+        for j in range(n_lines):
+            rc[c] += cs[c, j] * min(0.0, ccpu[c] - pi[j])
+    rc_order = np.argsort(rc, kind="mergesort")
+    by_rank = np.argsort(crank, kind="mergesort")
     # Iterative deepening: plans with fewer locations, found first, tighten later bounds.
     for kcur in range(2, kmax + 1):
-        _dfs(cship, ccpu, crank, cs, qty, pen, split, kcur, k1, cov_ptr, cov_idx, u0,
-             pcost, psize, pranks, pmem, pn, thr)
+        _dfs(cship, ccpu, crank, cs, qty, pen, split, kcur, k1, cov_ptr, eff_idx, eff, u0,
+             lag0, rc, rc_order, by_rank, pcost, psize, pranks, pmem, pn, thr)
+
+
+@njit(cache=True)
+def _extra_costs(cship: np.ndarray, ccpu: np.ndarray, cs: np.ndarray, pen: float,
+                 maxcpu: np.ndarray, cpumax: float, in_t: np.ndarray, forb: np.ndarray,
+                 r: int, dx: np.ndarray) -> float:
+    """For a covering T: dx[c] = ship + penalty - (most c could save on units), a lower bound
+    on what adding c changes (inf if c would never be used); returns the sum of the r most
+    negative. Savings are sub-additive, so T + X costs at least cost(T) + sum of dx over X.
+    """
+    best = np.zeros(max(r, 1), np.float64)  # the r most negative so far, ascending
+    for c in range(cs.shape[0]):
+        dx[c] = np.inf
+        if in_t[c] or forb[c] or ccpu[c] > cpumax:
+            continue
+        saving = 0.0
+        useful = False  # c can only supply a line whose dearest unit in T costs >= its own
+        for j in range(cs.shape[1]):
+            gap = maxcpu[j] - ccpu[c]
+            if cs[c, j] > 0 and gap >= 0.0:
+                useful = True
+                saving += cs[c, j] * gap
+        if not useful:
+            continue
+        dx[c] = cship[c] + pen - saving
+        if r > 0 and dx[c] < best[r - 1]:
+            k = r - 1
+            while k > 0 and best[k - 1] > dx[c]:
+                best[k] = best[k - 1]
+                k -= 1
+            best[k] = dx[c]
+    return best[:r].sum() if r > 0 else 0.0
+
+
+@njit(cache=True)
+def _tie_key(tmem: np.ndarray, d: int, crank: np.ndarray, c: int, extra: int,
+             key: np.ndarray) -> int:
+    """Sorted ranks of T + c (+ `extra` if >= 0) into `key`; returns their number."""
+    m = 0
+    for i in range(d + 2):
+        if i < d:
+            r = crank[tmem[i]]
+        elif i == d:
+            r = crank[c]
+        elif extra >= 0:
+            r = extra
+        else:
+            break
+        k = m - 1
+        while k >= 0 and key[k] > r:
+            key[k + 1] = key[k]
+            k -= 1
+        key[k + 1] = r
+        m += 1
+    return m
+
+
+@njit(cache=True)
+def _negsum(r: int, rc: np.ndarray, rc_order: np.ndarray, forb: np.ndarray,
+            in_t: np.ndarray) -> float:
+    """Sum of the (at most r) most negative rc among candidates outside T and not forbidden."""
+    total = 0.0
+    for c in rc_order:
+        if r == 0 or rc[c] >= 0.0:
+            break
+        if not (forb[c] or in_t[c]):
+            total += rc[c]
+            r -= 1
+    return total
 
 
 @njit(cache=True)
 def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
          qty: np.ndarray, pen: float, split: bool, kmax: int, k1: int, cov_ptr: np.ndarray,
-         cov_idx: np.ndarray, u0: float, pcost: np.ndarray, psize: np.ndarray,
+         eff_idx: np.ndarray, eff: np.ndarray, u0: float, lag0: float, rc: np.ndarray,
+         rc_order: np.ndarray, by_rank: np.ndarray, pcost: np.ndarray, psize: np.ndarray,
          pranks: np.ndarray, pmem: np.ndarray, pn: np.ndarray, thr: np.ndarray) -> None:
-    """One depth-first pass over sets of at most kmax candidates (see `search`)."""
+    """One depth-first pass over the sets of at most kmax candidates (see module docstring)."""
     nc, n_lines = cs.shape
     order = np.empty(kmax, np.int64)
     maxcpu = np.empty(n_lines, np.float64)
@@ -218,7 +260,8 @@ def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
             if cs[c, j] > 0:
                 avail[j] += cs[c, j]
                 cnt[j] += 1
-    blocked = np.zeros(nc, np.bool_)
+    in_t = np.zeros(nc, np.bool_)
+    forb = np.zeros(nc, np.bool_)
     fstack = np.empty(nc, np.int64)
     fsp = 0
     tmem = np.empty(kmax, np.int64)
@@ -232,6 +275,16 @@ def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
     f_sumax = np.empty(kmax + 1, np.float64)
     f_cpumax = np.empty(kmax + 1, np.float64)
     f_maxcpu = np.empty((kmax + 1, n_lines), np.float64)
+    f_lb = np.empty((kmax + 1, n_lines), np.float64)  # per-line bounds of the node's T
+    f_marg = np.empty((kmax + 1, n_lines), np.float64)
+    f_tord = np.empty((kmax + 1, kmax), np.int64)
+    f_neg = np.empty(kmax + 1, np.float64)
+    f_pre = np.zeros(kmax + 1, np.bool_)  # f_dx / f_negx computed for this covering node
+    f_negx = np.empty(kmax + 1, np.float64)
+    f_dx = np.empty((kmax + 1, nc), np.float64)
+    rc_t = 0.0
+    gate = thr.shape[0] - 1  # thr[gate]: below it no tie on the rank list can prune
+    key0 = np.empty(kmax + 1, np.int64)
     d = 0
     init = True
     while True:
@@ -241,6 +294,9 @@ def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
             f_last[d] = -1
             f_pos[d] = 0
             f_end[d] = 0
+            f_cover[d] = False
+            f_pre[d] = False
+            f_neg[d] = _negsum(kmax - d, rc, rc_order, forb, in_t)
             covered = True
             for j in range(n_lines):
                 if got[j] < qty[j]:
@@ -251,7 +307,6 @@ def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
                 if d >= 2 and make_valid(tmem, d, ccpu, cs, qty, split, order, maxcpu, take):
                     pool_insert(pcost, psize, pranks, pmem, pn, thr, cost, tmem, d, crank, k1)
                 if d < kmax:
-                    f_cover[d] = False
                     f_end[d] = nc
                     f_cost[d] = cost
                     sumax = 0.0
@@ -275,77 +330,97 @@ def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
                     f_line[d] = jstar
                     f_pos[d] = cov_ptr[jstar]
                     f_end[d] = cov_ptr[jstar + 1]
+                    sort_members(tmem, d, ccpu, crank, f_tord[d])
+                    for j in range(n_lines):
+                        _line_bound(j, tmem, f_tord[d], d, ccpu, eff, cs, qty, in_t, forb,
+                                    cov_ptr, eff_idx, f_lb[d], f_marg[d])
         c = f_last[d]
         if c >= 0:
             f_last[d] = -1
-            blocked[c] = True
-            fstack[fsp] = c
-            fsp += 1
-            for j in range(n_lines):
-                if cs[c, j] > 0:
-                    avail[j] -= cs[c, j]
-                    cnt[j] -= 1
-            if f_cover[d]:
-                for j in range(n_lines):
-                    if got[j] < qty[j] and avail[j] < qty[j] - got[j]:
-                        f_pos[d] = f_end[d]
-                        break
-        nxt = -1
+            fsp = _forbid(c, f_cover[d], tmem, f_tord[d], d, ccpu, eff, cs, qty, in_t, forb,
+                          fstack, fsp, avail, cnt, cov_ptr, eff_idx, f_lb[d], f_marg[d])
         ship_t = 0.0
         for i in range(d):
             ship_t += cship[tmem[i]]
+        if f_cover[d]:
+            if c >= 0:
+                f_neg[d] = _negsum(kmax - d, rc, rc_order, forb, in_t)
+            node_lb = ship_t + pen * (d - 1)
+            for j in range(n_lines):
+                node_lb += f_lb[d, j]
+            if max(node_lb, lag0 + rc_t + f_neg[d]) >= thr[d + 1]:
+                f_pos[d] = f_end[d]
+        nxt = -1
         while f_pos[d] < f_end[d]:
-            if f_cover[d]:
-                c = cov_idx[f_pos[d]]
-            else:
-                c = f_pos[d]
+            c = eff_idx[f_pos[d]] if f_cover[d] else f_pos[d]
             f_pos[d] += 1
-            if blocked[c]:
+            if in_t[c] or forb[c]:
                 continue
             if f_cover[d]:
                 lb = ship_t + cship[c] + pen * d + u0
-                if lb >= thr[d + 1]:
-                    f_pos[d] = f_end[d]
-                    break
+                lag = lag0 + rc_t + rc[c] + f_neg[d]
                 done = True
                 for j in range(n_lines):
                     if got[j] + cs[c, j] < qty[j]:
                         done = False
                         break
-                if not done and (d + 1 == kmax or lb + pen + ship_min >= thr[d + 2]):
+                if not done and d + 1 == kmax:
+                    continue
+                prune = max(lb, lag) >= thr[d + 1] or (
+                    not done and lb + pen + ship_min >= thr[d + 2])
+                child_lb = max(lb if done else lb + pen + ship_min, lag)
+                if not prune and child_lb >= thr[gate]:
+                    # Same cost and size: can the sorted rank list still win? The smallest
+                    # list of a completion adds the lowest-ranked candidate still available.
+                    extra = -1
+                    if not done:
+                        for x in by_rank:
+                            if x != c and not (forb[x] or in_t[x]):
+                                extra = crank[x]
+                                break
+                    m0 = _tie_key(tmem, d, crank, c, extra, key0)
+                    prune = (done or extra >= 0) and tie_prune(
+                        pcost, psize, pranks, pn, k1, child_lb, m0, key0)
+                if prune:
+                    # node_lb (checked above) already bounds every completion; this bound
+                    # is the child's own: T, c, and for an incomplete T + c one more member.
+                    fsp = _forbid(c, True, tmem, f_tord[d], d, ccpu, eff, cs, qty, in_t, forb,
+                                  fstack, fsp, avail, cnt, cov_ptr, eff_idx, f_lb[d], f_marg[d])
+                    f_neg[d] = _negsum(kmax - d, rc, rc_order, forb, in_t)
+                    node_lb = ship_t + pen * (d - 1)
+                    for j in range(n_lines):
+                        node_lb += f_lb[d, j]
+                    if max(node_lb, lag0 + rc_t + f_neg[d]) >= thr[d + 1]:
+                        f_pos[d] = f_end[d]
                     continue
             else:
                 neg = (kmax - d - 1) * min(0.0, ship_min + pen - f_sumax[d])
-                lb = f_cost[d] + cship[c] + pen + neg
-                if lb - f_sumax[d] >= thr[d + 1]:
+                lb = f_cost[d] + cship[c] + pen + neg - f_sumax[d]
+                if lb >= thr[d + 1]:  # grows with cship: so do all later candidates
                     f_pos[d] = f_end[d]
                     break
-                # c can only ever supply a line whose dearest unit in T costs >= its own; if
-                # none, every set of this subtree holding c leaves c empty (not a plan).
-                saving = 0.0
-                useful = ccpu[c] <= f_cpumax[d]
-                if useful:
-                    useful = False
-                    for j in range(n_lines):
-                        gap = f_maxcpu[d, j] - ccpu[c]
-                        if cs[c, j] > 0 and gap >= 0.0:
-                            useful = True
-                            saving += cs[c, j] * gap
-                if not useful or lb - saving >= thr[d + 1]:
-                    blocked[c] = True
-                    fstack[fsp] = c
-                    fsp += 1
-                    for j in range(n_lines):
-                        if cs[c, j] > 0:
-                            avail[j] -= cs[c, j]
-                            cnt[j] -= 1
+                if not f_pre[d]:
+                    f_pre[d] = True
+                    f_negx[d] = _extra_costs(cship, ccpu, cs, pen, f_maxcpu[d], f_cpumax[d],
+                                             in_t, forb, kmax - d - 1, f_dx[d])
+                lag = lag0 + rc_t + rc[c] + f_neg[d]
+                child_lb = max(f_cost[d] + f_dx[d, c] + f_negx[d], lag, lb)
+                # dx = inf: every set of this subtree holding c leaves c empty (not a plan).
+                prune = child_lb >= thr[d + 1]
+                if not prune and child_lb >= thr[gate]:
+                    m0 = _tie_key(tmem, d, crank, c, -1, key0)
+                    prune = tie_prune(pcost, psize, pranks, pn, k1, child_lb, m0, key0)
+                if prune:
+                    fsp = _forbid(c, False, tmem, f_tord[d], d, ccpu, eff, cs, qty, in_t, forb,
+                                  fstack, fsp, avail, cnt, cov_ptr, eff_idx, f_lb[d], f_marg[d])
                     continue
             nxt = c
             break
         if nxt >= 0:
             f_last[d] = nxt
             tmem[d] = nxt
-            blocked[nxt] = True
+            in_t[nxt] = True
+            rc_t += rc[nxt]
             for j in range(n_lines):
                 got[j] += cs[nxt, j]
                 if cs[nxt, j] > 0:
@@ -357,7 +432,7 @@ def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
         while fsp > f_base[d]:
             fsp -= 1
             u = fstack[fsp]
-            blocked[u] = False
+            forb[u] = False
             for j in range(n_lines):
                 if cs[u, j] > 0:
                     avail[j] += cs[u, j]
@@ -366,7 +441,8 @@ def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
             return
         d -= 1
         c = f_last[d]
-        blocked[c] = False
+        in_t[c] = False
+        rc_t -= rc[c]
         for j in range(n_lines):
             got[j] -= cs[c, j]
             if cs[c, j] > 0:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from routing.bnb import POOL_CAP, pool_select, search
+from routing.bnb import search
 from routing.evaluate import can_cover, make_valid, set_cost
 from routing.geo import haversine_rad_nb
+from routing.pool import POOL_CAP, pool_select
 
 INACTIVE, CANNOT_PICKUP, EXCLUDED, CANNOT_SHIP, TOO_FAR, NO_CAPACITY, NO_STOCK = 1, 2, 3, 4, 5, 6, 7
 OPTIMAL, PRIORITY, CLOSEST, HIGHEST_STOCK, FEWEST_SPLITS = 0, 1, 2, 3, 4
@@ -73,9 +74,9 @@ def eligibility(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: 
 
 
 @njit(cache=True)
-def candidates(reason: np.ndarray, ship: np.ndarray, rank: np.ndarray, stock: np.ndarray,
-               qty: np.ndarray, split: bool, kmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Eligible locations that can supply something, sorted by (ship cost, rank), and their
+def candidates(reason: np.ndarray, ship: np.ndarray, stock: np.ndarray, qty: np.ndarray,
+               split: bool, kmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eligible locations that can supply something, sorted by (ship cost, index), and their
     supply matrix (see `routing.evaluate`). With kmax = 1 only those holding the whole order.
     """
     n, n_lines = stock.shape
@@ -91,7 +92,6 @@ def candidates(reason: np.ndarray, ship: np.ndarray, rank: np.ndarray, stock: np
                 full = False
         keep[i] = full if kmax == 1 else some
     idx = np.nonzero(keep)[0]
-    idx = idx[np.argsort(rank[idx], kind="mergesort")]
     idx = idx[np.argsort(ship[idx], kind="mergesort")]
     cs = np.zeros((idx.shape[0], n_lines), np.int64)
     for c in range(idx.shape[0]):
@@ -195,7 +195,7 @@ def _top_plans(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.nd
     pranks = np.empty((POOL_CAP, kmax), np.int64)
     pmem = np.empty((POOL_CAP, kmax), np.int64)
     pn = np.zeros(1, np.int64)
-    thr = np.full(kmax + 2, np.inf)
+    thr = np.full(kmax + 3, np.inf)
     search(cship, ccpu, crank, cs, qty, pen, split, kmax, k1, cov_ptr, cov_idx,
            pcost, psize, pranks, pmem, pn, thr)
     sel = pool_select(pcost, psize, pranks, pn, k1)
@@ -216,7 +216,7 @@ def _top_plans(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.nd
     return cost, size, mem, take
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def route(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: np.ndarray,
           can_pickup: np.ndarray, fixed: np.ndarray, per_km: np.ndarray, cpu: np.ndarray,
           rank: np.ndarray, id_rank: np.ndarray, capacity: np.ndarray, excluded: np.ndarray,
@@ -237,7 +237,7 @@ def route(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: np.nda
     out_take = np.zeros((top_k + 1, kmax, n_lines), np.int64)
     if pickup >= 0 and not (active[pickup] and can_pickup[pickup]):
         return reason, dist, ship, out_size, out_mem, out_take
-    cidx, cs = candidates(reason, ship, rank, stock, qty, split, kmax)
+    cidx, cs = candidates(reason, ship, stock, qty, split, kmax)
     cship = ship[cidx]
     ccpu = cpu[cidx]
     crank = rank[cidx]
@@ -294,14 +294,36 @@ def route(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: np.nda
 
 
 @njit(cache=True)
+def _serves(i: int, p: int, lat: np.ndarray, lon: np.ndarray, can_ship: np.ndarray,
+            max_dist: float) -> bool:
+    """Can location i (already usable) supply a pickup at p: its own shelf, or a transfer?"""
+    if i == p:
+        return True
+    if not can_ship[i]:
+        return False
+    return max_dist < 0.0 or haversine_rad_nb(lat[i], lon[i], lat[p], lon[p]) <= max_dist
+
+
+@njit(cache=True, nogil=True)
 def suggest(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: np.ndarray,
-            can_pickup: np.ndarray, fixed: np.ndarray, per_km: np.ndarray,
-            rank: np.ndarray, id_rank: np.ndarray, capacity: np.ndarray,
+            can_pickup: np.ndarray, id_rank: np.ndarray, capacity: np.ndarray,
             excluded: np.ndarray, stock: np.ndarray, qty: np.ndarray, pickup: int,
             max_dist: float, kmax: int, split: bool, limit: int) -> np.ndarray:
     """Up to `limit` other active pickup points, nearest to `pickup` first (then by id), where
-    the same order has a plan."""
+    the same order has a plan (same eligibility rules as `eligibility`)."""
     n = lat.shape[0]
+    out = np.empty(limit, np.int64)
+    # Every location that could serve some pickup point: its own shelf or a transfer.
+    loose = np.zeros(n, np.int8)
+    for i in range(n):
+        usable = active[i] and not excluded[i] and capacity[i] != 0
+        if not (usable and (can_ship[i] or can_pickup[i])):
+            loose[i] = 1
+    cidx, cs = candidates(loose, np.zeros(n, np.float64), stock, qty, split, kmax)
+    cov_ptr, cov_idx = cover_lists(cs)
+    allowed = np.ones(cidx.shape[0], np.bool_)
+    if not can_cover(cs, qty, allowed, kmax, cov_ptr, cov_idx):
+        return out[:0]
     pts = np.empty(n, np.int64)
     k = 0
     for i in range(n):
@@ -314,17 +336,22 @@ def suggest(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: np.n
         d[a] = haversine_rad_nb(lat[pts[a]], lon[pts[a]], lat[pickup], lon[pickup])
     seq = np.argsort(id_rank[pts], kind="mergesort")
     seq = seq[np.argsort(d[seq], kind="mergesort")]
-    out = np.empty(limit, np.int64)
+    rare = np.argmin(cov_ptr[1:] - cov_ptr[:-1])
     found = 0
     for a in seq:
         if found == limit:
             break
         p = pts[a]
-        reason, _, ship = eligibility(lat, lon, active, can_ship, can_pickup, fixed, per_km,
-                                      capacity, excluded, stock, 0.0, 0.0, p, max_dist)
-        cidx, cs = candidates(reason, ship, rank, stock, qty, split, kmax)
-        cov_ptr, cov_idx = cover_lists(cs)
-        if can_cover(cs, qty, np.ones(cidx.shape[0], np.bool_), kmax, cov_ptr, cov_idx):
+        some = False  # quick reject: nothing of the rarest line can reach p
+        for q in range(cov_ptr[rare], cov_ptr[rare + 1]):
+            if _serves(cidx[cov_idx[q]], p, lat, lon, can_ship, max_dist):
+                some = True
+                break
+        if not some:
+            continue
+        for c in range(cidx.shape[0]):
+            allowed[c] = _serves(cidx[c], p, lat, lon, can_ship, max_dist)
+        if can_cover(cs, qty, allowed, kmax, cov_ptr, cov_idx):
             out[found] = p
             found += 1
     return out[:found]

@@ -10,9 +10,12 @@ MAX_SHIPMENTS_CAP = 10
 MAX_LINES = 200
 MAX_TOP_K = 10
 MAX_ID_LEN = 128
+MAX_QTY = 1_000_000_000
 
 
 class Policy(IntEnum):
+    """How the plan is chosen; each one is documented in `routing.solver`."""
+
     OPTIMAL = 0
     PRIORITY = 1
     CLOSEST = 2
@@ -81,7 +84,11 @@ def _check_id(name: str, value: object) -> None:
 
 @dataclass(frozen=True, slots=True)
 class SiteInfo:
-    """A location as the solver sees it. capacity_left: remaining daily shipments, -1 unlimited."""
+    """A location as the solver sees it.
+
+    capacity_left: shipments it may still take today, -1 = unlimited (DESIGN's daily_capacity of
+    0 means unlimited: the service passes -1 for it, else daily_capacity minus today's use).
+    """
 
     id: str
     type: LocationType
@@ -177,8 +184,9 @@ class Order:
                 raise RoutingInputError(f"lines[{i}].sku", f"duplicate line for sku {line.sku!r}")
             seen.add(line.sku)
             q = line.qty
-            if not isinstance(q, int) or isinstance(q, bool) or q <= 0:
-                raise RoutingInputError(f"lines[{i}].qty", f"must be an integer > 0, got {q!r}")
+            if not isinstance(q, int) or isinstance(q, bool) or not 0 < q <= MAX_QTY:
+                raise RoutingInputError(
+                    f"lines[{i}].qty", f"must be an integer in [1, {MAX_QTY}], got {q!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,7 +112,7 @@ def _select(plans: list[tuple[float, tuple[tuple[int, str], ...], Plan]],
             count: int) -> list[tuple[float, tuple[tuple[int, str], ...], Plan]]:
     """The first `count` picks in plan order."""
     left = list(plans)
-    out = []
+    out: list[tuple[float, tuple[tuple[int, str], ...], Plan]] = []
     while left and len(out) < count:
         lo = min(p[0] for p in left)
         window = [p for p in left if p[0] <= lo + tol(lo)]
@@ -178,10 +178,8 @@ def reference_solve(sites: Sequence[SiteInfo], order: Order, stock: Sequence[Seq
     shortfall = []
     for j, line in enumerate(order.lines):
         have = sorted((min(max(stock[i][j], 0), line.qty) for i in eligible), reverse=True)
-        if order.split_lines:
-            got = min(line.qty, sum(have[: order.max_shipments]))
-        else:
-            got = have[0] if have else 0
+        best_one = have[0] if have else 0
+        got = min(line.qty, sum(have[: order.max_shipments])) if order.split_lines else best_one
         shortfall.append(LineShortfall(j, line.sku, line.qty, got))
     suggested: list[str] = []
     if pickup >= 0 and suggest:

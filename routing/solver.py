@@ -17,7 +17,8 @@ cost of the plan they pick with the §5 formula):
   then the OPTIMAL tie rule.
 
 Alternatives are always the best OPTIMAL plans (plan order) whose location set differs from the
-chosen plan's. Location ids compare as Python strings (code point order).
+chosen plan's. Location ids compare as Python strings (code point order). The kernels release
+the GIL, so `solve` may run in a worker thread.
 """
 
 from __future__ import annotations
@@ -75,10 +76,8 @@ class Network:
         self.capacity = np.array([s.capacity_left for s in sites], np.int64)
         self.rank_list: list[int] = self.rank.tolist()
         self.cpu_list: list[float] = self.cpu.tolist()
-        # Every possible Exclusion, prebuilt: index reason * n + i (reason 0 unused).
-        self._exclusions: list[Exclusion | None] = [None] * len(ids) + [
-            Exclusion(x, r) for r in ExclusionReason for x in ids
-        ]
+        # Every possible Exclusion, prebuilt: index (reason - 1) * n + i.
+        self._exclusions: list[Exclusion] = [Exclusion(x, r) for r in ExclusionReason for x in ids]
 
     @property
     def size(self) -> int:
@@ -91,12 +90,11 @@ class Network:
     def exclusions(self, reason: np.ndarray) -> tuple[Exclusion, ...]:
         """Exclusions for a per-location reason code array (0 = eligible), in network order."""
         nz = np.flatnonzero(reason)
-        keys = (reason[nz].astype(np.int64) * self.size + nz).tolist()
-        if not keys:
-            return ()
-        if len(keys) == 1:
-            return (self._exclusions[keys[0]],)  # type: ignore[return-value]
-        return itemgetter(*keys)(self._exclusions)  # type: ignore[no-any-return]
+        keys: list[int] = ((reason[nz].astype(np.int64) - 1) * self.size + nz).tolist()
+        if len(keys) < 2:
+            return tuple(self._exclusions[k] for k in keys)
+        found: tuple[Exclusion, ...] = itemgetter(*keys)(self._exclusions)
+        return found
 
 
 def _positions(order: list[int]) -> np.ndarray:
@@ -129,8 +127,9 @@ def solve(network: Network, order: Order, stock: np.ndarray,
     caller applies reservations and safety stock). capacity_left: remaining daily shipments per
     location (-1 unlimited); defaults to the network's. Every location a plan uses consumes one
     shipment of capacity, the pickup store P included when it supplies units from its own shelf
-    (P supplying nothing is not a used location). Raises UnknownLocationError for an unknown
-    pickup location; excluded ids unknown to the network are ignored.
+    (P supplying nothing is not a used location); an excluded P stays the destination, only its
+    shelf is not used. Raises UnknownLocationError for an unknown pickup location; excluded ids
+    unknown to the network are ignored.
     """
     n, n_lines = network.size, len(order.lines)
     stock_arr = _as_stock(stock, n, n_lines)
@@ -170,11 +169,10 @@ def solve(network: Network, order: Order, stock: np.ndarray,
     if pickup >= 0:
         found = kernels.suggest(
             network.lat, network.lon, network.active, network.can_ship, network.can_pickup,
-            network.fixed, network.per_km, network.rank, network.id_rank, cap, excluded,
-            stock_arr, qty, pickup, max_dist, order.max_shipments, order.split_lines,
-            MAX_SUGGESTIONS)
+            network.id_rank, cap, excluded, stock_arr, qty, pickup, max_dist,
+            order.max_shipments, order.split_lines, MAX_SUGGESTIONS)
         suggested = tuple(network.ids[int(i)] for i in found)
-    return RoutingResult(None, tuple(plans), exclusions, shortfall, suggested)
+    return RoutingResult(None, (), exclusions, shortfall, suggested)
 
 
 def _plan(network: Network, m: int, mem: list[int], take: list[list[int]], ship: np.ndarray,
@@ -213,7 +211,7 @@ def _shortfall(order: Order, stock: np.ndarray, reason: np.ndarray, qty: np.ndar
     )
 
 
-KERNELS = (kernels.route, kernels.suggest)
+KERNELS = (kernels.route, kernels.suggest)  # the only kernels called from Python (nogil)
 
 
 def warm_up() -> None:
