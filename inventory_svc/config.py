@@ -42,6 +42,12 @@ class Settings:
     split_penalty: float = 5.0  # routing: default cost of each extra location in a plan
     route_attempts: int = 3  # RouteAndReserve re-routes this often when stock moves under it
 
+    @property
+    def hold_timeout_s(self) -> float:
+        """How long a Redis hold may wait for its Postgres commit: the call gives up after it,
+        and the reconciler treats an older hold record without a reservation as an orphan."""
+        return 2 * self.pg_timeout_s
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if env is None else env

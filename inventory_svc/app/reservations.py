@@ -3,6 +3,7 @@ refuses or fails (DESIGN §2). Lifecycle per I7: ACTIVE → COMMITTED | RELEASED
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -14,6 +15,7 @@ import asyncpg
 
 from inventory_svc.app.context import Context
 from inventory_svc.domain import validation as val
+from inventory_svc.domain.errors import Unavailable
 from inventory_svc.domain.model import (
     Channel,
     Line,
@@ -100,7 +102,31 @@ class ReservationService:
         ttl: int, sale: bool, also: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
         answer: Callable[[Reservation], Any] | None = None,
     ) -> Any:
+        """`_take_within`, given up after hold_timeout_s; then Redis learns what committed."""
+        try:
+            async with asyncio.timeout(self.ctx.settings.hold_timeout_s):
+                out = await self._take_within(lines, channel, order_ref, idem, ttl=ttl,
+                                              sale=sale, also=also, answer=answer)
+        except TimeoutError as exc:
+            raise Unavailable(f"postgres did not commit within "
+                              f"{self.ctx.settings.hold_timeout_s:g}s; retry") from exc
+        if isinstance(out, Replay):
+            return out
+        result, news, hold = out
+        # A sale turns the hold into fewer units on hand; a reservation keeps it as reserved.
+        moves_back = [(x, -x.quantity) for x in lines] if sale else []
+        await self.ctx.publish(news, moves_back)
+        if hold is not None:
+            await self.ctx.forget(hold)
+        return result
+
+    async def _take_within(
+        self, lines: Sequence[Line], channel: Channel, order_ref: str, idem: Idem | None, *,
+        ttl: int, sale: bool, also: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+        answer: Callable[[Reservation], Any] | None = None,
+    ) -> Any:
         """Hold in Redis, then commit in Postgres: a reservation, or with `sale` a POS sale.
+        Returns the result, the committed levels and the hold (or the Replay of a repeat).
 
         `also` runs inside the same transaction (routing consumes capacity there); `answer`
         turns the reservation into what the call returns and remembers for its key.
@@ -108,21 +134,27 @@ class ReservationService:
         hold: Hold | None = None
         result: Reservation | Settled
         pos = channel is Channel.POS
+        # The hold is recorded in Redis under the reservation's id, so the reconciler can tell
+        # an orphaned hold (no reservation in Postgres, older than hold_timeout_s) from one in
+        # flight; the call itself gives up after hold_timeout_s, so no commit comes later.
+        res_id = new_reservation_id()
+        sent_commit = False
         try:
             if idem is None:
                 # Without a key there is nothing to replay: take the hold before Postgres, so
                 # calls that lose on stock (a flash sale's many) never touch the database.
-                hold = await self.ctx.redis.hold(lines, pos=pos, hydrate=self.ctx.hydrate)
+                hold = await self.ctx.redis.hold(lines, pos=pos, hydrate=self.ctx.hydrate,
+                                                 hold_id=res_id)
             async with self.ctx.pg.unit(idem) as u:
                 if u.replay is not None:
                     return Replay(u.replay)
                 if hold is None:
-                    hold = await self.ctx.redis.hold(lines, pos=pos, hydrate=self.ctx.hydrate)
+                    hold = await self.ctx.redis.hold(lines, pos=pos, hydrate=self.ctx.hydrate,
+                                                     hold_id=res_id)
                 rows, now = await PgStore.lock_stock_timed(
                     u.conn, [(x.sku, x.location_id) for x in lines])
                 check_can_take(lines, rows, channel)
                 olds = [rows[(x.sku, x.location_id)].level for x in lines]
-                res_id = new_reservation_id()
                 if sale:
                     news = await PgStore.write_levels(u.conn, [
                         replace(lv, on_hand=lv.on_hand - x.quantity)
@@ -155,14 +187,15 @@ class ReservationService:
                         [replace(lv, reserved=lv.reserved + x.quantity)
                          for lv, x in zip(olds, lines, strict=True)],
                         _res_event(res)[2], u.record(result))
+                sent_commit = True  # from here on a failure may come after the commit
         except BaseException:
-            if hold is not None:
+            # Give back only what Postgres surely did not take. A failure during the commit
+            # itself leaves the outcome unknown: the record stays, and the reconciler settles it
+            # by what Postgres says.
+            if hold is not None and not sent_commit:
                 await self.ctx.give_back(hold)
             raise
-        # A sale turns the hold into fewer units on hand; a reservation keeps it as reserved.
-        moves_back = [(x, -x.quantity) for x in lines] if sale else []
-        await self.ctx.publish(news, moves_back)
-        return result
+        return result, news, hold
 
     async def get(self, res_id: str) -> Reservation:
         self._check_id(res_id)
@@ -275,7 +308,7 @@ class ReservationService:
     @staticmethod
     def _check_id(res_id: str, v: val.Violations | None = None) -> None:
         own = v or val.Violations()
-        if not res_id or len(res_id) > 64:
-            own.add("reservation_id", f"{res_id!r} must be 1-64 characters")
+        if not res_id or len(res_id) > 64 or "\x00" in res_id:
+            own.add("reservation_id", f"{res_id!r} must be 1-64 characters, no NUL")
         if v is None:
             own.raise_if_any()

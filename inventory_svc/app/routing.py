@@ -24,7 +24,7 @@ from inventory_svc.domain.errors import (
     Shortfall,
 )
 from inventory_svc.domain.model import Channel, Line, LocationType, Reservation
-from inventory_svc.storage.pg_base import Idem, Replay
+from inventory_svc.storage.pg_base import Idem, Replay, translate_errors
 from routing import model as rm
 from routing.solver import Network, solve
 
@@ -91,8 +91,9 @@ class RoutingService:
             self.ctx.location(order.pickup_location_id)
 
     async def capacity_left(self, network: Network) -> np.ndarray:
-        rows = await self.ctx.pg.pool.fetch(
-            "SELECT location_id, used FROM capacity_usage WHERE day = current_date")
+        with translate_errors():  # Postgres unreachable: UNAVAILABLE, not INTERNAL
+            rows = await self.ctx.pg.pool.fetch(
+                "SELECT location_id, used FROM capacity_usage WHERE day = current_date")
         used = np.zeros(network.size, np.int64)
         for r in rows:
             i = network.index.get(r["location_id"])

