@@ -33,6 +33,7 @@ from inventory_svc.embedded import EmbeddedRedis
 from inventory_svc.server import Running, serve
 from inventory_svc.storage.redis_stock import decode_hold, decode_levels, hold_key, stock_key
 from tests.conftest import Stores, settings_for, store_location, uid
+from tests.invariants import assert_postgres_invariants
 
 REPO = Path(__file__).resolve().parents[2]
 Stub = api_grpc.InventoryServiceStub
@@ -390,25 +391,9 @@ async def check_all(pool: asyncpg.Pool, redis: Any, skus: Sequence[str],
                     ledger: Ledger | None = None) -> None:
     """I1-I4 and I7 over the SKUs, I5 for every acknowledged mutation in `ledger`. Call when
     nothing is in flight (I4 is then exact: Redis equals Postgres and no hold record is left)."""
-    rows = await pool.fetch(
-        """
-        SELECT s.sku, s.location_id, s.on_hand, s.reserved, s.version,
-               COALESCE(s.safety_stock, l.default_safety_stock) AS safety,
-               COALESCE((SELECT sum(rl.quantity) FROM reservation_lines rl
-                         JOIN reservations r ON r.id = rl.reservation_id
-                         WHERE r.status = 'ACTIVE' AND rl.sku = s.sku
-                           AND rl.location_id = s.location_id), 0) AS active_lines,
-               COALESCE((SELECT sum(m.delta) FROM movements m
-                         WHERE m.sku = s.sku AND m.location_id = s.location_id), 0) AS ledger
-        FROM stock s JOIN locations l ON l.id = s.location_id
-        WHERE s.sku = ANY($1::text[])
-        """, list(skus))
-    assert rows, f"no stock rows for {skus}"
+    rows = await assert_postgres_invariants(pool, skus)
     for r in rows:
         where = f"{r['sku']}@{r['location_id']}"
-        assert 0 <= r["reserved"] <= r["on_hand"], f"I1 broken at {where}: {dict(r)}"
-        assert r["reserved"] == r["active_lines"], f"I2 broken at {where}: {dict(r)}"
-        assert r["on_hand"] == r["ledger"], f"I3 broken at {where}: {dict(r)}"
         fields = await redis.hgetall(stock_key(r["sku"]))
         if b"_" not in fields:
             continue  # not hydrated: nothing in Redis to disagree with
