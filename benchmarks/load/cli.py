@@ -22,7 +22,7 @@ transaction), then check the invariants in Postgres. Without --target it starts 
 default itself (durable embedded Valkey + PostgreSQL, `inventory-svc serve --demo`).
 
 find-max (default): per scenario a saturated closed-loop step (--concurrency users) gives the
-maximum; open-loop steps at --fractions of it follow (the 70 %% step is where p99 is judged).
+maximum; open-loop steps at --fractions of it follow (the 70 % step is where p99 is judged).
 Writes benchmarks/out/<timestamp>/{result.json,report.md,*.png} (or --out).
 """
 
@@ -85,6 +85,8 @@ def parser() -> argparse.ArgumentParser:
            "than --noise-threshold (default %(default)s)")
     a("--noise-threshold", type=float, default=d.noise_threshold_pct,
       help="CPU %% of one core used by processes outside the run (default %(default)s)")
+    a("--settle", type=float, default=d.settle_s,
+      help="seconds to pause after each saturated step (default %(default)s)")
     a("--idle-wait", type=float, default=d.idle_wait_s,
       help="before each step wait up to S seconds for other work on the box to calm down")
     a("--poisson", action="store_true", help="open loop: Poisson arrivals, not evenly spaced")
@@ -111,7 +113,7 @@ def config_from(args: argparse.Namespace, argv: list[str]) -> BenchConfig:
         flash_skus=args.flash_skus, flash_units=args.flash_units, flash_think_s=args.flash_think,
         flash_duration_s=args.flash_duration, max_outstanding=args.max_outstanding,
         noise_retries=args.noise_retries, noise_threshold_pct=args.noise_threshold,
-        idle_wait_s=args.idle_wait,
+        idle_wait_s=args.idle_wait, settle_s=args.settle,
         poisson=args.poisson, profile=_csv(args.profile), out_dir=args.out, data_dir=args.data_dir,
         progress=not args.quiet, uvloop=not args.no_uvloop,
         command=shlex.join(["inventory-bench", *argv]))

@@ -41,21 +41,22 @@ class Recorder:
         self.window_end = window_end
         self.timeout_s = timeout_s
 
-    async def call(self, name: str, method: Callable[..., Awaitable[Any]], request: Any,
+    async def call(self, name: str, method: Any, request: Any,
                    start: float | None = None) -> Any:
         """One unary call; latency from `start` (an open loop's intended time) or from now.
 
         Returns the response, or None when the call failed (counted by status code)."""
         t0 = perf_counter() if start is None else start
+        detail = ""
         try:
             resp = await method(request, timeout=self.timeout_s)
             code = None
         except grpc.aio.AioRpcError as exc:
-            resp, code = None, exc.code().name
-        self.done(name, t0, code)
+            resp, code, detail = None, exc.code().name, exc.details() or ""
+        self.done(name, t0, code, detail=detail)
         return resp
 
-    def done(self, name: str, t0: float, code: str | None, items: int = 1) -> None:
+    def done(self, name: str, t0: float, code: str | None, items: int = 1, detail: str = "") -> None:
         """Record one finished operation that started at t0."""
         c = self.counters
         c.calls += 1
@@ -63,7 +64,7 @@ class Recorder:
             c.errors += 1
         if self.stats is not None:
             now = perf_counter()
-            self.stats.rpc(name).record(now - t0, code, items, now <= self.window_end)
+            self.stats.rpc(name).record(now - t0, code, items, now <= self.window_end, detail)
             self.stats.tick(int(max(0.0, t0 - self.window_start)), now - t0)
 
 
@@ -89,17 +90,16 @@ class Clients:
             elif kind == "routing":
                 stubs = [rp_grpc.RoutingServiceStub(c) for c in chans]
             else:
-                stubs = [c.unary_unary(ECHO_METHOD) for c in chans]
+                stubs = [c.unary_unary(ECHO_METHOD, None, None) for c in chans]
             self._stubs[key] = itertools.cycle(stubs)
         return self._stubs[key]
 
-    def inventory(self, target: str) -> api_grpc.InventoryServiceStub:
-        stub: api_grpc.InventoryServiceStub = next(self._cycle(target, "inventory"))
-        return stub
+    # (the generated stubs are typed for the sync API; on an aio channel every method is awaitable)
+    def inventory(self, target: str) -> Any:
+        return next(self._cycle(target, "inventory"))
 
-    def routing(self, target: str) -> rp_grpc.RoutingServiceStub:
-        stub: rp_grpc.RoutingServiceStub = next(self._cycle(target, "routing"))
-        return stub
+    def routing(self, target: str) -> Any:
+        return next(self._cycle(target, "routing"))
 
     def echo(self, target: str) -> Callable[..., Awaitable[bytes]]:
         fn: Callable[..., Awaitable[bytes]] = next(self._cycle(target, "echo"))
@@ -122,7 +122,7 @@ class Clients:
     async def close(self) -> None:
         for chans in self._channels.values():
             for c in chans:
-                await c.close()
+                await c.close(None)
         for r in self._redis.values():
             await r.aclose()
         for p in self._pg.values():

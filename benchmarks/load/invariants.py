@@ -7,6 +7,7 @@ never shows more available. For a flash sale: units reserved = units put on sale
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +28,8 @@ LEFT JOIN held h ON h.sku = s.sku AND h.location_id = s.location_id
 
 async def check(database_url: str, *, redis_url: str | None = None,
                 redis_skus: Sequence[str] = (), flash: Sequence[tuple[str, str]] = (),
-                flash_units: int = 0, flash_ok: int | None = None) -> dict[str, Any]:
+                flash_units: int = 0, flash_ok: int | None = None,
+                settle_s: float = 5.0) -> dict[str, Any]:
     """Check I1-I3 over every stock row (I4 for `redis_skus`, the flash sale if given)."""
     import asyncpg
 
@@ -65,7 +67,17 @@ async def check(database_url: str, *, redis_url: str | None = None,
         }
         out["ok"] = out["ok"] and out["flash_sale"]["ok"]
     if redis_url and redis_skus:
-        out["redis"] = await _redis_vs_pg(redis_url, redis_skus, by_key)
+        first = await _redis_vs_pg(redis_url, redis_skus, by_key)
+        if first["differs"] and settle_s > 0:
+            # a request still in flight at the service may legitimately differ: look again later
+            await asyncio.sleep(settle_s)
+            again = await check(database_url, redis_url=redis_url,
+                                redis_skus=sorted({e["sku"] for e in first["examples"]}),
+                                settle_s=0)
+            first["persisting_after_s"] = settle_s
+            first["persisting"] = again.get("redis", {}).get("differs", 0)
+            first["persisting_examples"] = again.get("redis", {}).get("examples", [])
+        out["redis"] = first
     return out
 
 
@@ -82,6 +94,7 @@ async def _redis_vs_pg(url: str, skus: Sequence[str],
     finally:
         await r.aclose()
     compared = differs = more_available = not_hydrated = 0
+    examples: list[dict[str, Any]] = []
     for sku, fields in zip(skus, hashes, strict=True):
         if b"_" not in fields:
             not_hydrated += 1
@@ -94,7 +107,12 @@ async def _redis_vs_pg(url: str, skus: Sequence[str],
             compared += 1
             if row is None or (h, res) != (row["on_hand"], row["reserved"]):
                 differs += 1
-                if row is None or h - res > row["on_hand"] - row["reserved"]:
-                    more_available += 1
+                more = row is None or h - res > row["on_hand"] - row["reserved"]
+                more_available += more
+                if len(examples) < 50:
+                    examples.append({"sku": sku, "location_id": loc.decode(), "redis": [h, res],
+                                     "pg": [row["on_hand"], row["reserved"]] if row else None,
+                                     "redis_more_available": more})
     return {"skus": len(skus), "rows_compared": compared, "differs": differs,
-            "more_available_than_pg": more_available, "not_hydrated": not_hydrated}
+            "more_available_than_pg": more_available, "not_hydrated": not_hydrated,
+            "examples": examples}

@@ -202,7 +202,9 @@ def markdown(result: dict[str, Any]) -> str:
         if rd := inv.get("redis"):
             out.append(f"Redis vs Postgres (I4, informational): {rd['rows_compared']:,} rows compared, "
                        f"{rd['differs']} differ, {rd['more_available_than_pg']} show more available "
-                       f"than Postgres, {rd['not_hydrated']} SKUs not hydrated.")
+                       f"than Postgres, {rd['not_hydrated']} SKUs not hydrated"
+                       + (f"; {rd['persisting']} still differ {rd['persisting_after_s']:g} s later"
+                          if "persisting" in rd else "") + ".")
     out.append("")
     for name, s in result["scenarios"].items():
         out += profile_section(name, s)

@@ -68,6 +68,7 @@ class BenchConfig:
     noise_retries: int = 0  # re-measure a step this often while other work used too much CPU
     noise_threshold_pct: float = 25.0  # "too much": CPU % (of one core) used by other processes
     idle_wait_s: float = 0.0  # before each step, wait up to this long for other work to calm down
+    settle_s: float = 2.0  # pause after a saturated step, so its backlog does not leak into the next
     poisson: bool = False
     profile: list[str] = field(default_factory=list)  # scenarios whose saturated step py-spy samples
     out_dir: Path | None = None
@@ -172,6 +173,7 @@ class _Run:
         sat["fraction"] = None
         steps = [sat]
         x = sat["ops_per_s"]
+        time.sleep(c.settle_s)
         for f in sorted(c.fractions) if x > 0 else []:
             step = self.phase(self.plan(f"{scenario} open {f:.0%} {f * x:.0f}/s", scenario, "open",
                                         rate=f * x, params=params),
@@ -221,13 +223,15 @@ def _run_flash(run: _Run, target: str, run_id: str, warehouses: list[str]) -> di
     hot = asyncio.run(stack.setup_flash(target, run_id, where, c.flash_skus, c.flash_units))
     phase = run.phase(run.plan("flash-sale", "flash-sale", "closed", users=c.flash_users,
                                think_s=c.flash_think_s, ramp_s=1.0, warmup_s=0.0,
+                               drain_s=max(c.drain_s, 10.0),  # count every attempt, cancel none
                                duration_s=c.flash_duration_s, params={"flash": hot}),
                       profile_as="flash-sale" if "flash-sale" in c.profile else None, retry=False)
+    phase["fraction"] = None
     res = phase["rpcs"].get("Reserve", {})
-    return {"scenario": "flash-sale", "rpcs": ["Reserve"], "steps": [phase], "hot": hot,
-            "units_each": c.flash_units, "users": c.flash_users, "think_s": c.flash_think_s,
-            "reserve_ok": res.get("ok", 0), "reserve_errors": res.get("errors", {}),
-            "max_ops_per_s": phase["ops_per_s"], "at_70pct": None}
+    out = scenario_summary("flash-sale", ("Reserve",), [phase])
+    out.update(hot=hot, units_each=c.flash_units, users=c.flash_users, think_s=c.flash_think_s,
+               reserve_ok=res.get("ok", 0), reserve_errors=res.get("errors", {}))
+    return out
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -239,13 +243,15 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     out = cfg.out_dir or Path("benchmarks/out") / started.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     run_id = f"b{secrets.token_hex(3)}"
-    meta = {"date": started.isoformat(timespec="seconds"), "command": cfg.command,
+    meta: dict[str, Any] = {"date": started.isoformat(timespec="seconds"), "command": cfg.command,
             "run_id": run_id, "machine": _machine(), "config": _config_dict(cfg)}
     result: dict[str, Any] = {"meta": meta, "anchors": {}, "scenarios": {}}
     local: stack.LocalStack | None = None
     echo_proc = None
     pool: WorkerPool | None = None
     try:
+        db: str | None
+        redis: str | None
         if cfg.target is None:
             local = stack.LocalStack(skus=cfg.skus, log_dir=out, data_dir=cfg.data_dir)
             local.start()

@@ -177,7 +177,7 @@ class CpuSampler:
 
 
 @contextlib.asynccontextmanager
-async def _stub(target: str) -> AsyncIterator[api_grpc.InventoryServiceStub]:
+async def _stub(target: str) -> AsyncIterator[Any]:  # an aio stub (the stubs type the sync API)
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as ch:
         await asyncio.wait_for(ch.channel_ready(), 30.0)
         yield api_grpc.InventoryServiceStub(ch)

@@ -23,7 +23,7 @@ def _bucket(seconds: float) -> int:
 
 
 def _bucket_mid_s(index: int) -> float:
-    return GROWTH ** (index + 0.5) / 1e6
+    return float(GROWTH ** (index + 0.5)) / 1e6
 
 
 class Histogram:
@@ -92,13 +92,17 @@ class RpcStats:
     errors: Counter[str] = field(default_factory=Counter)
     items: int = 0  # logical operations (a pipeline of 100 EVALSHA is 100 items)
     in_window: int = 0  # items completed before the measuring window closed
+    examples: dict[str, str] = field(default_factory=dict)  # code -> first error message seen
 
-    def record(self, seconds: float, code: str | None, items: int, in_window: bool) -> None:
+    def record(self, seconds: float, code: str | None, items: int, in_window: bool,
+               detail: str = "") -> None:
         self.hist.record(seconds)
         if code is None:
             self.ok += 1
         else:
             self.errors[code] += 1
+            if code not in self.examples:
+                self.examples[code] = detail[:200]
         self.items += items
         if in_window:
             self.in_window += items
@@ -109,15 +113,17 @@ class RpcStats:
         self.errors.update(other.errors)
         self.items += other.items
         self.in_window += other.in_window
+        for code, text in other.examples.items():
+            self.examples.setdefault(code, text)
 
     def to_dict(self) -> dict[str, Any]:
         return {"hist": self.hist.to_dict(), "ok": self.ok, "errors": dict(self.errors),
-                "items": self.items, "in_window": self.in_window}
+                "items": self.items, "in_window": self.in_window, "examples": self.examples}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RpcStats:
         return cls(Histogram.from_dict(d["hist"]), int(d["ok"]), Counter(d["errors"]),
-                   int(d["items"]), int(d["in_window"]))
+                   int(d["items"]), int(d["in_window"]), dict(d.get("examples", {})))
 
 
 @dataclass
@@ -199,6 +205,7 @@ def summarize_rpc(s: RpcStats, window_s: float) -> dict[str, Any]:
         "mean_ms": s.hist.total / s.hist.n * 1e3 if s.hist.n else 0.0,
         "max_ms": s.hist.max * 1e3,
         "errors": dict(sorted(s.errors.items())),
+        "error_examples": dict(sorted(s.examples.items())),
     }
     for key, q in QUANTILES:
         out[key] = s.hist.quantile(q) * 1e3
