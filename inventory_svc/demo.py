@@ -7,24 +7,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.demo_data import DemoNetwork, build_demo
+from inventory_svc.transport.convert import location_out
 
 log = logging.getLogger(__name__)
 ROWS_PER_MESSAGE = 5_000
-
-
-def _location(loc: object) -> pb.Location:
-    d = loc.__dict__ if hasattr(loc, "__dict__") else {f: getattr(loc, f) for f in loc.__slots__}  # type: ignore[attr-defined]
-    return pb.Location(
-        id=d["id"], name=d["name"], type=pb.LocationType.Value("LOCATION_TYPE_" + d["type"]),
-        lat=d["lat"], lon=d["lon"], can_ship=d["can_ship"], can_pickup=d["can_pickup"],
-        active=d["active"], priority=d["priority"], fixed_cost=d["fixed_cost"],
-        cost_per_km=d["cost_per_km"], cost_per_unit=d["cost_per_unit"],
-        daily_capacity=d["daily_capacity"], default_safety_stock=d["default_safety_stock"],
-    )
 
 
 async def load_demo(target: str, *, seed: int = 7, sku_count: int = 10_000) -> DemoNetwork:
@@ -35,7 +24,7 @@ async def load_demo(target: str, *, seed: int = 7, sku_count: int = 10_000) -> D
     async with grpc.aio.insecure_channel(target) as channel:
         stub = api_grpc.InventoryServiceStub(channel)
         await stub.UpsertLocations(api.UpsertLocationsRequest(
-            locations=[_location(x) for x in demo.locations]))
+            locations=[location_out(x) for x in demo.locations]))
 
         async def batches() -> AsyncIterator[api.ImportStockRequest]:
             rows = demo.stock

