@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -71,21 +70,15 @@ async def embedded_stores(settings: Settings, *, redis: bool = True) -> AsyncIte
         if redis and not settings.redis_url:
             r = EmbeddedRedis(settings.data_dir / "redis")
             started.append(r)
-            settings = _with(settings, redis_url=await asyncio.to_thread(r.start))
+            settings = replace(settings, redis_url=await asyncio.to_thread(r.start))
         if not settings.database_url:
             p = EmbeddedPostgres(settings.data_dir / "postgres")
             started.append(p)
-            settings = _with(settings, database_url=await asyncio.to_thread(p.start))
+            settings = replace(settings, database_url=await asyncio.to_thread(p.start))
         yield settings
     finally:
         for server in reversed(started):
             await asyncio.to_thread(server.stop)
-
-
-def _with(settings: Settings, **changes: object) -> Settings:
-    from dataclasses import replace
-
-    return replace(settings, **changes)  # type: ignore[arg-type]
 
 
 @contextlib.asynccontextmanager
@@ -144,14 +137,3 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
     finally:
         await redis.close()
         await pg.close()
-
-
-async def run_until_signal(settings: Settings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with embedded_stores(settings) as resolved, serve(resolved) as running:
-        print(f"inventory-svc listening on {settings.host}:{running.port}", flush=True)
-        await stop.wait()
-        log.info("shutting down")

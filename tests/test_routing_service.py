@@ -13,8 +13,8 @@ from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory.v1 import routing_service_pb2 as rp
 from inventory.v1 import routing_service_pb2_grpc as rp_grpc
-from inventory_svc.domain.geo import haversine_km
 from inventory_svc.server import Running
+from routing.geo import haversine_km
 from tests.conftest import store_location, uid
 from tests.grpc_helpers import bad_fields, expect_error, shortfalls
 from tests.invariants import assert_invariants

@@ -209,8 +209,7 @@ class ReservationService:
         async with self.ctx.pg.unit(idem) as u:
             if u.replay is not None:
                 return Replay(u.replay)
-            res = await PgStore.read_reservation(u.conn, res_id, lock=True)
-            await PgStore.ensure_active(u.conn, res)
+            res = await PgStore.lock_active(u.conn, res_id)
             await PgStore.extend(u.conn, res_id, ttl)
             res = await PgStore.read_reservation(u.conn, res_id, lock=False)
             await u.remember(res)
@@ -227,8 +226,7 @@ class ReservationService:
         async with self.ctx.pg.unit(idem) as u:
             if u.replay is not None:
                 return Replay(u.replay)
-            res = await PgStore.read_reservation(u.conn, res_id, lock=True)
-            await PgStore.ensure_active(u.conn, res)
+            res = await PgStore.lock_active(u.conn, res_id)
             held = {(x.sku, x.location_id): x.quantity for x in res.lines}
             check_release(held, lines)
             give = list(lines) if lines else [x for x in res.lines if x.quantity > 0]
@@ -252,8 +250,7 @@ class ReservationService:
         async with self.ctx.pg.unit(idem) as u:
             if u.replay is not None:
                 return Replay(u.replay)
-            res = await PgStore.read_reservation(u.conn, res_id, lock=True)
-            await PgStore.ensure_active(u.conn, res)
+            res = await PgStore.lock_active(u.conn, res_id)
             sold = [x for x in res.lines if x.quantity > 0]
             news = await self._unreserve(u.conn, sold, sale=True)
             moves = await PgStore.add_movements(u.conn, [

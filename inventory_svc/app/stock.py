@@ -10,7 +10,6 @@ import asyncpg
 from inventory_svc.app.context import Context
 from inventory_svc.domain import validation as val
 from inventory_svc.domain.errors import Aborted, FailedPrecondition, NotFound
-from inventory_svc.domain.geo import haversine_km
 from inventory_svc.domain.model import (
     Channel,
     ImportRow,
@@ -24,6 +23,7 @@ from inventory_svc.domain.model import (
 from inventory_svc.domain.rules import LockedStock, check_can_remove
 from inventory_svc.storage.pg import MovementDraft, PgStore
 from inventory_svc.storage.pg_base import Idem, Replay
+from routing.geo import haversine_km
 
 
 @dataclass(frozen=True, slots=True)

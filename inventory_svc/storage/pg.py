@@ -336,33 +336,46 @@ class PgStore(PgBase):
     @staticmethod
     async def read_reservation(conn: asyncpg.Connection, res_id: str, *, lock: bool) -> Reservation:
         row = await conn.fetchrow(
-            "SELECT id, status, channel, order_ref, created_at, expires_at, ended_at,"
-            " expires_at <= now() AS due FROM reservations WHERE id = $1"
+            "SELECT id, status, channel, order_ref, created_at, expires_at, ended_at"
+            " FROM reservations WHERE id = $1"
             + (" FOR UPDATE" if lock else ""),
             res_id,
         )
         if row is None:
             raise NotFound("reservation", res_id)
+        return await PgStore._with_lines(conn, row)
+
+    @staticmethod
+    async def lock_active(conn: asyncpg.Connection, res_id: str) -> Reservation:
+        """Lock an ACTIVE, unexpired reservation (its expiry judged by Postgres' clock)."""
+        row = await conn.fetchrow(
+            "SELECT id, status, channel, order_ref, created_at, expires_at, ended_at,"
+            " expires_at <= now() AS due FROM reservations WHERE id = $1 FOR UPDATE",
+            res_id,
+        )
+        if row is None:
+            raise NotFound("reservation", res_id)
+        if row["status"] != ReservationStatus.ACTIVE.value:
+            raise FailedPrecondition(
+                f"reservation {res_id!r} is {row['status']}, not ACTIVE",
+                violation_type="RESERVATION_NOT_ACTIVE", subject=res_id,
+            )
+        if row["due"]:
+            raise FailedPrecondition(
+                f"reservation {res_id!r} has expired", violation_type="RESERVATION_EXPIRED",
+                subject=res_id,
+            )
+        return await PgStore._with_lines(conn, row)
+
+    @staticmethod
+    async def _with_lines(conn: asyncpg.Connection, row: asyncpg.Record) -> Reservation:
+        res_id = row["id"]
         lines = await conn.fetch(
             "SELECT sku, location_id, quantity FROM reservation_lines WHERE reservation_id = $1"
             " ORDER BY sku, location_id",
             res_id,
         )
         return _reservation(row, lines)
-
-    @staticmethod
-    async def ensure_active(conn: asyncpg.Connection, res: Reservation) -> None:
-        if res.status is not ReservationStatus.ACTIVE:
-            raise FailedPrecondition(
-                f"reservation {res.id!r} is {res.status.value}, not ACTIVE",
-                violation_type="RESERVATION_NOT_ACTIVE", subject=res.id,
-            )
-        due = await conn.fetchval("SELECT expires_at <= now() FROM reservations WHERE id = $1", res.id)
-        if due:
-            raise FailedPrecondition(
-                f"reservation {res.id!r} has expired", violation_type="RESERVATION_EXPIRED",
-                subject=res.id,
-            )
 
     @staticmethod
     async def set_lines_held(

@@ -13,7 +13,6 @@ from inventory_svc.domain.model import (
     Movement,
     MovementKind,
     Reservation,
-    ReservationStatus,
     SkuQuantity,
     StockLevel,
 )
@@ -114,5 +113,3 @@ def adjustment_kind(reason: int) -> tuple[MovementKind, str]:
     name = api.AdjustmentReason.Name(api.AdjustmentReason.ValueType(reason))
     return MovementKind.ADJUSTMENT, name.removeprefix("ADJUSTMENT_REASON_").lower()
 
-
-__all__ = ["ReservationStatus"]

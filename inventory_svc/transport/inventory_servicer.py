@@ -105,14 +105,12 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         return await guarded(context, run())
 
     async def SetStock(self, request: api.SetStockRequest, context: Any) -> api.SetStockResponse:
-        ch = Channel.WEB
-
-        def encode(r: tuple[StockLevel, int]) -> api.SetStockResponse:
-            return api.SetStockResponse(stock=cv.level_out(r[0], ch), delta=r[1])
-
         async def run() -> api.SetStockResponse:
-            nonlocal ch
             ch = cv.channel(request.channel)
+
+            def encode(r: tuple[StockLevel, int]) -> api.SetStockResponse:
+                return api.SetStockResponse(stock=cv.level_out(r[0], ch), delta=r[1])
+
             expected = request.expected_version if request.HasField("expected_version") else None
             idem = idem_for("SetStock", request, request.idempotency_key, encode)
             out = await self.stock.set_stock(request.sku, request.location_id, request.on_hand,
@@ -121,15 +119,13 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         return await guarded(context, run())
 
     async def AdjustStock(self, request: api.AdjustStockRequest, context: Any) -> api.AdjustStockResponse:
-        ch = Channel.WEB
-
-        def encode(r: StockChange) -> api.AdjustStockResponse:
-            return api.AdjustStockResponse(stock=cv.level_out(r.level, ch),
-                                           movement=cv.movement_out(r.movements[0]))
-
         async def run() -> api.AdjustStockResponse:
-            nonlocal ch
             ch = cv.channel(request.channel)
+
+            def encode(r: StockChange) -> api.AdjustStockResponse:
+                return api.AdjustStockResponse(stock=cv.level_out(r.level, ch),
+                                               movement=cv.movement_out(r.movements[0]))
+
             kind, label = cv.adjustment_kind(request.reason)
             reason = f"{label}: {request.note}" if request.note else label
             idem = idem_for("AdjustStock", request, request.idempotency_key, encode)
@@ -163,16 +159,14 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         return await guarded(context, run())
 
     async def TransferStock(self, request: api.TransferStockRequest, context: Any) -> api.TransferStockResponse:  # noqa: E501
-        ch = Channel.WEB
-
-        def encode(r: TransferResult) -> api.TransferStockResponse:
-            return api.TransferStockResponse(
-                from_stock=cv.level_out(r.source, ch), to_stock=cv.level_out(r.destination, ch),
-                movements=[cv.movement_out(m) for m in r.movements])
-
         async def run() -> api.TransferStockResponse:
-            nonlocal ch
             ch = cv.channel(request.channel)
+
+            def encode(r: TransferResult) -> api.TransferStockResponse:
+                return api.TransferStockResponse(
+                    from_stock=cv.level_out(r.source, ch), to_stock=cv.level_out(r.destination, ch),
+                    movements=[cv.movement_out(m) for m in r.movements])
+
             idem = idem_for("TransferStock", request, request.idempotency_key, encode)
             out = await self.stock.transfer_stock(request.sku, request.from_location_id,
                                                   request.to_location_id, request.quantity,
@@ -181,14 +175,12 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         return await guarded(context, run())
 
     async def SetSafetyStock(self, request: api.SetSafetyStockRequest, context: Any) -> api.SetSafetyStockResponse:  # noqa: E501
-        ch = Channel.WEB
-
-        def encode(r: StockLevel) -> api.SetSafetyStockResponse:
-            return api.SetSafetyStockResponse(stock=cv.level_out(r, ch))
-
         async def run() -> api.SetSafetyStockResponse:
-            nonlocal ch
             ch = cv.channel(request.channel)
+
+            def encode(r: StockLevel) -> api.SetSafetyStockResponse:
+                return api.SetSafetyStockResponse(stock=cv.level_out(r, ch))
+
             safety = request.safety_stock if request.HasField("safety_stock") else None
             idem = idem_for("SetSafetyStock", request, request.idempotency_key, encode)
             out = await self.stock.set_safety_stock(request.sku, request.location_id, safety, idem)
@@ -286,16 +278,14 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         return await guarded(context, run())
 
     async def ReturnItems(self, request: api.ReturnItemsRequest, context: Any) -> api.ReturnItemsResponse:
-        ch = Channel.WEB
-
-        def encode(r: StockChangeSet) -> api.ReturnItemsResponse:
-            return api.ReturnItemsResponse(
-                movements=[cv.movement_out(m) for m in r.movements],
-                stock=[cv.level_out(lv, ch) for lv in r.levels])
-
         async def run() -> api.ReturnItemsResponse:
-            nonlocal ch
             ch = cv.channel(request.channel)
+
+            def encode(r: StockChangeSet) -> api.ReturnItemsResponse:
+                return api.ReturnItemsResponse(
+                    movements=[cv.movement_out(m) for m in r.movements],
+                    stock=[cv.level_out(lv, ch) for lv in r.levels])
+
             idem = idem_for("ReturnItems", request, request.idempotency_key, encode)
             out = await self.stock.return_items(request.location_id, cv.items_in(list(request.items)),
                                                 request.order_ref, request.reason, idem)
