@@ -681,8 +681,16 @@ def _remove_stale_lock(lock_file: Path, pgdata: Path) -> None:
     is often reused by an unrelated live process, and then postgres refuses to start.
     """
     try:
-        pid = int(lock_file.read_text().split("\n", 1)[0])
-    except (OSError, ValueError):
+        text = lock_file.read_text()
+    except OSError:
+        return
+    try:
+        pid = int(text.split("\n", 1)[0])
+    except ValueError:
+        # Empty or cut short: a postmaster killed while it was writing the file (a start that
+        # missed its deadline). Postgres refuses such a file for good; we start only after our
+        # own server is gone, so nobody else is writing it.
+        lock_file.unlink(missing_ok=True)
         return
     if not _pid_alive(pid):
         return  # postgres handles this case itself

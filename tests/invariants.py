@@ -38,14 +38,15 @@ async def assert_postgres_invariants(pool: asyncpg.Pool, skus: Sequence[str]) ->
 async def assert_invariants(service: Running, skus: Sequence[str]) -> None:
     """I1-I3 in Postgres, and I4: Redis equals Postgres (call when nothing is in flight)."""
     rows = await assert_postgres_invariants(service.ctx.pg.pool, skus)
-    cached = await service.ctx.redis.read(list(skus))
+    cached, holds, _ = await service.ctx.redis.inspect(list(skus))
     for r in rows:
         where = f"{r['sku']}@{r['location_id']}"
         levels = cached[r["sku"]]
         if levels is None:  # not hydrated: Redis has nothing to disagree with
             continue
-        redis_level = {lv.location_id: lv for lv in levels}.get(r["location_id"])
-        assert redis_level is not None, f"I4: {where} missing in redis"
-        assert (redis_level.on_hand, redis_level.reserved, redis_level.safety_stock) == (
-            r["on_hand"], r["reserved"], r["safety"]
-        ), f"I4 broken at {where}: redis {redis_level} pg {dict(r)}"
+        have = {c.level.location_id: c for c in levels}.get(r["location_id"])
+        assert have is not None, f"I4: {where} missing in redis"
+        assert (have.level.on_hand, have.level.reserved, have.level.safety_stock, have.held) == (
+            r["on_hand"], r["reserved"], r["safety"], 0
+        ), f"I4 broken at {where}: redis {have} pg {dict(r)}"
+    assert not any(holds.values()), f"hold records left with nothing in flight: {holds}"

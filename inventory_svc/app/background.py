@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -15,7 +16,7 @@ from inventory_svc.app.context import Context
 from inventory_svc.app.reservations import ReservationService
 from inventory_svc.domain.errors import DomainError
 from inventory_svc.domain.model import StockLevel
-from inventory_svc.storage.pg import STOCK_SELECT
+from inventory_svc.storage.pg import STOCK_SELECT, stock_level
 from inventory_svc.storage.pg_base import advisory_key, translate_errors
 from inventory_svc.storage.redis_stock import HoldRecord, encode_level
 
@@ -34,36 +35,38 @@ ORPHAN_MARGIN_S = 0.5  # beyond hold_timeout_s, for clocks and scheduling
 @dataclass(frozen=True, slots=True)
 class ReconcileReport:
     skus: int
-    stale_levels: int  # on_hand/safety behind Postgres: brought forward at once
-    repaired_reserved: int  # reserved drift repaired (compare-and-set)
-    suspects: int  # reserved drift on the safe side seen once: checked again next pass
+    stale_levels: int  # Redis behind Postgres (an older seq, or missing): brought forward
+    repaired: int  # Redis not what Postgres and the hold records say: compare-and-set
     rebuilt: bool
     orphans_released: int = 0  # holds whose replica never committed them: given back
     in_flight: int = 0  # holds still waiting for their commit
+    settled: int = 0  # records of committed holds left behind (their replica died): ended
 
 
 class Reconciler:
     """Finds and repairs drift between Redis and Postgres (DESIGN I4).
 
-    Every hold is recorded in Redis (hold.lua) under its reservation id until its commit is done.
-    A pass reads Redis first (levels and hold records in one MULTI), then Postgres in one snapshot
-    (levels, and which recorded reservations exist), so for each SKU-location
+    A pass reads Redis first (values and hold records in one MULTI), then Postgres in one
+    snapshot (levels, and which recorded reservations exist). Every change to a stock row takes
+    a new seq in Postgres and Redis only ever takes newer seqs, so for each SKU-location:
 
-        expected Redis reserved = Postgres reserved + units of holds not (yet) in Postgres.
+    - Redis seq older than Postgres' (or the field missing): a commit whose update has not
+      arrived (or was lost). Brought forward; a late update is then ignored by seq.
+    - the same seq with other values, a seq Postgres never gave, or `held` units that are not
+      the sum of the hold records read with them: Redis is wrong. Repaired at once, by
+      compare-and-set against what the pass read, so a change in between wins over the repair.
 
-    A hold record with no reservation that is older than hold_timeout_s (the longest a call waits
-    for its commit) is an orphan: its replica died between Redis and Postgres. It is given back
-    exactly once, under the stock rows' locks so no commit of it can be under way, on the first
-    pass or hold check after it became one: within one reconcile interval. Redis reserved below
-    the expected value shows more than Postgres committed and is repaired at once; above it, it
-    may be a release whose Redis update is on its way, so it is repaired only when the same
-    difference is seen on two passes in a row. Every repair is a compare-and-set against what
-    the pass read, so a change in between wins over the repair.
+    Every hold is recorded in Redis (hold.lua) under its reservation id until settled. A record
+    whose reservation is in Postgres was left behind by a replica that died after its commit:
+    ended, its units moving to the committed levels. A record with no reservation older than
+    hold_timeout_s (the longest a call waits for its commit) is an orphan: its replica died
+    between Redis and Postgres. It is given back exactly once, under the stock rows' locks so no
+    commit of it can be under way, on the first pass or hold check after it became one: within
+    one reconcile interval.
     """
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self._suspects: dict[tuple[str, str], tuple[str, str]] = {}
         # SKUs with holds in flight, and when (monotonic) the youngest may become an orphan
         self._watch: dict[str, float] = {}
 
@@ -105,18 +108,15 @@ class Reconciler:
 
     async def run_pass(self) -> ReconcileReport:
         rebuilt = await self.ensure_generation(startup=False)
-        total = ReconcileReport(0, 0, 0, 0, rebuilt)
+        total = ReconcileReport(0, 0, 0, rebuilt)
         after = ""
-        suspects_before = self._suspects
-        self._suspects = {}
         while page := await self.ctx.pg.stock_page(after, RECONCILE_PAGE):
             after = max(page)
-            total = _add(total, await self.reconcile(sorted(page), suspects_before))
+            total = _add(total, await self.reconcile(sorted(page)))
             await asyncio.sleep(0)  # let waiting RPCs run between rounds
-        report = replace(total, suspects=len(self._suspects))
-        if report.stale_levels or report.repaired_reserved or rebuilt or report.orphans_released:
-            log.warning("reconciler: %s", report)
-        return report
+        if total.stale_levels or total.repaired or rebuilt or total.orphans_released:
+            log.warning("reconciler: %s", total)
+        return total
 
     async def check_holds(self) -> ReconcileReport | None:
         """Reconcile the SKUs whose holds in flight are due to commit by now."""
@@ -126,73 +126,61 @@ class Reconciler:
             return None
         for sku in due:
             self._watch.pop(sku, None)
-        report = await self.reconcile(due, self._suspects)
-        if report.repaired_reserved or report.orphans_released:
+        report = await self.reconcile(due)
+        if report.repaired or report.orphans_released:
             log.warning("reconciler (hold check): %s", report)
         return report
 
     def next_hold_check(self) -> float | None:
         return min(self._watch.values(), default=None)
 
-    async def reconcile(
-        self, skus: list[str], suspects_before: dict[tuple[str, str], tuple[str, str]]
-    ) -> ReconcileReport:
+    async def reconcile(self, skus: list[str]) -> ReconcileReport:
         """One round over these SKUs (see the class doc)."""
         redis = self.ctx.redis
         cached, holds, now_ms = await redis.inspect(skus)
         ids = sorted({h.id for recs in holds.values() for h in recs})
         levels, committed = await self._pg_view(skus, ids)
-        missing = {s: levels.get(s, []) for s in skus if cached[s] is None}
-        await redis.load(missing, force=False)
-        in_flight: dict[tuple[str, str], int] = {}
+        await redis.load({s: levels.get(s, []) for s in skus if cached[s] is None}, force=False)
+        stale: list[StockLevel] = []
+        repairs: list[tuple[str, str, str, str]] = []
+        for sku in skus:
+            if (have_all := cached[sku]) is None:
+                continue  # just loaded whole
+            in_redis = {c.level.location_id: c for c in have_all}
+            recorded: dict[str, int] = defaultdict(int)
+            for rec in holds[sku]:
+                for loc, qty in rec.units.items():
+                    recorded[loc] += qty
+            for lv in levels.get(sku, []):
+                have = in_redis.get(lv.location_id)
+                if have is None or have.level.seq < lv.seq:
+                    stale.append(lv)
+                elif have.level != lv or have.held != recorded[lv.location_id]:
+                    repairs.append((sku, lv.location_id, have.encode(),
+                                    encode_level(lv, recorded[lv.location_id])))
+        await redis.apply_changes(stale)
+        repaired = 0
+        for sku, loc, seen, want in repairs:
+            log.warning("reconciler: redis had %s@%s = %s, repairing to %s", sku, loc, seen, want)
+            repaired += await redis.repair(sku, loc, seen, want)
         orphans: list[tuple[str, HoldRecord]] = []
-        young = 0
+        young = settled = 0
         for sku in skus:
             if cached[sku] is None:
                 continue
             for rec in holds[sku]:
                 if rec.id in committed:  # its commit is done; the record was left behind
-                    await redis.settle_record(sku, rec.id, give_back=False)
+                    settled += await redis.settle_record(sku, rec.id, levels.get(sku, []))
                     continue
                 age_ms = now_ms - rec.created_ms
                 if age_ms >= self.orphan_after_ms:
                     orphans.append((sku, rec))
                     continue
                 young += 1
-                for loc, qty in rec.units.items():
-                    in_flight[(sku, loc)] = in_flight.get((sku, loc), 0) + qty
                 at = time.monotonic() + (self.orphan_after_ms - age_ms) / 1000 + 0.01
                 self._watch[sku] = min(self._watch.get(sku, at), at)
-        released, touched = await self._release_orphans(orphans)
-        stale: list[StockLevel] = []
-        repaired = 0
-        for sku in skus:
-            if cached[sku] is None:
-                continue
-            in_redis = {lv.location_id: lv for lv in cached[sku] or []}
-            for lv in levels.get(sku, []):
-                key = (sku, lv.location_id)
-                before = suspects_before.get(key)
-                self._suspects.pop(key, None)
-                have = in_redis.get(lv.location_id)
-                if have is None or have.version < lv.version:
-                    stale.append(lv)
-                    continue
-                if key in touched:
-                    continue
-                want = replace(lv, reserved=lv.reserved + in_flight.get(key, 0))
-                if have == want:
-                    continue
-                seen = (encode_level(have), encode_level(want))
-                if (have.reserved < want.reserved or have.version != want.version
-                        or (have.on_hand, have.safety_stock) != (want.on_hand, want.safety_stock)
-                        or before == seen):
-                    # Redis shows more than Postgres committed (or the same drift twice): repair
-                    repaired += await redis.repair(sku, lv.location_id, *seen)
-                else:
-                    self._suspects[key] = seen
-        await redis.apply_changes(stale)
-        return ReconcileReport(len(skus), len(stale), repaired, 0, False, released, young)
+        released = await self._release_orphans(orphans)
+        return ReconcileReport(len(skus), len(stale), repaired, False, released, young, settled)
 
     async def _pg_view(
         self, skus: list[str], hold_ids: list[str]
@@ -206,21 +194,14 @@ class Reconciler:
                 found = await conn.fetch(
                     "SELECT id FROM reservations WHERE id = ANY($1::text[])", hold_ids
                 ) if hold_ids else []
-        levels: dict[str, list[StockLevel]] = {}
-        for r in rows:
-            levels.setdefault(r["sku"], []).append(StockLevel(
-                r["sku"], r["location_id"], r["on_hand"], r["reserved"], r["safety"],
-                r["version"]))
-        return levels, {r["id"] for r in found}
+        return _by_sku(rows), {r["id"] for r in found}
 
-    async def _release_orphans(
-        self, orphans: list[tuple[str, HoldRecord]]
-    ) -> tuple[int, set[tuple[str, str]]]:
+    async def _release_orphans(self, orphans: list[tuple[str, HoldRecord]]) -> int:
         """Give back holds whose reservation never reached Postgres. Under the stock rows' locks:
         a commit of one of them still under way holds those locks, and then we wait for it (or
         leave it to the next check when it takes longer)."""
         if not orphans:
-            return 0, set()
+            return 0
         keys = sorted({(sku, loc) for sku, rec in orphans for loc in rec.units})
         released = 0
         with translate_errors():
@@ -228,9 +209,9 @@ class Reconciler:
             async with pool.acquire(timeout=timeout) as conn, conn.transaction():
                 await conn.execute("SET LOCAL lock_timeout = '500ms'")
                 try:
-                    await conn.execute(
-                        "SELECT 1 FROM stock s JOIN unnest($1::text[], $2::text[])"
-                        " AS k(sku, loc) ON s.sku = k.sku AND s.location_id = k.loc"
+                    rows = await conn.fetch(
+                        STOCK_SELECT + " JOIN unnest($1::text[], $2::text[]) AS k(sku, loc)"
+                        " ON s.sku = k.sku AND s.location_id = k.loc"
                         " ORDER BY s.sku, s.location_id FOR UPDATE OF s",
                         [k[0] for k in keys], [k[1] for k in keys])
                 except asyncpg.LockNotAvailableError:
@@ -238,24 +219,32 @@ class Reconciler:
                              len(orphans))
                     for sku, _ in orphans:
                         self._watch[sku] = time.monotonic() + 0.5
-                    return 0, {k for k in keys}
+                    return 0
+                levels = _by_sku(rows)
                 found = {r["id"] for r in await conn.fetch(
                     "SELECT id FROM reservations WHERE id = ANY($1::text[])",
                     [rec.id for _, rec in orphans])}
                 for sku, rec in orphans:
-                    gave = await self.ctx.redis.settle_record(
-                        sku, rec.id, give_back=rec.id not in found)
+                    # committed after all (its commit was under way): settled like any other
+                    gave = await self.ctx.redis.settle_record(sku, rec.id, levels.get(sku, []))
                     released += int(gave and rec.id not in found)
         if released:
             log.warning("reconciler: gave back %d orphaned holds", released)
-        return released, set(keys)
+        return released
+
+
+def _by_sku(rows: Sequence[asyncpg.Record]) -> dict[str, list[StockLevel]]:
+    levels: dict[str, list[StockLevel]] = {}
+    for r in rows:
+        levels.setdefault(r["sku"], []).append(stock_level(r))
+    return levels
 
 
 def _add(a: ReconcileReport, b: ReconcileReport) -> ReconcileReport:
     return ReconcileReport(
-        a.skus + b.skus, a.stale_levels + b.stale_levels,
-        a.repaired_reserved + b.repaired_reserved, 0, a.rebuilt,
-        a.orphans_released + b.orphans_released, a.in_flight + b.in_flight)
+        a.skus + b.skus, a.stale_levels + b.stale_levels, a.repaired + b.repaired, a.rebuilt,
+        a.orphans_released + b.orphans_released, a.in_flight + b.in_flight,
+        a.settled + b.settled)
 
 
 async def run_reconciler(ctx: Context, reconciler: Reconciler) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from inventory_svc.config import Settings
 from inventory_svc.domain.errors import NotFound, Unavailable
-from inventory_svc.domain.model import Line, Location, StockLevel
+from inventory_svc.domain.model import Location, StockLevel
 from inventory_svc.storage.pg import PgStore
 from inventory_svc.storage.redis_stock import Hold, RedisStock
 
@@ -46,13 +46,11 @@ class Context:
         snapshot = await self.pg.stock_of_skus(skus)
         await self.redis.load(snapshot, force=False)
 
-    async def publish(
-        self, levels: Iterable[StockLevel], moves: Iterable[tuple[Line, int]] = ()
-    ) -> None:
-        """Mirror committed changes into Redis. Postgres has them already, so a Redis failure here
+    async def publish(self, levels: Iterable[StockLevel]) -> None:
+        """Mirror committed levels into Redis. Postgres has them already, so a Redis failure here
         is logged, not returned: the reconciler brings Redis back in line."""
         try:
-            await asyncio.shield(self.redis.apply_changes(list(levels), list(moves)))
+            await asyncio.shield(self.redis.apply_changes(list(levels)))
         except Unavailable as exc:
             log.warning("redis update after commit failed, reconciler will repair: %s", exc)
 
@@ -62,10 +60,10 @@ class Context:
         except Unavailable as exc:
             log.warning("could not give back a redis hold, reconciler will repair: %s", exc)
 
-    async def forget(self, hold: Hold) -> None:
-        """Postgres committed the hold: drop its in-flight record (the reconciler would drop it
-        too, finding the reservation in Postgres)."""
+    async def forget(self, hold: Hold, committed: Sequence[StockLevel]) -> None:
+        """Postgres committed the hold: its units move from held to the committed levels (the
+        reconciler would do it too, finding the reservation in Postgres)."""
         try:
-            await asyncio.shield(self.redis.forget(hold))
+            await asyncio.shield(self.redis.forget(hold, committed))
         except Unavailable as exc:
-            log.warning("could not drop a redis hold record, reconciler will: %s", exc)
+            log.warning("could not settle a redis hold, reconciler will: %s", exc)

@@ -15,7 +15,7 @@ import asyncpg
 
 from inventory_svc.app.context import Context
 from inventory_svc.domain import validation as val
-from inventory_svc.domain.errors import Unavailable
+from inventory_svc.domain.errors import InsufficientStock, Unavailable
 from inventory_svc.domain.model import (
     Channel,
     Line,
@@ -113,11 +113,11 @@ class ReservationService:
         if isinstance(out, Replay):
             return out
         result, news, hold = out
-        # A sale turns the hold into fewer units on hand; a reservation keeps it as reserved.
-        moves_back = [(x, -x.quantity) for x in lines] if sale else []
-        await self.ctx.publish(news, moves_back)
+        # The held units become what the commit wrote: fewer on hand (a sale) or reserved.
         if hold is not None:
-            await self.ctx.forget(hold)
+            await self.ctx.forget(hold, news)
+        else:
+            await self.ctx.publish(news)
         return result
 
     async def _take_within(
@@ -139,6 +139,7 @@ class ReservationService:
         # flight; the call itself gives up after hold_timeout_s, so no commit comes later.
         res_id = new_reservation_id()
         sent_commit = False
+        seen: list[StockLevel] = []  # the committed levels by which Postgres refused
         try:
             if idem is None:
                 # Without a key there is nothing to replay: take the hold before Postgres, so
@@ -153,7 +154,11 @@ class ReservationService:
                                                      hold_id=res_id)
                 rows, now = await PgStore.lock_stock_timed(
                     u.conn, [(x.sku, x.location_id) for x in lines])
-                check_can_take(lines, rows, channel)
+                try:
+                    check_can_take(lines, rows, channel)
+                except InsufficientStock:
+                    seen = [r.level for r in rows.values()]
+                    raise
                 olds = [rows[(x.sku, x.location_id)].level for x in lines]
                 if sale:
                     news = await PgStore.write_levels(u.conn, [
@@ -171,9 +176,7 @@ class ReservationService:
                     await PgStore.add_outbox(u.conn, "RESERVATION", [_res_event(res)])
                     await u.remember(result)
                 else:
-                    # The hot path: everything after the row lock is one statement. Reserved
-                    # units do not move the version, so Redis needs nothing after the commit.
-                    news = []
+                    # The hot path: everything after the row lock is one statement.
                     created = to_ms(now)
                     res = Reservation(
                         res_id, ReservationStatus.ACTIVE, channel, order_ref,
@@ -182,7 +185,7 @@ class ReservationService:
                     result = answer(res) if answer else res
                     if also is not None:
                         await also(u.conn)
-                    await PgStore.write_reservation(
+                    news = await PgStore.write_reservation(
                         u.conn, res,
                         [replace(lv, reserved=lv.reserved + x.quantity)
                          for lv, x in zip(olds, lines, strict=True)],
@@ -192,6 +195,11 @@ class ReservationService:
             # Give back only what Postgres surely did not take. A failure during the commit
             # itself leaves the outcome unknown: the record stays, and the reconciler settles it
             # by what Postgres says.
+            if seen:
+                # Redis let through what Postgres refused (it had not yet seen a commit, or only
+                # holds in flight were in the way): before the caller hears "short", Redis shows
+                # the state that says so, as any read after the answer must.
+                await self.ctx.publish(seen)
             if hold is not None and not sent_commit:
                 await self.ctx.give_back(hold)
             raise
@@ -240,7 +248,7 @@ class ReservationService:
             res = await PgStore.read_reservation(u.conn, res_id, lock=False)
             await PgStore.add_outbox(u.conn, "RESERVATION", [_res_event(res)])
             await u.remember(res)
-        await self.ctx.publish(news, [(x, -x.quantity) for x in give])
+        await self.ctx.publish(news)
         return res
 
     async def commit(self, res_id: str, idem: Idem | None) -> Settled | Replay:
@@ -263,7 +271,7 @@ class ReservationService:
             await PgStore.add_outbox(u.conn, "RESERVATION", [_res_event(res)])
             result = Settled(res, tuple(moves))
             await u.remember(result)
-        await self.ctx.publish(news, [(x, -x.quantity) for x in sold])
+        await self.ctx.publish(news)
         return result
 
     async def expire_due(self) -> int:
@@ -282,7 +290,7 @@ class ReservationService:
                 " WHERE id = ANY($1::text[])", ids)
             await PgStore.add_outbox(u.conn, "RESERVATION", [
                 ("", "", {"reservation_id": i, "status": "EXPIRED"}) for i in ids])
-        await self.ctx.publish(news, [(x, -x.quantity) for x in lines])
+        await self.ctx.publish(news)
         log.info("expired %d reservations", len(ids))
         return len(ids)
 

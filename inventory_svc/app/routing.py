@@ -102,9 +102,10 @@ class RoutingService:
         return np.where(self._daily_capacity > 0, np.maximum(self._daily_capacity - used, 0), -1)
 
     async def stock_matrix(self, network: Network, order: rm.Order, channel: Channel) -> np.ndarray:
-        """Units available to the channel per (location, line), from Redis in one pipeline."""
+        """Units available to the channel per (location, line), from Redis in one pipeline.
+        Holds in flight count as taken: a plan is made of units a hold can still get."""
         skus = [x.sku for x in order.lines]
-        levels = await self.stock.levels_of(skus)
+        levels = await self.stock.levels_of(skus, with_held=True)
         matrix = np.zeros((network.size, len(skus)), np.int64)
         for j, sku in enumerate(skus):
             for lv in levels[sku]:

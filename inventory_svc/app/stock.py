@@ -107,12 +107,12 @@ class StockService:
         rows = await conn.fetch(  # type: ignore[attr-defined]
             "WITH u AS (UPDATE stock SET version = version + 1"
             " WHERE location_id = ANY($1::text[]) AND safety_stock IS NULL RETURNING *)"
-            " SELECT u.sku, u.location_id, u.on_hand, u.reserved, u.version,"
+            " SELECT u.sku, u.location_id, u.on_hand, u.reserved, u.version, u.seq,"
             " l.default_safety_stock AS safety FROM u JOIN locations l ON l.id = u.location_id",
             location_ids,
         )
         return [StockLevel(r["sku"], r["location_id"], r["on_hand"], r["reserved"], r["safety"],
-                           r["version"]) for r in rows]
+                           r["version"], r["seq"]) for r in rows]
 
     async def list_locations(
         self, ids: Sequence[str], type_: LocationType | None, include_inactive: bool
@@ -358,13 +358,15 @@ class StockService:
             raise NotFound("stock", f"{sku}@{location_id}")
 
     # ---- reads -----------------------------------------------------------------------------
-    async def levels_of(self, skus: Sequence[str]) -> dict[str, list[StockLevel]]:
-        """Current levels from Redis, hydrating SKUs Redis does not have."""
-        found = await self.ctx.redis.read(skus)
+    async def levels_of(self, skus: Sequence[str], *, with_held: bool = False
+                        ) -> dict[str, list[StockLevel]]:
+        """Committed levels from Redis, hydrating SKUs Redis does not have; `with_held` counts
+        holds in flight as reserved (what a new hold would find)."""
+        found = await self.ctx.redis.read(skus, with_held=with_held)
         missing = [s for s, lv in found.items() if lv is None]
         if missing:
             await self.ctx.hydrate(missing)
-            found.update(await self.ctx.redis.read(missing))
+            found.update(await self.ctx.redis.read(missing, with_held=with_held))
         return {s: lv or [] for s, lv in found.items()}
 
     async def get_availability(

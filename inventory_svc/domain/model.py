@@ -69,6 +69,8 @@ class StockLevel:
     reserved: int
     safety_stock: int
     version: int
+    # Postgres' change number of the row (stock_seq): newer values win in Redis. 0: not known.
+    seq: int = 0
 
     def available(self, channel: Channel) -> int:
         return available_units(self.on_hand, self.reserved, self.safety_stock, channel)

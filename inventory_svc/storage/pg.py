@@ -31,7 +31,7 @@ LOCATION_COLUMNS = (
 )
 STOCK_SELECT = (
     "SELECT s.sku, s.location_id, s.on_hand, s.reserved,"
-    " COALESCE(s.safety_stock, l.default_safety_stock) AS safety, s.version, l.active"
+     " COALESCE(s.safety_stock, l.default_safety_stock) AS safety, s.version, s.seq, l.active"
     " FROM stock s JOIN locations l ON l.id = s.location_id"
 )
 
@@ -57,10 +57,10 @@ def _location(row: asyncpg.Record) -> Location:
     )
 
 
-def _level(row: asyncpg.Record) -> StockLevel:
+def stock_level(row: asyncpg.Record) -> StockLevel:
     return StockLevel(
         row["sku"], row["location_id"], row["on_hand"], row["reserved"], row["safety"],
-        row["version"],
+        row["version"], row["seq"],
     )
 
 
@@ -133,7 +133,7 @@ class PgStore(PgBase):
             )
         out: dict[str, list[StockLevel]] = {sku: [] for sku in skus}
         for r in rows:
-            out[r["sku"]].append(_level(r))
+            out[r["sku"]].append(stock_level(r))
         return out
 
     async def stock_page(self, after_sku: str, limit: int) -> dict[str, list[StockLevel]]:
@@ -147,7 +147,7 @@ class PgStore(PgBase):
             )
         out: dict[str, list[StockLevel]] = {}
         for r in rows:
-            out.setdefault(r["sku"], []).append(_level(r))
+            out.setdefault(r["sku"], []).append(stock_level(r))
         return out
 
     # ---- stock writes (inside a unit) --------------------------------------------------------
@@ -185,8 +185,8 @@ class PgStore(PgBase):
         # form got a cached generic plan from small calls that went quadratic on bulk loads.)
         rows = await conn.fetch(
             "SELECT s.sku, s.location_id, s.on_hand, s.reserved,"
-            " COALESCE(s.safety_stock, l.default_safety_stock) AS safety, s.version, l.active,"
-            " now() AS now FROM unnest($1::text[], $2::text[]) AS k(sku, location_id)"
+             " COALESCE(s.safety_stock, l.default_safety_stock) AS safety, s.version, s.seq,"
+            " l.active, now() AS now FROM unnest($1::text[], $2::text[]) AS k(sku, location_id)"
             " JOIN stock s ON s.sku = k.sku AND s.location_id = k.location_id"
             " JOIN locations l ON l.id = s.location_id"
             " ORDER BY s.sku, s.location_id FOR UPDATE OF s",
@@ -194,13 +194,13 @@ class PgStore(PgBase):
         )
         # now(): the transaction's start, so a caller can stamp rows without asking again
         now = rows[0]["now"] if rows else await conn.fetchval("SELECT now()")
-        return {(r["sku"], r["location_id"]): LockedStock(_level(r), r["active"]) for r in rows}, now
+        return {(r["sku"], r["location_id"]): LockedStock(stock_level(r), r["active"]) for r in rows}, now
 
     @staticmethod
     async def write_levels(
         conn: asyncpg.Connection, levels: Sequence[StockLevel], *, timeout: float | None = None
     ) -> list[StockLevel]:
-        """Store new on_hand/reserved of locked rows; returns them with their versions.
+        """Store new on_hand/reserved of locked rows; returns them with their versions and seqs.
 
         The version moves only when on_hand does: it guards counts (SetStock's compare-and-set),
         which reservations coming and going must not invalidate.
@@ -211,12 +211,13 @@ class PgStore(PgBase):
             " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])"
             " AS c(sku, location_id, on_hand, reserved)"
             " WHERE s.sku = c.sku AND s.location_id = c.location_id"
-            " RETURNING s.sku, s.location_id, s.version",
+            " RETURNING s.sku, s.location_id, s.version, s.seq",
             [x.sku for x in levels], [x.location_id for x in levels],
             [x.on_hand for x in levels], [x.reserved for x in levels], timeout=timeout,
         )
-        version = {(r["sku"], r["location_id"]): r["version"] for r in rows}
-        return [replace(x, version=version[(x.sku, x.location_id)]) for x in levels]
+        got = {(r["sku"], r["location_id"]): r for r in rows}
+        return [replace(x, version=got[(x.sku, x.location_id)]["version"],
+                        seq=got[(x.sku, x.location_id)]["seq"]) for x in levels]
 
     @staticmethod
     async def write_safety(
@@ -225,12 +226,12 @@ class PgStore(PgBase):
         row = await conn.fetchrow(
             "WITH u AS (UPDATE stock SET safety_stock = $3, version = version + 1"
             " WHERE sku = $1 AND location_id = $2 RETURNING *)"
-            " SELECT u.sku, u.location_id, u.on_hand, u.reserved, u.version,"
+            " SELECT u.sku, u.location_id, u.on_hand, u.reserved, u.version, u.seq,"
             " COALESCE(u.safety_stock, l.default_safety_stock) AS safety"
             " FROM u JOIN locations l ON l.id = u.location_id",
             sku, location_id, safety,
         )
-        return _level(row)
+        return stock_level(row)
 
     @staticmethod
     async def add_movements(
@@ -270,16 +271,17 @@ class PgStore(PgBase):
     async def write_reservation(
         conn: asyncpg.Connection, res: Reservation, levels: Sequence[StockLevel],
         event: dict[str, object], record: tuple[str | None, str, bytes, bytes],
-    ) -> None:
+    ) -> list[StockLevel]:
         """The whole write of a reservation in one statement (one round trip): reserved units,
         the reservation and its lines, its outbox event and, with a key, its idempotency record.
-        `levels` are the locked rows with their new `reserved`."""
+        `levels` are the locked rows with their new `reserved`; returned with their new seqs."""
         key, method, fingerprint, payload = record
         try:
-            await conn.execute(
+            rows = await conn.fetch(
                 "WITH upd AS (UPDATE stock s SET reserved = c.reserved"
                 "  FROM unnest($1::text[], $2::text[], $3::bigint[]) AS c(sku, loc, reserved)"
-                "  WHERE s.sku = c.sku AND s.location_id = c.loc RETURNING 1),"
+                "  WHERE s.sku = c.sku AND s.location_id = c.loc"
+                "  RETURNING s.sku, s.location_id, s.seq),"
                 " res AS (INSERT INTO reservations"
                 "  (id, status, channel, order_ref, created_at, expires_at)"
                 "  VALUES ($4, 'ACTIVE', $5, $6, $7, $8)),"
@@ -290,7 +292,7 @@ class PgStore(PgBase):
                 " ob AS (INSERT INTO outbox (kind, payload) VALUES ('RESERVATION', $12::jsonb)),"
                 " idem AS (INSERT INTO idempotency (key, method, request_hash, response)"
                 "  SELECT $13, $14, $15, $16 WHERE $13::text IS NOT NULL)"
-                " SELECT count(*) FROM upd",
+                " SELECT sku, location_id, seq FROM upd",
                 [x.sku for x in levels], [x.location_id for x in levels],
                 [x.reserved for x in levels], res.id, res.channel.value, res.order_ref,
                 _from_ms(res.created_at_ms), _from_ms(res.expires_at_ms),
@@ -303,6 +305,8 @@ class PgStore(PgBase):
                 raise
             # a first call with this key committed in the instant of our lookup: see Unit.claim
             raise Aborted(f"idempotency_key {key!r} was just used; retry to get its answer") from exc
+        seq = {(r["sku"], r["location_id"]): r["seq"] for r in rows}
+        return [replace(x, seq=seq[(x.sku, x.location_id)]) for x in levels]
 
     @staticmethod
     async def insert_reservation(

@@ -1,10 +1,13 @@
 """Redis: the atomic gate for holds and the read model of stock (DESIGN.md §2).
 
 One hash per SKU, `inv:{sku}`, so every location of a SKU lives in one cluster slot; each field
-is a location id with the value "on_hand:reserved:safety:version". Field "_" marks a hash that
-was loaded whole from Postgres: without it the SKU must be hydrated before it is trusted.
-Beside it, `hold:{sku}` (same slot) records the holds in flight: hold id → "ms;loc=qty;...", taken
-in the hold's own script and dropped once Postgres has committed (or the hold is given back).
+is a location id with the value "on_hand:reserved:safety:version:seq:held": Postgres' committed
+values with the seq they came with (newer seqs win, so commits land in Postgres' order), and the
+units of holds in flight, which count against availability but are not reported as reserved.
+Field "_" marks a hash that was loaded whole from Postgres: without it the SKU must be hydrated
+before it is trusted. Beside it, `hold:{sku}` (same slot) records the holds in flight: hold id →
+"ms;loc=qty;...", taken in the hold's own script and ended with its units (settle.lua) once
+Postgres has committed them, or they are given back.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 META_KEY = "inv:meta"
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 Hydrator = Callable[[list[str]], Awaitable[None]]
+# How long a hold waits, step by step, for holds in flight that are in its way (hold.lua's {4})
+# before it leaves the decision to Postgres: ~30 ms, several commits' time under load.
+IN_FLIGHT_WAITS_S = (0.001, 0.002, 0.004, 0.008, 0.016)
 Client = aioredis.Redis | RedisCluster
 
 
@@ -61,22 +67,68 @@ def decode_hold(hold_id: str, value: bytes | str) -> HoldRecord:
     return HoldRecord(hold_id, int(ms), units)
 
 
-def encode_level(level: StockLevel) -> str:
-    return f"{level.on_hand}:{level.reserved}:{level.safety_stock}:{level.version}"
+def encode_committed(level: StockLevel) -> str:
+    """The Postgres part of a field's value, as hydrate.lua loads it."""
+    return f"{level.on_hand}:{level.reserved}:{level.safety_stock}:{level.version}:{level.seq}"
 
 
-def decode_levels(sku: str, fields: dict[bytes, bytes]) -> list[StockLevel]:
+def encode_level(level: StockLevel, held: int = 0) -> str:
+    return f"{encode_committed(level)}:{held}"
+
+
+@dataclass(frozen=True, slots=True)
+class Cached:
+    """One SKU-location as Redis has it: the committed level, and the units held in flight."""
+
+    level: StockLevel
+    held: int
+
+    def encode(self) -> str:
+        return encode_level(self.level, self.held)
+
+
+def decode_cached(sku: str, fields: dict[bytes, bytes]) -> list[Cached]:
     out = []
     for loc, value in fields.items():
         if loc == b"_":
             continue
-        h, r, s, v = value.split(b":")
-        out.append(StockLevel(sku, loc.decode(), int(h), int(r), int(s), int(v)))
+        h, r, s, v, q, held = value.split(b":")
+        out.append(Cached(StockLevel(sku, loc.decode(), int(h), int(r), int(s), int(v), int(q)),
+                          int(held)))
     return out
 
 
-def _script(name: str) -> str:
-    return resources.files("inventory_svc.storage").joinpath(f"lua/{name}.lua").read_text()
+def decode_levels(sku: str, fields: dict[bytes, bytes], *, with_held: bool = False
+                  ) -> list[StockLevel]:
+    """The committed levels; `with_held` counts the units held in flight as reserved too (the
+    gate's view, which routing decides on)."""
+    out = []
+    for loc, value in fields.items():
+        if loc == b"_":
+            continue
+        h, r, s, v, q, held = value.split(b":")
+        reserved = int(r) + int(held) if with_held else int(r)
+        out.append(StockLevel(sku, loc.decode(), int(h), reserved, int(s), int(v), int(q)))
+    return out
+
+
+def _rows(levels: Iterable[StockLevel], index: dict[str, int]) -> list[Any]:
+    """Committed levels as the script arguments apply.lua and settle.lua take."""
+    args: list[Any] = []
+    for lv in levels:
+        args += [index[stock_key(lv.sku)], lv.location_id, lv.on_hand, lv.reserved,
+                 lv.safety_stock, lv.version, lv.seq]
+    return args
+
+
+def _slot(sku: str) -> int:
+    return key_slot(stock_key(sku).encode())
+
+
+def _script(name: str, *, uses: Sequence[str] = ()) -> str:
+    """A Lua script, with the shared functions it `uses` (lua/<name>.lua) put in front."""
+    lua = resources.files("inventory_svc.storage").joinpath("lua")
+    return "".join(lua.joinpath(f"{n}.lua").read_text() for n in (*uses, name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +143,10 @@ class RedisStock:
     def __init__(self, client: Client) -> None:
         self.client = client
         self._hold = client.register_script(_script("hold"))
-        self._apply = client.register_script(_script("apply"))
+        self._apply = client.register_script(_script("apply", uses=["take"]))
         self._hydrate = client.register_script(_script("hydrate"))
         self._repair = client.register_script(_script("repair"))
-        self._settle = client.register_script(_script("settle"))
+        self._settle = client.register_script(_script("settle", uses=["take"]))
         self.dropped_stale = 0  # times a connection found (and dropped) data built elsewhere
 
     @classmethod
@@ -169,58 +221,76 @@ class RedisStock:
         skus = sorted({x.sku for x in lines})
         keys = [stock_key(s) for s in skus] + [hold_key(s) for s in skus]
         index = {stock_key(s): i + 1 for i, s in enumerate(skus)}
-        args: list[Any] = ["1" if pos else "0", len(lines), hold_id]
+        line_args: list[Any] = []
         for line in lines:
-            args += [index[stock_key(line.sku)], line.location_id, line.quantity]
-        for _ in range(3):
+            line_args += [index[stock_key(line.sku)], line.location_id, line.quantity]
+        hydrations = 0
+        waits = iter(IN_FLIGHT_WAITS_S)
+        force = False
+        while True:
+            args = ["1" if pos else "0", len(lines), hold_id, "1" if force else "0", *line_args]
             with translate_redis():
                 res = await self._hold(keys=keys, args=args)
             code = int(res[0])
             if code == 0:
                 return
             if code == 1:
+                hydrations += 1
+                if hydrations > 3:
+                    raise Unavailable("redis keeps losing the stock of these SKUs; retry")
                 await hydrate([keys[int(res[1]) - 1][5:-1]])
-                continue
-            if code == 3:
+            elif code == 4:
+                # Only holds in flight are in the way: their commits (a few ms) decide. Wait for
+                # them a little; past that, hold anyway and let Postgres decide under its lock.
+                wait = next(waits, None)
+                if wait is None:
+                    force = True
+                else:
+                    await asyncio.sleep(wait)
+            elif code == 3:
                 line = lines[int(res[1]) - 1]
                 raise NotFound("stock", f"{line.sku}@{line.location_id}")
-            shorts = [
-                Shortfall(lines[int(i) - 1].sku, lines[int(i) - 1].location_id,
-                          lines[int(i) - 1].quantity, int(a))
-                for i, a in zip(res[1::2], res[2::2], strict=True)
-            ]
-            raise InsufficientStock(tuple(shorts))
-        raise Unavailable("redis keeps losing the stock of these SKUs; retry")
+            else:
+                raise InsufficientStock(tuple(
+                    Shortfall(lines[int(i) - 1].sku, lines[int(i) - 1].location_id,
+                              lines[int(i) - 1].quantity, int(a))
+                    for i, a in zip(res[1::2], res[2::2], strict=True)))
 
     async def give_back(self, hold: Hold) -> None:
         """Return held units, exactly once: only while the hold's record is still there."""
-        await self._settle_hold(hold.id, sorted({x.sku for x in hold.lines}), "back")
+        await self._settle_hold(hold.id, sorted({x.sku for x in hold.lines}), ())
 
-    async def forget(self, hold: Hold) -> None:
-        """Postgres committed the hold: drop its record, the units stay where they are."""
-        await self._settle_hold(hold.id, sorted({x.sku for x in hold.lines}), "done")
+    async def forget(self, hold: Hold, committed: Sequence[StockLevel]) -> None:
+        """Postgres committed the hold: its units move from held to the `committed` levels."""
+        await self._settle_hold(hold.id, sorted({x.sku for x in hold.lines}), committed)
 
-    async def _settle_hold(self, hold_id: str, skus: Sequence[str], mode: str) -> int:
+    async def _settle_hold(self, hold_id: str, skus: Sequence[str],
+                           committed: Sequence[StockLevel]) -> int:
         by_slot: dict[int, list[str]] = defaultdict(list)
         for sku in skus:
-            by_slot[key_slot(stock_key(sku).encode())].append(sku)
+            by_slot[_slot(sku)].append(sku)
         ended = 0
         with translate_redis():
             for slot in sorted(by_slot):
                 group = by_slot[slot]
                 keys = [stock_key(s) for s in group] + [hold_key(s) for s in group]
-                ended += int(await self._settle(keys=keys, args=[hold_id, mode]))
+                index = {stock_key(s): i + 1 for i, s in enumerate(group)}
+                rows = [lv for lv in committed if stock_key(lv.sku) in index]
+                ended += int(await self._settle(
+                    keys=keys, args=[hold_id, len(rows), *_rows(rows, index)]))
         return ended
 
-    async def settle_record(self, sku: str, hold_id: str, *, give_back: bool) -> bool:
-        """The reconciler's end of one SKU's record of a hold: give back (an orphan) or drop."""
-        return bool(await self._settle_hold(hold_id, [sku], "back" if give_back else "done"))
+    async def settle_record(self, sku: str, hold_id: str,
+                            committed: Sequence[StockLevel] = ()) -> bool:
+        """The reconciler's end of one SKU's record of a hold: an orphan's units are given back
+        (no `committed`), a committed one's move to the `committed` levels."""
+        return bool(await self._settle_hold(hold_id, [sku], committed))
 
     async def inspect(
         self, skus: Sequence[str]
-    ) -> tuple[dict[str, list[StockLevel] | None], dict[str, list[HoldRecord]], int]:
-        """Levels (None: not hydrated) and hold records of each SKU, with the Redis clock (ms),
-        all read in one MULTI, so levels and records are of the same instant."""
+    ) -> tuple[dict[str, list[Cached] | None], dict[str, list[HoldRecord]], int]:
+        """What Redis has of each SKU (None: not hydrated) and its hold records, with the Redis
+        clock (ms), all read in one MULTI, so values and records are of the same instant."""
         with translate_redis():
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.time()
@@ -230,56 +300,47 @@ class RedisStock:
                 results = await pipe.execute()
         sec, usec = results[0]
         now_ms = int(sec) * 1000 + int(usec) // 1000
-        levels: dict[str, list[StockLevel] | None] = {}
+        cached: dict[str, list[Cached] | None] = {}
         holds: dict[str, list[HoldRecord]] = {}
         for i, sku in enumerate(skus):
             fields, recs = results[1 + 2 * i], results[2 + 2 * i]
-            levels[sku] = decode_levels(sku, fields) if b"_" in fields else None
+            cached[sku] = decode_cached(sku, fields) if b"_" in fields else None
             holds[sku] = [decode_hold(k.decode(), v) for k, v in recs.items()]
-        return levels, holds, now_ms
+        return cached, holds, now_ms
 
     # ---- applying committed state ------------------------------------------------------------
-    async def apply_changes(
-        self, levels: Iterable[StockLevel], reserved_moves: Iterable[tuple[Line, int]] = ()
-    ) -> None:
-        """Bring committed Postgres levels in (newer versions win), and move reserved units.
+    async def apply_changes(self, levels: Iterable[StockLevel]) -> None:
+        """Bring committed Postgres levels in; a level older than Redis' (by seq) is ignored.
 
         Best effort by design: if Redis is down the reconciler repairs it from Postgres later.
         """
-        rows: dict[int, list[tuple[str, str, int, int, int, int]]] = defaultdict(list)
+        by_slot: dict[int, list[StockLevel]] = defaultdict(list)
         for lv in levels:
-            rows[key_slot(stock_key(lv.sku).encode())].append(
-                (lv.sku, lv.location_id, lv.on_hand, lv.safety_stock, lv.version, 0)
-            )
-        for line, delta in reserved_moves:
-            # version -1 never wins, so only the reserved delta is applied
-            rows[key_slot(stock_key(line.sku).encode())].append(
-                (line.sku, line.location_id, 0, 0, -1, delta)
-            )
-        if not rows:
+            by_slot[_slot(lv.sku)].append(lv)
+        if not by_slot:
             return
         with translate_redis():
             async with self.client.pipeline(transaction=False) as pipe:
-                for slot in sorted(rows):
-                    group = rows[slot]
-                    keys = sorted({stock_key(r[0]) for r in group})
+                for slot in sorted(by_slot):
+                    group = by_slot[slot]
+                    keys = sorted({stock_key(lv.sku) for lv in group})
                     index = {k: i + 1 for i, k in enumerate(keys)}
-                    args: list[Any] = [len(group)]
-                    for sku, loc, h, s, v, dr in group:
-                        args += [index[stock_key(sku)], loc, h, s, v, dr]
-                    await self._apply(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
+                    await self._apply(keys=keys, args=[len(group), *_rows(group, index)],
+                                      client=pipe)  # type: ignore[arg-type]
                 await pipe.execute()
 
     # ---- reads and rebuilds ----------------------------------------------------------------
-    async def read(self, skus: Sequence[str]) -> dict[str, list[StockLevel] | None]:
-        """Stock levels of each SKU; None where the SKU is not hydrated."""
+    async def read(self, skus: Sequence[str], *, with_held: bool = False
+                   ) -> dict[str, list[StockLevel] | None]:
+        """Committed stock levels of each SKU (see decode_levels for `with_held`); None where the
+        SKU is not hydrated."""
         with translate_redis():
             async with self.client.pipeline(transaction=False) as pipe:
                 for sku in skus:
                     pipe.hgetall(stock_key(sku))
                 results = await pipe.execute()
         return {
-            sku: (decode_levels(sku, fields) if b"_" in fields else None)
+            sku: (decode_levels(sku, fields, with_held=with_held) if b"_" in fields else None)
             for sku, fields in zip(skus, results, strict=True)
         }
 
@@ -292,7 +353,7 @@ class RedisStock:
                 for sku, levels in snapshot.items():
                     args: list[Any] = ["1" if force else "0"]
                     for lv in levels:
-                        args += [lv.location_id, encode_level(lv)]
+                        args += [lv.location_id, encode_committed(lv)]
                     await self._hydrate(keys=[stock_key(sku), hold_key(sku)], args=args,
                                         client=pipe)  # type: ignore[arg-type]
                 written = await pipe.execute()

@@ -31,7 +31,7 @@ from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.embedded import EmbeddedRedis
 from inventory_svc.server import Running, serve
-from inventory_svc.storage.redis_stock import decode_hold, decode_levels, hold_key, stock_key
+from inventory_svc.storage.redis_stock import decode_cached, decode_hold, hold_key, stock_key
 from tests.conftest import Stores, settings_for, store_location, uid
 from tests.invariants import assert_postgres_invariants
 
@@ -397,11 +397,11 @@ async def check_all(pool: asyncpg.Pool, redis: Any, skus: Sequence[str],
         fields = await redis.hgetall(stock_key(r["sku"]))
         if b"_" not in fields:
             continue  # not hydrated: nothing in Redis to disagree with
-        cached = {lv.location_id: lv for lv in decode_levels(r["sku"], fields)}
+        cached = {c.level.location_id: c for c in decode_cached(r["sku"], fields)}
         have = cached.get(r["location_id"])
         assert have is not None, f"I4: {where} missing in redis"
-        assert (have.on_hand, have.reserved, have.safety_stock) == (
-            r["on_hand"], r["reserved"], r["safety"]), f"I4 broken at {where}: redis {have} pg {dict(r)}"
+        assert (have.level.on_hand, have.level.reserved, have.level.safety_stock, have.held) == (
+            r["on_hand"], r["reserved"], r["safety"], 0), f"I4 broken at {where}: redis {have} pg {dict(r)}"
     for sku in skus:
         left = await redis.hgetall(hold_key(sku))
         recs = [decode_hold(k.decode(), v) for k, v in left.items()]

@@ -1,58 +1,86 @@
 -- hold.lua: take an all-or-nothing hold on several lines whose keys share one hash slot.
 -- KEYS[1..m]    stock hash of one SKU ("inv:{sku}"); field <location_id> =
---               "on_hand:reserved:safety:version", field "_" marks the hash as complete
---               (hydrated from Postgres).
+--               "on_hand:reserved:safety:version:seq:held" (the committed Postgres values, the
+--               seq they came with, and the units of holds in flight); field "_" marks the hash
+--               as complete (hydrated from Postgres).
 -- KEYS[m+1..2m] the in-flight hold records of the same SKUs ("hold:{sku}"), in the same order
 -- ARGV[1]  1 if the channel is POS (may take the safety stock), else 0
 -- ARGV[2]  number of lines n
 -- ARGV[3]  hold id (the reservation id the hold is for)
+-- ARGV[4]  1 to hold even where only the committed stock covers a line (Postgres decides), else 0
 -- then per line: key index (1..m), location id, quantity
+-- Held units count against availability at once but are kept apart from the committed
+-- `reserved`: reads report only what Postgres committed, and a hold whose commit fails never
+-- showed. So a line is short for sure only when the committed stock cannot cover it. When it
+-- can, and only holds in flight are in the way, the answer depends on how they end: {4} asks the
+-- caller to wait for them (a refusal now could not be explained by any state a read shows).
 -- A successful hold is recorded under its id in each SKU's hold hash, with the Redis clock in ms
--- and its lines: "ms;loc=qty;loc=qty". The record goes when the Postgres commit is done (or the
--- hold is given back); a record left behind lets the reconciler tell an orphaned hold (its replica
--- died between Redis and Postgres) from one still in flight, and give it back exactly once.
+-- and its lines: "ms;loc=qty;loc=qty". settle.lua ends it (commit done, or given back); a record
+-- left behind lets the reconciler tell an orphaned hold (its replica died between Redis and
+-- Postgres) from one still in flight, and give it back exactly once.
 -- Returns  {0}                         all held
 --          {1, k}                      KEYS[k] is not hydrated: load it from Postgres and retry
---          {2, line, available, ...}   short lines (1-based line number and units available); nothing held
+--          {2, line, available, ...}   short lines (1-based line number, committed units
+--                                      available); nothing held
 --          {3, line}                   the line's SKU-location has no stock row
+--          {4}                         only holds in flight are in the way; nothing held
 local pos = ARGV[1] == '1'
 local n = tonumber(ARGV[2])
 local hold_id = ARGV[3]
+local force = ARGV[4] == '1'
 local m = #KEYS / 2
 for k = 1, m do
   if redis.call('HEXISTS', KEYS[k], '_') == 0 then return {1, k} end
 end
-local rows = {}
+-- "k/loc" -> {key, loc, on_hand, reserved, safety, version, seq, held, this call's units}
+local fields = {}
+local order = {}
 local short = {2}
+local wait = false
 for i = 1, n do
-  local base = 3 + (i - 1) * 3
+  local base = 4 + (i - 1) * 3
   local k = tonumber(ARGV[base + 1])
-  local key = KEYS[k]
   local loc = ARGV[base + 2]
   local qty = tonumber(ARGV[base + 3])
-  local val = redis.call('HGET', key, loc)
-  if not val then return {3, i} end
-  local h, r, s, v = string.match(val, '^(%-?%d+):(%-?%d+):(%-?%d+):(%-?%d+)$')
-  h, r, s = tonumber(h), tonumber(r), tonumber(s)
-  local avail = h - r
-  if not pos then avail = avail - s end
-  if avail < 0 then avail = 0 end
-  if avail < qty then
-    short[#short + 1] = i
-    short[#short + 1] = avail
+  local id = k .. '/' .. loc
+  local f = fields[id]
+  if not f then
+    local val = redis.call('HGET', KEYS[k], loc)
+    if not val then return {3, i} end
+    local h, r, s, v, q, held = string.match(
+      val, '^(%-?%d+):(%-?%d+):(%-?%d+):(%-?%d+):(%-?%d+):(%-?%d+)$')
+    f = {KEYS[k], loc, tonumber(h), tonumber(r), tonumber(s), v, q, tonumber(held), 0}
+    fields[id] = f
+    order[#order + 1] = id
   end
-  rows[i] = {key, loc, h, r + qty, s, v, k, qty}
+  local committed = f[3] - f[4]
+  if not pos then committed = committed - f[5] end
+  if committed < 0 then committed = 0 end
+  if committed < f[9] + qty then  -- f[9]: units of earlier lines of this call here
+    short[#short + 1] = i
+    short[#short + 1] = math.max(committed - f[9], 0)
+  elseif committed - f[8] < qty and not force then
+    wait = true
+  end
+  f[8] = f[8] + qty
+  f[9] = f[9] + qty
 end
 if #short > 1 then return short end
-local t = redis.call('TIME')
-local ms = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-local records = {}
-for i = 1, n do
-  local row = rows[i]
-  redis.call('HSET', row[1], row[2], row[3] .. ':' .. row[4] .. ':' .. row[5] .. ':' .. row[6])
-  records[row[7]] = (records[row[7]] or ms) .. ';' .. row[2] .. '=' .. row[8]
+if wait then return {4} end
+for _, id in ipairs(order) do
+  local f = fields[id]
+  redis.call('HSET', f[1], f[2],
+             f[3] .. ':' .. f[4] .. ':' .. f[5] .. ':' .. f[6] .. ':' .. f[7] .. ':' .. f[8])
 end
 if hold_id ~= '' then
+  local t = redis.call('TIME')
+  local ms = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  local records = {}
+  for i = 1, n do
+    local base = 4 + (i - 1) * 3
+    local k = tonumber(ARGV[base + 1])
+    records[k] = (records[k] or ms) .. ';' .. ARGV[base + 2] .. '=' .. ARGV[base + 3]
+  end
   for k, rec in pairs(records) do
     redis.call('HSET', KEYS[m + k], hold_id, rec)
   end
