@@ -29,6 +29,12 @@ class Settings:
     sweep_interval_s: float = 1.0
     sweep_batch: int = 200
     reconcile_interval_s: float = 30.0
+    # Passes in between look only at rows changed since a pass at least reconcile_seq_window_s
+    # ago (by then every transaction that took a smaller seq has ended; only a bulk import runs
+    # longer, and it publishes its own levels), and at SKUs with holds in flight; every this
+    # many passes one looks at everything.
+    reconcile_full_every: int = 10
+    reconcile_seq_window_s: float = 60.0
     pg_pool_min: int = 2
     pg_pool_max: int = 20
     pg_timeout_s: float = 5.0
@@ -75,6 +81,10 @@ class Settings:
         need(self.sweep_interval_s > 0, "sweep_interval_s", self.sweep_interval_s, "must be > 0")
         need(self.reconcile_interval_s > 0, "reconcile_interval_s", self.reconcile_interval_s,
              "must be > 0")
+        need(self.reconcile_full_every >= 1, "reconcile_full_every", self.reconcile_full_every,
+             "must be >= 1")
+        need(self.reconcile_seq_window_s >= 0, "reconcile_seq_window_s",
+             self.reconcile_seq_window_s, "must be >= 0")
         need(1 <= self.pg_pool_min <= self.pg_pool_max, "pg_pool_max", self.pg_pool_max,
              "need 1 <= PG_POOL_MIN <= PG_POOL_MAX")
         need(self.log_format in ("text", "json"), "log_format", self.log_format,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import grpc
 
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
+from inventory_svc.app.background import Reconciler
+from inventory_svc.app.context import Context
 from inventory_svc.server import Running
 from inventory_svc.storage.redis_stock import stock_key
 from tests.conftest import make_world
@@ -128,3 +131,29 @@ async def test_reconciler_repairs_drift(stub: Stub, service: Running) -> None:
     await assert_invariants(service, w.skus)
     out = await stub.GetAvailability(api.GetAvailabilityRequest(skus=w.skus, location_ids=[loc]))
     assert [i.total_available for i in out.items] == [10, 10, 10]
+
+
+async def test_passes_between_full_ones_follow_the_changes(stub: Stub, service: Running) -> None:
+    w = await make_world(stub, locations=1, skus=2, on_hand=10)
+    changed, untouched = w.skus
+    loc = w.locations[0]
+    await stub.GetAvailability(api.GetAvailabilityRequest(skus=w.skus))  # loaded into Redis
+    ctx = Context(replace(service.ctx.settings, reconcile_seq_window_s=0.0,
+                          reconcile_full_every=10), service.ctx.pg, service.ctx.redis)
+    reconciler = Reconciler(ctx)
+    first = await reconciler.run_pass()  # the first pass looks at everything
+    redis = service.ctx.redis.client
+    before = await redis.hget(stock_key(changed), loc)
+    await stub.AdjustStock(api.AdjustStockRequest(
+        sku=changed, location_id=loc, delta=5, reason=api.ADJUSTMENT_REASON_RECEIPT))
+    await redis.hset(stock_key(changed), loc, before)  # its Redis update was lost
+    value = (await redis.hget(stock_key(untouched), loc)).decode().split(":")
+    value[1] = "3"  # wrong in Redis at its own seq, and its row has not changed since
+    await redis.hset(stock_key(untouched), loc, ":".join(value))
+    second = await reconciler.run_pass()
+    assert second.skus < first.skus and second.stale_levels >= 1
+    got = await stub.GetAvailability(api.GetAvailabilityRequest(skus=w.skus, location_ids=[loc]))
+    assert [i.total_available for i in got.items] == [15, 7]  # the change followed, not the rest
+    full = await Reconciler(ctx).run_pass()
+    assert full.repaired >= 1
+    await assert_invariants(service, w.skus)

@@ -63,12 +63,19 @@ class Reconciler:
     between Redis and Postgres. It is given back exactly once, under the stock rows' locks so no
     commit of it can be under way, on the first pass or hold check after it became one: within
     one reconcile interval.
+
+    A full pass looks at every row. The passes in between (all but every
+    `reconcile_full_every`-th) look only at rows whose seq moved since a mark taken at least
+    `reconcile_seq_window_s` before (so no transaction that took a smaller seq is still open),
+    and at every SKU with hold records: the work follows the changes, not the catalogue's size.
     """
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         # SKUs with holds in flight, and when (monotonic) the youngest may become an orphan
         self._watch: dict[str, float] = {}
+        self._passes = 0
+        self._marks: list[tuple[float, int]] = []  # (monotonic, seq) at the start of passes
 
     @property
     def orphan_after_ms(self) -> int:
@@ -108,14 +115,36 @@ class Reconciler:
 
     async def run_pass(self) -> ReconcileReport:
         rebuilt = await self.ensure_generation(startup=False)
+        now = time.monotonic()
+        mark = await self.ctx.pg.stock_seq_now()  # before anything is read
+        window = self.ctx.settings.reconcile_seq_window_s
+        since = max((m for at, m in self._marks if now - at >= window), default=None)
+        self._marks = [(at, m) for at, m in self._marks if now - at < window]
+        if since is not None:
+            self._marks.insert(0, (now - window, since))  # still the newest usable one
+        self._marks.append((now, mark))
+        full = (since is None or rebuilt
+                or self._passes % self.ctx.settings.reconcile_full_every == 0)
+        self._passes += 1
         total = ReconcileReport(0, 0, 0, rebuilt)
-        after = ""
-        while page := await self.ctx.pg.stock_page(after, RECONCILE_PAGE):
-            after = max(page)
-            total = _add(total, await self.reconcile(sorted(page)))
-            await asyncio.sleep(0)  # let waiting RPCs run between rounds
+        if full:
+            after = ""
+            while page := await self.ctx.pg.stock_page(after, RECONCILE_PAGE):
+                after = max(page)
+                total = _add(total, await self.reconcile(sorted(page)))
+                await asyncio.sleep(0)  # let waiting RPCs run between rounds
+        else:
+            assert since is not None
+            changed: dict[str, set[str] | None] = dict(await self.ctx.pg.changed_since(since))
+            for sku in await self.ctx.redis.skus_with_holds():
+                changed[sku] = None  # all its rows: the records may name any of them
+            skus = sorted(changed)
+            for i in range(0, len(skus), RECONCILE_PAGE):
+                round_ = skus[i:i + RECONCILE_PAGE]
+                total = _add(total, await self.reconcile(round_, {s: changed[s] for s in round_}))
+                await asyncio.sleep(0)
         if total.stale_levels or total.repaired or rebuilt or total.orphans_released:
-            log.warning("reconciler: %s", total)
+            log.warning("reconciler (%s pass): %s", "full" if full else "changes", total)
         return total
 
     async def check_holds(self) -> ReconcileReport | None:
@@ -134,13 +163,20 @@ class Reconciler:
     def next_hold_check(self) -> float | None:
         return min(self._watch.values(), default=None)
 
-    async def reconcile(self, skus: list[str]) -> ReconcileReport:
-        """One round over these SKUs (see the class doc)."""
+    async def reconcile(
+        self, skus: list[str], only: dict[str, set[str] | None] | None = None
+    ) -> ReconcileReport:
+        """One round over these SKUs (see the class doc); with `only`, over those locations of
+        each SKU (None: all of them)."""
         redis = self.ctx.redis
-        cached, holds, now_ms = await redis.inspect(skus)
+        cached, holds, now_ms = await redis.inspect(skus, only)
         ids = sorted({h.id for recs in holds.values() for h in recs})
-        levels, committed = await self._pg_view(skus, ids)
-        await redis.load({s: levels.get(s, []) for s in skus if cached[s] is None}, force=False)
+        whole = [s for s in skus if only is None or only.get(s) is None]
+        pairs = [(s, loc) for s in skus for loc in sorted(only.get(s) or ())
+                 ] if only is not None else []
+        levels, committed = await self._pg_view(whole, pairs, ids)
+        # a SKU not in Redis is loaded whole (so only when every row of it was read)
+        await redis.load({s: levels.get(s, []) for s in whole if cached[s] is None}, force=False)
         stale: list[StockLevel] = []
         repairs: list[tuple[str, str, str, str]] = []
         for sku in skus:
@@ -183,14 +219,21 @@ class Reconciler:
         return ReconcileReport(len(skus), len(stale), repaired, False, released, young, settled)
 
     async def _pg_view(
-        self, skus: list[str], hold_ids: list[str]
+        self, skus: list[str], pairs: list[tuple[str, str]], hold_ids: list[str]
     ) -> tuple[dict[str, list[StockLevel]], set[str]]:
-        """Stock of these SKUs and which of these reservations exist, in one snapshot."""
+        """All rows of `skus`, the rows `pairs`, and which of these reservations exist, in one
+        snapshot."""
         with translate_errors():
             pool, timeout = self.ctx.pg.pool, self.ctx.settings.pg_timeout_s
             async with pool.acquire(timeout=timeout) as conn, conn.transaction(
                     isolation="repeatable_read", readonly=True):
-                rows = await conn.fetch(STOCK_SELECT + " WHERE s.sku = ANY($1::text[])", skus)
+                rows = list(await conn.fetch(
+                    STOCK_SELECT + " WHERE s.sku = ANY($1::text[])", skus)) if skus else []
+                if pairs:
+                    rows += await conn.fetch(
+                        STOCK_SELECT + " JOIN unnest($1::text[], $2::text[]) AS k(sku, loc)"
+                        " ON s.sku = k.sku AND s.location_id = k.loc",
+                        [p[0] for p in pairs], [p[1] for p in pairs])
                 found = await conn.fetch(
                     "SELECT id FROM reservations WHERE id = ANY($1::text[])", hold_ids
                 ) if hold_ids else []

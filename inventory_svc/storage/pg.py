@@ -150,6 +150,22 @@ class PgStore(PgBase):
             out.setdefault(r["sku"], []).append(stock_level(r))
         return out
 
+    async def stock_seq_now(self) -> int:
+        """The last seq handed out (taken before a transaction that got it may have committed)."""
+        with translate_errors():
+            return int(await self.pool.fetchval("SELECT last_value FROM stock_seq"))
+
+    async def changed_since(self, seq: int) -> dict[str, set[str]]:
+        """The SKU-locations changed (seq above `seq`), by SKU. A scan of the stock table without
+        an index: an index on seq would cost every stock update its HOT path."""
+        with translate_errors():
+            rows = await self.pool.fetch(
+                "SELECT sku, location_id FROM stock WHERE seq > $1", seq)
+        out: dict[str, set[str]] = {}
+        for r in rows:
+            out.setdefault(r["sku"], set()).add(r["location_id"])
+        return out
+
     # ---- stock writes (inside a unit) --------------------------------------------------------
     @staticmethod
     async def lock_stock(

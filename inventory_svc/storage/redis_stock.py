@@ -16,7 +16,7 @@ import asyncio
 import logging
 import secrets
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -287,10 +287,11 @@ class RedisStock:
         return bool(await self._settle_hold(hold_id, [sku], committed))
 
     async def inspect(
-        self, skus: Sequence[str]
+        self, skus: Sequence[str], only: Mapping[str, Collection[str] | None] | None = None
     ) -> tuple[dict[str, list[Cached] | None], dict[str, list[HoldRecord]], int]:
-        """What Redis has of each SKU (None: not hydrated) and its hold records, with the Redis
-        clock (ms), all read in one MULTI, so values and records are of the same instant."""
+        """What Redis has of each SKU (None: not hydrated; with `only`, of those locations of
+        it, None: all) and its hold records, with the Redis clock (ms), all read in one MULTI,
+        so values and records are of the same instant."""
         with translate_redis():
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.time()
@@ -304,9 +305,19 @@ class RedisStock:
         holds: dict[str, list[HoldRecord]] = {}
         for i, sku in enumerate(skus):
             fields, recs = results[1 + 2 * i], results[2 + 2 * i]
+            wanted = None if only is None else only.get(sku)
+            if wanted is not None:
+                fields = {k: v for k in map(str.encode, wanted) if (v := fields.get(k))} | (
+                    {b"_": b"1"} if b"_" in fields else {})
             cached[sku] = decode_cached(sku, fields) if b"_" in fields else None
             holds[sku] = [decode_hold(k.decode(), v) for k, v in recs.items()]
         return cached, holds, now_ms
+
+    async def skus_with_holds(self) -> list[str]:
+        """SKUs with hold records (a hold hash goes with its last record), by SCAN."""
+        with translate_redis():
+            keys = [k async for k in self.client.scan_iter(match="hold:{*", count=1000)]
+        return sorted({(k.decode() if isinstance(k, bytes) else k)[6:-1] for k in keys})
 
     # ---- applying committed state ------------------------------------------------------------
     async def apply_changes(self, levels: Iterable[StockLevel]) -> None:

@@ -123,7 +123,9 @@ def own_site_sync(stores: Stores, *, durable_redis: bool = False) -> Iterator[Si
 
 
 def site_settings(stores: Stores, site: Site, **overrides: object) -> Any:
-    base: dict[str, object] = dict(redis_url=site.redis_url, database_url=site.database_url)
+    # passes between full ones look at changes (and holds) only: the faults meet both kinds
+    base: dict[str, object] = dict(redis_url=site.redis_url, database_url=site.database_url,
+                                   reconcile_full_every=3, reconcile_seq_window_s=0.5)
     base.update(overrides)
     return settings_for(stores, **base)
 
