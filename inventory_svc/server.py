@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -122,6 +123,9 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
         await server.start()
 
         background = asyncio.create_task(run_background(ctx, reservations, reconciler))
+        # What start-up built (modules, compiled kernels, the location cache) lives as long as
+        # the process: out of the cyclic collector's sight, its full collections stay short.
+        gc.freeze()
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s:%d", settings.host, port)

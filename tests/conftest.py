@@ -37,6 +37,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="run the long soak/chaos versions of the fault and model-based tests")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--soak"):
+        # the long versions run for minutes each (50 kill -9 rounds alone take ~5)
+        for item in items:
+            item.add_marker(pytest.mark.timeout(1800))
+
+
 @pytest.fixture(scope="session")
 def soak(request: pytest.FixtureRequest) -> bool:
     """True under --soak: tests scale their rounds/examples up to the long versions."""

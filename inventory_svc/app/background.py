@@ -96,21 +96,18 @@ class Reconciler:
                 await self.ctx.redis.set_generation(pg_gen, run_id)  # a marker of old
             return False
         force = startup or redis_gen is not None
-        async with self.ctx.pg.pool.acquire() as conn:
+        async with self.ctx.pg.pool.acquire() as conn, conn.transaction():
             # One replica rebuilds; the others wait for it and then find the marker in place.
-            await conn.execute("SELECT pg_advisory_lock($1)", REBUILD_LOCK)
-            try:
-                if await self.ctx.redis.generation() == pg_gen:
-                    return False
-                log.warning("rebuilding redis from postgres (redis generation %r, postgres %r)",
-                            redis_gen, pg_gen)
-                after = ""
-                while page := await self.ctx.pg.stock_page(after, PAGE):
-                    await self.ctx.redis.load(page, force=force)
-                    after = max(page)
-                await self.ctx.redis.set_generation(pg_gen, run_id)
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", REBUILD_LOCK)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", REBUILD_LOCK)
+            if await self.ctx.redis.generation() == pg_gen:
+                return False
+            log.warning("rebuilding redis from postgres (redis generation %r, postgres %r)",
+                        redis_gen, pg_gen)
+            after = ""
+            while page := await self.ctx.pg.stock_page(after, PAGE):
+                await self.ctx.redis.load(page, force=force)
+                after = max(page)
+            await self.ctx.redis.set_generation(pg_gen, run_id)
         return True
 
     async def run_pass(self) -> ReconcileReport:

@@ -293,6 +293,7 @@ class StockService:
                 break
         if not rows:
             v.add("rows", "at least one row is required")
+        v.text("reason", reason)
         v.raise_if_any()
         async with self.ctx.pg.unit(idem) as u:
             if u.replay is not None:

@@ -136,6 +136,14 @@ class Unit:
             raise Aborted(f"idempotency_key {self.idem.key!r} is busy; retry") from exc
 
 
+async def _leave_session_as_is(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release: nothing to do. asyncpg's default sends one more query with
+    every release (unlock advisory locks, close cursors, unlisten, reset settings), a round trip
+    and a transaction per request; this service leaves none of those behind on a pooled
+    connection (advisory locks are transaction-scoped, settings are SET LOCAL). asyncpg still
+    rolls back a transaction left open."""
+
+
 class PgBase:
     def __init__(self, pool: asyncpg.Pool, timeout_s: float | None = None) -> None:
         self.pool = pool
@@ -153,6 +161,7 @@ class PgBase:
                 max_size=max_size,
                 command_timeout=timeout_s,
                 timeout=timeout_s,
+                reset=_leave_session_as_is,
             )
         return cls(pool, timeout_s)
 
@@ -177,26 +186,23 @@ class PgBase:
         )
         applied: list[str] = []
         with translate_errors():
-            async with self.pool.acquire() as conn:
-                await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
-                try:
-                    await conn.execute(
-                        "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                        " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-                    )
-                    done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
-                    for f in files:
-                        if f.name in done:
-                            continue
-                        async with conn.transaction():
-                            await conn.execute(f.read_text())
-                            await conn.execute(
-                                "INSERT INTO schema_migrations (name) VALUES ($1)", f.name
-                            )
-                        applied.append(f.name)
-                        log.info("applied migration %s", f.name)
-                finally:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+            # One transaction, its lock released with it (pooled connections keep no session
+            # state: see _leave_session_as_is): all pending migrations apply, or none.
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+                for f in files:
+                    if f.name in done:
+                        continue
+                    await conn.execute(f.read_text())
+                    await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", f.name)
+                    applied.append(f.name)
+            for name in applied:
+                log.info("applied migration %s", name)
         return applied
 
     async def generation(self) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 
 from inventory_svc.domain.errors import InsufficientStock, NotFound, Shortfall, Unavailable
@@ -172,6 +173,37 @@ class RedisStock:
         holder.append(stock)
         return stock
 
+    async def _run_scripts(self, calls: Sequence[tuple[AsyncScript, list[str], list[Any]]]
+                           ) -> list[Any]:
+        """Scripts in one round trip: a pipeline of EVALSHA. (redis-py's own pipelined scripts
+        cost a SCRIPT EXISTS round trip first.) Calls refused with NOSCRIPT did not run: their
+        scripts are loaded and they are sent again."""
+        if len(calls) == 1:
+            script, keys, args = calls[0]
+            return [await script(keys=keys, args=args)]
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    script, keys, args = calls[i]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                out = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, res in zip(todo, out, strict=True):
+                if isinstance(res, redis.exceptions.NoScriptError):
+                    missing.append(i)
+                elif isinstance(res, Exception):
+                    raise res
+                else:
+                    results[i] = res
+            if not missing:
+                return results
+            for script in {calls[i][0].sha: calls[i][0] for i in missing}.values():
+                await self.client.script_load(script.script)
+            todo = missing
+        raise Unavailable("redis keeps losing the service's scripts; retry")
+
     async def _check_run(self, conn: Any) -> None:
         await conn.send_command("INFO", "server")
         info = await conn.read_response()
@@ -197,19 +229,37 @@ class RedisStock:
     # ---- holds -----------------------------------------------------------------------------
     async def hold(self, lines: Sequence[Line], *, pos: bool, hydrate: Hydrator,
                    hold_id: str = "") -> Hold:
-        """Hold every line or none: one atomic script per hash slot, slots in ascending order,
-        earlier slots given back if a later one is short. The hold is recorded under `hold_id`
-        (the reservation it is for) until `forget` or `give_back` ends it."""
+        """Hold every line or none: one atomic script per hash slot, slots in ascending order
+        and all in one round trip, the slots taken given back if another is short. The hold is
+        recorded under `hold_id` (the reservation it is for) until `forget` or `give_back`."""
         hold_id = hold_id or "h" + secrets.token_hex(12)
         by_slot: dict[int, list[Line]] = defaultdict(list)
         for line in lines:
             by_slot[key_slot(stock_key(line.sku).encode())].append(line)
         taken: list[Line] = []
         try:
-            for slot in sorted(by_slot):
+            slots = sorted(by_slot)
+            first: list[Any] = [None]
+            if len(slots) > 1:  # every slot's hold in one round trip
+                with translate_redis():
+                    first = await self._run_scripts([
+                        (self._hold, *self._hold_call(by_slot[slot], pos=pos, hold_id=hold_id,
+                                                      force=False)) for slot in slots])
+            shorts: list[Shortfall] = []
+            for slot, res in zip(slots, first, strict=True):
                 group = by_slot[slot]
-                await self._hold_slot(group, pos=pos, hydrate=hydrate, hold_id=hold_id)
-                taken.extend(group)
+                if res is not None and int(res[0]) == 0:
+                    taken.extend(group)
+                elif res is not None and int(res[0]) == 2:
+                    shorts += self._shortfalls(group, res)
+            if shorts:
+                raise InsufficientStock(tuple(shorts))
+            # the rest (a single slot; or one to load from Postgres, or to wait on) in turn
+            for slot, res in zip(slots, first, strict=True):
+                if res is None or int(res[0]) != 0:
+                    group = by_slot[slot]
+                    await self._hold_slot(group, pos=pos, hydrate=hydrate, hold_id=hold_id)
+                    taken.extend(group)
         except BaseException:
             if taken:
                 await asyncio.shield(self.give_back(Hold(tuple(taken), hold_id)))
@@ -218,17 +268,11 @@ class RedisStock:
 
     async def _hold_slot(self, lines: list[Line], *, pos: bool, hydrate: Hydrator,
                          hold_id: str) -> None:
-        skus = sorted({x.sku for x in lines})
-        keys = [stock_key(s) for s in skus] + [hold_key(s) for s in skus]
-        index = {stock_key(s): i + 1 for i, s in enumerate(skus)}
-        line_args: list[Any] = []
-        for line in lines:
-            line_args += [index[stock_key(line.sku)], line.location_id, line.quantity]
         hydrations = 0
         waits = iter(IN_FLIGHT_WAITS_S)
         force = False
         while True:
-            args = ["1" if pos else "0", len(lines), hold_id, "1" if force else "0", *line_args]
+            keys, args = self._hold_call(lines, pos=pos, hold_id=hold_id, force=force)
             with translate_redis():
                 res = await self._hold(keys=keys, args=args)
             code = int(res[0])
@@ -251,10 +295,26 @@ class RedisStock:
                 line = lines[int(res[1]) - 1]
                 raise NotFound("stock", f"{line.sku}@{line.location_id}")
             else:
-                raise InsufficientStock(tuple(
-                    Shortfall(lines[int(i) - 1].sku, lines[int(i) - 1].location_id,
-                              lines[int(i) - 1].quantity, int(a))
-                    for i, a in zip(res[1::2], res[2::2], strict=True)))
+                raise InsufficientStock(tuple(self._shortfalls(lines, res)))
+
+    @staticmethod
+    def _hold_call(lines: Sequence[Line], *, pos: bool, hold_id: str, force: bool
+                   ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of hold.lua for lines of one hash slot."""
+        skus = sorted({x.sku for x in lines})
+        keys = [stock_key(s) for s in skus] + [hold_key(s) for s in skus]
+        index = {stock_key(s): i + 1 for i, s in enumerate(skus)}
+        args: list[Any] = ["1" if pos else "0", len(lines), hold_id, "1" if force else "0"]
+        for line in lines:
+            args += [index[stock_key(line.sku)], line.location_id, line.quantity]
+        return keys, args
+
+    @staticmethod
+    def _shortfalls(lines: Sequence[Line], res: list[Any]) -> list[Shortfall]:
+        """hold.lua's {2, line, available, ...} as shortfalls."""
+        return [Shortfall(lines[int(i) - 1].sku, lines[int(i) - 1].location_id,
+                          lines[int(i) - 1].quantity, int(a))
+                for i, a in zip(res[1::2], res[2::2], strict=True)]
 
     async def give_back(self, hold: Hold) -> None:
         """Return held units, exactly once: only while the hold's record is still there."""
@@ -269,16 +329,15 @@ class RedisStock:
         by_slot: dict[int, list[str]] = defaultdict(list)
         for sku in skus:
             by_slot[_slot(sku)].append(sku)
-        ended = 0
+        calls = []
+        for slot in sorted(by_slot):
+            group = by_slot[slot]
+            keys = [stock_key(s) for s in group] + [hold_key(s) for s in group]
+            index = {stock_key(s): i + 1 for i, s in enumerate(group)}
+            rows = [lv for lv in committed if stock_key(lv.sku) in index]
+            calls.append((self._settle, keys, [hold_id, len(rows), *_rows(rows, index)]))
         with translate_redis():
-            for slot in sorted(by_slot):
-                group = by_slot[slot]
-                keys = [stock_key(s) for s in group] + [hold_key(s) for s in group]
-                index = {stock_key(s): i + 1 for i, s in enumerate(group)}
-                rows = [lv for lv in committed if stock_key(lv.sku) in index]
-                ended += int(await self._settle(
-                    keys=keys, args=[hold_id, len(rows), *_rows(rows, index)]))
-        return ended
+            return sum(int(n) for n in await self._run_scripts(calls))
 
     async def settle_record(self, sku: str, hold_id: str,
                             committed: Sequence[StockLevel] = ()) -> bool:
@@ -330,15 +389,14 @@ class RedisStock:
             by_slot[_slot(lv.sku)].append(lv)
         if not by_slot:
             return
+        calls = []
+        for slot in sorted(by_slot):
+            group = by_slot[slot]
+            keys = sorted({stock_key(lv.sku) for lv in group})
+            index = {k: i + 1 for i, k in enumerate(keys)}
+            calls.append((self._apply, keys, [len(group), *_rows(group, index)]))
         with translate_redis():
-            async with self.client.pipeline(transaction=False) as pipe:
-                for slot in sorted(by_slot):
-                    group = by_slot[slot]
-                    keys = sorted({stock_key(lv.sku) for lv in group})
-                    index = {k: i + 1 for i, k in enumerate(keys)}
-                    await self._apply(keys=keys, args=[len(group), *_rows(group, index)],
-                                      client=pipe)  # type: ignore[arg-type]
-                await pipe.execute()
+            await self._run_scripts(calls)
 
     # ---- reads and rebuilds ----------------------------------------------------------------
     async def read(self, skus: Sequence[str], *, with_held: bool = False
