@@ -30,11 +30,11 @@ class Settings:
     sweep_batch: int = 200
     reconcile_interval_s: float = 30.0
     # Passes in between look only at rows changed since a pass at least reconcile_seq_window_s
-    # ago (by then every transaction that took a smaller seq has ended; only a bulk import runs
-    # longer, and it publishes its own levels), and at SKUs with holds in flight; every this
-    # many passes one looks at everything.
-    reconcile_full_every: int = 10
-    reconcile_seq_window_s: float = 60.0
+    # ago (by then every transaction that took a smaller seq has ended: twice hold_timeout_s by
+    # default; only a bulk import runs longer, and it publishes its own levels), and at SKUs
+    # with holds in flight; every this many passes (~10 min by default) one looks at everything.
+    reconcile_full_every: int = 20
+    reconcile_seq_window_s: float = 20.0
     pg_pool_min: int = 2
     pg_pool_max: int = 20
     pg_timeout_s: float = 5.0

@@ -109,3 +109,27 @@ async def test_every_mutation_is_idempotent(stub: Stub, service: Running) -> Non
         request.idempotency_key = uid("k")
         assert await method(request) == await method(request)
     await assert_invariants(service, [sku])
+
+
+async def test_repeat_of_a_sold_out_reservation_gets_its_first_answer(
+    stub: Stub, service: Running, channel: grpc.aio.Channel,
+) -> None:
+    # A keyed call that loses on stock in Redis never opens a transaction, so it must still
+    # find its key's first answer: here the first call took the last units.
+    w = await make_world(stub, locations=1, skus=1, on_hand=3)
+    request = api.ReserveRequest(
+        lines=[pb.ReservationLine(sku=w.skus[0], location_id=w.locations[0], quantity=3)],
+        idempotency_key=uid("idem"))
+    raw = channel.unary_unary("/inventory.v1.InventoryService/Reserve")
+    first = bytes(await raw(request.SerializeToString()))
+    assert bytes(await raw(request.SerializeToString())) == first
+    other = api.ReserveRequest()
+    other.CopyFrom(request)
+    other.lines[0].quantity = 1
+    err = await expect_error(stub.Reserve(other), grpc.StatusCode.ALREADY_EXISTS)
+    assert request.idempotency_key in (err.details() or "")
+    fresh = api.ReserveRequest()
+    fresh.CopyFrom(request)
+    fresh.idempotency_key = uid("idem")
+    await expect_error(stub.Reserve(fresh), grpc.StatusCode.FAILED_PRECONDITION)
+    await assert_invariants(service, w.skus)

@@ -141,17 +141,20 @@ class ReservationService:
         sent_commit = False
         seen: list[StockLevel] = []  # the committed levels by which Postgres refused
         try:
-            if idem is None:
-                # Without a key there is nothing to replay: take the hold before Postgres, so
-                # calls that lose on stock (a flash sale's many) never touch the database.
+            # The hold comes first, so calls that lose on stock (a flash sale's many) never
+            # open a transaction. A keyed loser asks Postgres in one statement whether its key
+            # has an answer to replay (or a call with it still running) before it says "short".
+            try:
                 hold = await self.ctx.redis.hold(lines, pos=pos, hydrate=self.ctx.hydrate,
                                                  hold_id=res_id)
+            except InsufficientStock:
+                if idem is not None and (replay := await self.ctx.pg.replay_of(idem)):
+                    return Replay(replay)
+                raise
             async with self.ctx.pg.unit(idem) as u:
-                if u.replay is not None:
+                if u.replay is not None:  # a repeat: its units were taken by the first call
+                    await self.ctx.give_back(hold)
                     return Replay(u.replay)
-                if hold is None:
-                    hold = await self.ctx.redis.hold(lines, pos=pos, hydrate=self.ctx.hydrate,
-                                                     hold_id=res_id)
                 rows, now = await PgStore.lock_stock_timed(
                     u.conn, [(x.sku, x.location_id) for x in lines])
                 try:

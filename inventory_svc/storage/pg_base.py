@@ -177,6 +177,16 @@ class PgBase:
                 await unit.claim()
                 yield unit
 
+    async def replay_of(self, idem: Idem) -> bytes | None:
+        """What `Unit.claim` would find, without a transaction (the advisory lock is taken and
+        let go within the statement): the first answer to replay, or None for an unused key;
+        ABORTED while a call with the key runs, ALREADY_EXISTS for a different request."""
+        with translate_errors():
+            async with self.pool.acquire(timeout=self.timeout_s) as conn:
+                unit = Unit(conn, idem)
+                await unit.claim()
+                return unit.replay
+
     async def migrate(self) -> list[str]:
         """Apply the packaged migrations not yet applied; safe when N replicas start at once."""
         files = sorted(
