@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 
@@ -42,14 +43,20 @@ async def test_200_reservers_on_one_unit_exactly_one_wins_each_round(service: Ru
     await assert_invariants(service, w.skus)
 
 
-async def test_same_key_concurrently_and_in_sequence_has_one_effect(
-    stub: Stub, service: Running, channel: grpc.aio.Channel,
-) -> None:
-    w = await make_world(stub, locations=1, skus=1, on_hand=100)
+async def keyed_reserve_of_3(stub: Stub, channel: grpc.aio.Channel, on_hand: int) -> Any:
+    """A world of one SKU-location, a keyed Reserve of 3 units there, and the raw method (whose
+    answers compare byte for byte)."""
+    w = await make_world(stub, locations=1, skus=1, on_hand=on_hand)
     request = api.ReserveRequest(
         lines=[pb.ReservationLine(sku=w.skus[0], location_id=w.locations[0], quantity=3)],
         idempotency_key=uid("idem"), order_ref="o-1")
-    raw = channel.unary_unary("/inventory.v1.InventoryService/Reserve")
+    return w, request, channel.unary_unary("/inventory.v1.InventoryService/Reserve")
+
+
+async def test_same_key_concurrently_and_in_sequence_has_one_effect(
+    stub: Stub, service: Running, channel: grpc.aio.Channel,
+) -> None:
+    w, request, raw = await keyed_reserve_of_3(stub, channel, on_hand=100)
 
     async def call_until_answered() -> bytes:
         # ABORTED means "the first call with this key is still running": retry, as a client would
@@ -116,11 +123,7 @@ async def test_repeat_of_a_sold_out_reservation_gets_its_first_answer(
 ) -> None:
     # A keyed call that loses on stock in Redis never opens a transaction, so it must still
     # find its key's first answer: here the first call took the last units.
-    w = await make_world(stub, locations=1, skus=1, on_hand=3)
-    request = api.ReserveRequest(
-        lines=[pb.ReservationLine(sku=w.skus[0], location_id=w.locations[0], quantity=3)],
-        idempotency_key=uid("idem"))
-    raw = channel.unary_unary("/inventory.v1.InventoryService/Reserve")
+    w, request, raw = await keyed_reserve_of_3(stub, channel, on_hand=3)
     first = bytes(await raw(request.SerializeToString()))
     assert bytes(await raw(request.SerializeToString())) == first
     other = api.ReserveRequest()
