@@ -29,7 +29,6 @@ from inventory_svc.domain.model import (
 from inventory_svc.domain.rules import check_can_take, check_release
 from inventory_svc.storage.pg import MovementDraft, PgStore
 from inventory_svc.storage.pg_base import Idem, Replay, to_ms
-from inventory_svc.storage.redis_stock import Hold
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +113,7 @@ class ReservationService:
             return out
         result, news, hold = out
         # The held units become what the commit wrote: fewer on hand (a sale) or reserved.
-        if hold is not None:
-            await self.ctx.forget(hold, news)
-        else:
-            await self.ctx.publish(news)
+        await self.ctx.forget(hold, news)
         return result
 
     async def _take_within(
@@ -131,26 +127,24 @@ class ReservationService:
         `also` runs inside the same transaction (routing consumes capacity there); `answer`
         turns the reservation into what the call returns and remembers for its key.
         """
-        hold: Hold | None = None
         result: Reservation | Settled
-        pos = channel is Channel.POS
         # The hold is recorded in Redis under the reservation's id, so the reconciler can tell
         # an orphaned hold (no reservation in Postgres, older than hold_timeout_s) from one in
         # flight; the call itself gives up after hold_timeout_s, so no commit comes later.
         res_id = new_reservation_id()
+        # The hold comes first, so calls that lose on stock (a flash sale's many) never open a
+        # transaction. A keyed loser asks Postgres in one statement whether its key has an
+        # answer to replay (or a call with it still running) before it says "short".
+        try:
+            hold = await self.ctx.redis.hold(lines, pos=channel is Channel.POS,
+                                             hydrate=self.ctx.hydrate, hold_id=res_id)
+        except InsufficientStock:
+            if idem is not None and (replay := await self.ctx.pg.replay_of(idem)):
+                return Replay(replay)
+            raise
         sent_commit = False
         seen: list[StockLevel] = []  # the committed levels by which Postgres refused
         try:
-            # The hold comes first, so calls that lose on stock (a flash sale's many) never
-            # open a transaction. A keyed loser asks Postgres in one statement whether its key
-            # has an answer to replay (or a call with it still running) before it says "short".
-            try:
-                hold = await self.ctx.redis.hold(lines, pos=pos, hydrate=self.ctx.hydrate,
-                                                 hold_id=res_id)
-            except InsufficientStock:
-                if idem is not None and (replay := await self.ctx.pg.replay_of(idem)):
-                    return Replay(replay)
-                raise
             async with self.ctx.pg.unit(idem) as u:
                 if u.replay is not None:  # a repeat: its units were taken by the first call
                     await self.ctx.give_back(hold)
@@ -203,7 +197,7 @@ class ReservationService:
                 # holds in flight were in the way): before the caller hears "short", Redis shows
                 # the state that says so, as any read after the answer must.
                 await self.ctx.publish(seen)
-            if hold is not None and not sent_commit:
+            if not sent_commit:
                 await self.ctx.give_back(hold)
             raise
         return result, news, hold

@@ -366,8 +366,8 @@ class RedisStock:
             fields, recs = results[1 + 2 * i], results[2 + 2 * i]
             wanted = None if only is None else only.get(sku)
             if wanted is not None:
-                fields = {k: v for k in map(str.encode, wanted) if (v := fields.get(k))} | (
-                    {b"_": b"1"} if b"_" in fields else {})
+                keep = {loc.encode() for loc in wanted} | {b"_"}
+                fields = {k: v for k, v in fields.items() if k in keep}
             cached[sku] = decode_cached(sku, fields) if b"_" in fields else None
             holds[sku] = [decode_hold(k.decode(), v) for k, v in recs.items()]
         return cached, holds, now_ms
