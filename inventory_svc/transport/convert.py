@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory_svc.domain.errors import FieldViolation, InvalidArgument
@@ -65,12 +67,18 @@ def location_out(loc: Location) -> pb.Location:
     )
 
 
-def level_out(level: StockLevel, ch: Channel) -> pb.StockLevel:
-    return pb.StockLevel(
+def level_fields(level: StockLevel, ch: Channel) -> dict[str, Any]:
+    """The fields of a pb.StockLevel, for building it in place inside a repeated field (`add`
+    does not copy a finished message, as `append` does)."""
+    return dict(
         sku=level.sku, location_id=level.location_id, on_hand=level.on_hand,
         reserved=level.reserved, safety_stock=level.safety_stock, available=level.available(ch),
         version=level.version,
     )
+
+
+def level_out(level: StockLevel, ch: Channel) -> pb.StockLevel:
+    return pb.StockLevel(**level_fields(level, ch))
 
 
 def lines_in(msgs: list[pb.ReservationLine]) -> list[Line]:

@@ -194,11 +194,15 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
             out = api.GetAvailabilityResponse()
             for item in items:
                 msg = out.items.add(sku=item.sku)
+                on_hand = reserved = available = 0  # summed here: proto fields are slow to set
                 for lv in item.levels:
-                    msg.levels.append(cv.level_out(lv, ch))
-                    msg.total_on_hand += lv.on_hand
-                    msg.total_reserved += lv.reserved
-                    msg.total_available += lv.available(ch)
+                    fields = cv.level_fields(lv, ch)
+                    msg.levels.add(**fields)
+                    on_hand += lv.on_hand
+                    reserved += lv.reserved
+                    available += fields["available"]
+                msg.total_on_hand, msg.total_reserved = on_hand, reserved
+                msg.total_available = available
             return out
         return await guarded(context, run())
 
