@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -16,7 +16,7 @@ from inventory_svc.app.context import Context
 from inventory_svc.app.reservations import ReservationService
 from inventory_svc.domain.errors import DomainError
 from inventory_svc.domain.model import StockLevel
-from inventory_svc.storage.pg import STOCK_SELECT, stock_level
+from inventory_svc.storage.pg import STOCK_SELECT, PgStore, levels_by_sku
 from inventory_svc.storage.pg_base import advisory_key, translate_errors
 from inventory_svc.storage.redis_stock import HoldRecord, encode_level
 
@@ -115,10 +115,10 @@ class Reconciler:
         now = time.monotonic()
         mark = await self.ctx.pg.stock_seq_now()  # before anything is read
         window = self.ctx.settings.reconcile_seq_window_s
-        since = max((m for at, m in self._marks if now - at >= window), default=None)
-        self._marks = [(at, m) for at, m in self._marks if now - at < window]
-        if since is not None:
-            self._marks.insert(0, (now - window, since))  # still the newest usable one
+        usable = [(at, m) for at, m in self._marks if now - at >= window]
+        since = usable[-1][1] if usable else None
+        # the newest usable mark stays: the next pass may come sooner than the window
+        self._marks = usable[-1:] + [(at, m) for at, m in self._marks if now - at < window]
         self._marks.append((now, mark))
         full = (since is None or rebuilt
                 or self._passes % self.ctx.settings.reconcile_full_every == 0)
@@ -237,7 +237,7 @@ class Reconciler:
                 found = await conn.fetch(
                     "SELECT id FROM reservations WHERE id = ANY($1::text[])", hold_ids
                 ) if hold_ids else []
-        return _by_sku(rows), {r["id"] for r in found}
+        return levels_by_sku(rows), {r["id"] for r in found}
 
     async def _release_orphans(self, orphans: list[tuple[str, HoldRecord]]) -> int:
         """Give back holds whose reservation never reached Postgres. Under the stock rows' locks:
@@ -252,18 +252,16 @@ class Reconciler:
             async with pool.acquire(timeout=timeout) as conn, conn.transaction():
                 await conn.execute("SET LOCAL lock_timeout = '500ms'")
                 try:
-                    rows = await conn.fetch(
-                        STOCK_SELECT + " JOIN unnest($1::text[], $2::text[]) AS k(sku, loc)"
-                        " ON s.sku = k.sku AND s.location_id = k.loc"
-                        " ORDER BY s.sku, s.location_id FOR UPDATE OF s",
-                        [k[0] for k in keys], [k[1] for k in keys])
+                    locked = await PgStore.lock_stock(conn, keys)
                 except asyncpg.LockNotAvailableError:
                     log.info("reconciler: stock of %d orphan holds is busy; next time",
                              len(orphans))
                     for sku, _ in orphans:
                         self._watch[sku] = time.monotonic() + 0.5
                     return 0
-                levels = _by_sku(rows)
+                levels: dict[str, list[StockLevel]] = defaultdict(list)
+                for row in locked.values():
+                    levels[row.level.sku].append(row.level)
                 found = {r["id"] for r in await conn.fetch(
                     "SELECT id FROM reservations WHERE id = ANY($1::text[])",
                     [rec.id for _, rec in orphans])}
@@ -274,13 +272,6 @@ class Reconciler:
         if released:
             log.warning("reconciler: gave back %d orphaned holds", released)
         return released
-
-
-def _by_sku(rows: Sequence[asyncpg.Record]) -> dict[str, list[StockLevel]]:
-    levels: dict[str, list[StockLevel]] = {}
-    for r in rows:
-        levels.setdefault(r["sku"], []).append(stock_level(r))
-    return levels
 
 
 def _add(a: ReconcileReport, b: ReconcileReport) -> ReconcileReport:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 
 from inventory_svc.config import Settings
 from inventory_svc.domain.errors import NotFound, Unavailable
@@ -47,23 +47,22 @@ class Context:
         await self.redis.load(snapshot, force=False)
 
     async def publish(self, levels: Iterable[StockLevel]) -> None:
-        """Mirror committed levels into Redis. Postgres has them already, so a Redis failure here
-        is logged, not returned: the reconciler brings Redis back in line."""
-        try:
-            await asyncio.shield(self.redis.apply_changes(list(levels)))
-        except Unavailable as exc:
-            log.warning("redis update after commit failed, reconciler will repair: %s", exc)
+        """Mirror committed levels into Redis."""
+        await _best_effort(self.redis.apply_changes(list(levels)), "redis update after commit")
 
     async def give_back(self, hold: Hold) -> None:
-        try:
-            await asyncio.shield(self.redis.give_back(hold))
-        except Unavailable as exc:
-            log.warning("could not give back a redis hold, reconciler will repair: %s", exc)
+        await _best_effort(self.redis.give_back(hold), "giving back a redis hold")
 
     async def forget(self, hold: Hold, committed: Sequence[StockLevel]) -> None:
         """Postgres committed the hold: its units move from held to the committed levels (the
         reconciler would do it too, finding the reservation in Postgres)."""
-        try:
-            await asyncio.shield(self.redis.forget(hold, committed))
-        except Unavailable as exc:
-            log.warning("could not settle a redis hold, reconciler will: %s", exc)
+        await _best_effort(self.redis.forget(hold, committed), "settling a redis hold")
+
+
+async def _best_effort(step: Awaitable[object], what: str) -> None:
+    """A Redis step after Postgres decided: run to the end even if the call is cancelled, and a
+    failure is logged, not returned (Postgres has the truth; the reconciler repairs Redis)."""
+    try:
+        await asyncio.shield(step)
+    except Unavailable as exc:
+        log.warning("%s failed, the reconciler will repair it: %s", what, exc)

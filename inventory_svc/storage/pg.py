@@ -64,6 +64,14 @@ def stock_level(row: asyncpg.Record) -> StockLevel:
     )
 
 
+def levels_by_sku(rows: Iterable[asyncpg.Record]) -> dict[str, list[StockLevel]]:
+    """Stock rows (as STOCK_SELECT reads them) grouped by SKU."""
+    out: dict[str, list[StockLevel]] = {}
+    for r in rows:
+        out.setdefault(r["sku"], []).append(stock_level(r))
+    return out
+
+
 def _movement(row: asyncpg.Record) -> Movement:
     return Movement(
         id=row["id"], sku=row["sku"], location_id=row["location_id"], delta=row["delta"],
@@ -131,10 +139,7 @@ class PgStore(PgBase):
             rows = await self.pool.fetch(
                 STOCK_SELECT + " WHERE s.sku = ANY($1::text[])", list(skus)
             )
-        out: dict[str, list[StockLevel]] = {sku: [] for sku in skus}
-        for r in rows:
-            out[r["sku"]].append(stock_level(r))
-        return out
+        return {sku: [] for sku in skus} | levels_by_sku(rows)
 
     async def stock_page(self, after_sku: str, limit: int) -> dict[str, list[StockLevel]]:
         """All rows of the next `limit` SKUs after `after_sku`, for rebuilds and reconciliation."""
@@ -145,10 +150,7 @@ class PgStore(PgBase):
                 " ORDER BY sku LIMIT $2) ORDER BY s.sku",
                 after_sku, limit,
             )
-        out: dict[str, list[StockLevel]] = {}
-        for r in rows:
-            out.setdefault(r["sku"], []).append(stock_level(r))
-        return out
+        return levels_by_sku(rows)
 
     async def stock_seq_now(self) -> int:
         """The last seq handed out (taken before a transaction that got it may have committed)."""

@@ -16,8 +16,16 @@ import asyncio
 import logging
 import secrets
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
@@ -88,29 +96,24 @@ class Cached:
         return encode_level(self.level, self.held)
 
 
-def decode_cached(sku: str, fields: dict[bytes, bytes]) -> list[Cached]:
-    out = []
+def _decode(sku: str, fields: dict[bytes, bytes]) -> Iterator[tuple[StockLevel, int]]:
+    """Each field's committed level and its units held in flight."""
     for loc, value in fields.items():
-        if loc == b"_":
-            continue
-        h, r, s, v, q, held = value.split(b":")
-        out.append(Cached(StockLevel(sku, loc.decode(), int(h), int(r), int(s), int(v), int(q)),
-                          int(held)))
-    return out
+        if loc != b"_":
+            h, r, s, v, q, held = value.split(b":")
+            yield StockLevel(sku, loc.decode(), int(h), int(r), int(s), int(v), int(q)), int(held)
+
+
+def decode_cached(sku: str, fields: dict[bytes, bytes]) -> list[Cached]:
+    return [Cached(level, held) for level, held in _decode(sku, fields)]
 
 
 def decode_levels(sku: str, fields: dict[bytes, bytes], *, with_held: bool = False
                   ) -> list[StockLevel]:
     """The committed levels; `with_held` counts the units held in flight as reserved too (the
     gate's view, which routing decides on)."""
-    out = []
-    for loc, value in fields.items():
-        if loc == b"_":
-            continue
-        h, r, s, v, q, held = value.split(b":")
-        reserved = int(r) + int(held) if with_held else int(r)
-        out.append(StockLevel(sku, loc.decode(), int(h), reserved, int(s), int(v), int(q)))
-    return out
+    return [replace(level, reserved=level.reserved + held) if with_held and held else level
+            for level, held in _decode(sku, fields)]
 
 
 def _rows(levels: Iterable[StockLevel], index: dict[str, int]) -> list[Any]:
