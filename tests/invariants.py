@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from inventory_svc.server import Running
+from inventory_svc.storage.redis_stock import RedisStock
 
 _STOCK_WITH_SUMS = """
     SELECT s.sku, s.location_id, s.on_hand, s.reserved, s.version,
@@ -38,7 +39,15 @@ async def assert_postgres_invariants(pool: asyncpg.Pool, skus: Sequence[str]) ->
 async def assert_invariants(service: Running, skus: Sequence[str]) -> None:
     """I1-I3 in Postgres, and I4: Redis equals Postgres (call when nothing is in flight)."""
     rows = await assert_postgres_invariants(service.ctx.pg.pool, skus)
-    cached, holds, _ = await service.ctx.redis.inspect(list(skus))
+    await assert_redis_equals_postgres(service.ctx.redis, rows, skus)
+
+
+async def assert_redis_equals_postgres(
+    redis: RedisStock, rows: Sequence[asyncpg.Record], skus: Sequence[str]
+) -> None:
+    """I4 with nothing in flight: every hydrated row equal to Postgres, nothing held, no hold
+    record left."""
+    cached, holds, _ = await redis.inspect(list(skus))
     for r in rows:
         where = f"{r['sku']}@{r['location_id']}"
         levels = cached[r["sku"]]

@@ -31,9 +31,9 @@ from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.embedded import EmbeddedRedis
 from inventory_svc.server import Running, serve
-from inventory_svc.storage.redis_stock import decode_cached, decode_hold, hold_key, stock_key
+from inventory_svc.storage.redis_stock import RedisStock
 from tests.conftest import Stores, settings_for, store_location, uid
-from tests.invariants import assert_postgres_invariants
+from tests.invariants import assert_postgres_invariants, assert_redis_equals_postgres
 
 REPO = Path(__file__).resolve().parents[2]
 Stub = api_grpc.InventoryServiceStub
@@ -394,20 +394,7 @@ async def check_all(pool: asyncpg.Pool, redis: Any, skus: Sequence[str],
     """I1-I4 and I7 over the SKUs, I5 for every acknowledged mutation in `ledger`. Call when
     nothing is in flight (I4 is then exact: Redis equals Postgres and no hold record is left)."""
     rows = await assert_postgres_invariants(pool, skus)
-    for r in rows:
-        where = f"{r['sku']}@{r['location_id']}"
-        fields = await redis.hgetall(stock_key(r["sku"]))
-        if b"_" not in fields:
-            continue  # not hydrated: nothing in Redis to disagree with
-        cached = {c.level.location_id: c for c in decode_cached(r["sku"], fields)}
-        have = cached.get(r["location_id"])
-        assert have is not None, f"I4: {where} missing in redis"
-        assert (have.level.on_hand, have.level.reserved, have.level.safety_stock, have.held) == (
-            r["on_hand"], r["reserved"], r["safety"], 0), f"I4 broken at {where}: redis {have} pg {dict(r)}"
-    for sku in skus:
-        left = await redis.hgetall(hold_key(sku))
-        recs = [decode_hold(k.decode(), v) for k, v in left.items()]
-        assert not left, f"hold records left for {sku}: {recs}"
+    await assert_redis_equals_postgres(RedisStock(redis), rows, skus)
     # I7: every terminal state reached once (one terminal event per reservation)
     twice = await pool.fetch(
         "SELECT payload->>'reservation_id' AS id, count(*) FROM outbox WHERE kind = 'RESERVATION'"
