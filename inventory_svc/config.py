@@ -38,6 +38,10 @@ class Settings:
     pg_pool_min: int = 2
     pg_pool_max: int = 20
     pg_timeout_s: float = 5.0
+    # Reserve calls committed together in one transaction (app/group_commit.py): at most this
+    # many per group, and this many groups in Postgres at once before calls queue for the next.
+    group_commit_max: int = 64
+    group_commit_in_flight: int = 4
     redis_timeout_s: float = 2.0
     max_concurrent_rpcs: int = 2_000
     shutdown_grace_s: float = 10.0
@@ -87,6 +91,10 @@ class Settings:
              self.reconcile_seq_window_s, "must be >= 0")
         need(1 <= self.pg_pool_min <= self.pg_pool_max, "pg_pool_max", self.pg_pool_max,
              "need 1 <= PG_POOL_MIN <= PG_POOL_MAX")
+        need(self.group_commit_max >= 1, "group_commit_max", self.group_commit_max,
+             "must be >= 1")
+        need(1 <= self.group_commit_in_flight < self.pg_pool_max, "group_commit_in_flight",
+             self.group_commit_in_flight, "need 1 <= GROUP_COMMIT_IN_FLIGHT < PG_POOL_MAX")
         need(self.log_format in ("text", "json"), "log_format", self.log_format,
              "must be text or json")
         need(0 <= self.metrics_port < 65536, "metrics_port", self.metrics_port,

@@ -135,6 +135,7 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
         finally:
             await health_servicer.enter_graceful_shutdown()
             await server.stop(settings.shutdown_grace_s)
+            await reservations.close()
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await background

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from inventory_svc.app.context import Context
+from inventory_svc.app.group_commit import GroupCommitter, reservation_event
 from inventory_svc.domain import validation as val
 from inventory_svc.domain.errors import InsufficientStock, Unavailable
 from inventory_svc.domain.model import (
@@ -27,8 +28,9 @@ from inventory_svc.domain.model import (
     StockLevel,
 )
 from inventory_svc.domain.rules import check_can_take, check_release
-from inventory_svc.storage.pg import MovementDraft, PgStore
+from inventory_svc.storage.pg import MovementDraft, NewReservation, PgStore
 from inventory_svc.storage.pg_base import Idem, Replay, to_ms
+from inventory_svc.storage.redis_stock import Hold
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +49,17 @@ def new_reservation_id() -> str:
 
 
 def _res_event(res: Reservation) -> tuple[str, str, dict[str, object]]:
-    return ("", "", {"reservation_id": res.id, "status": res.status.value,
-                     "order_ref": res.order_ref})
+    return ("", "", reservation_event(res))
 
 
 class ReservationService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self.group = GroupCommitter(ctx, max_group=ctx.settings.group_commit_max,
+                                    groups_in_flight=ctx.settings.group_commit_in_flight)
+
+    async def close(self) -> None:
+        await self.group.close()
 
     def _ttl(self, field: str, ttl_s: int, v: val.Violations) -> int:
         s = self.ctx.settings
@@ -101,47 +107,60 @@ class ReservationService:
         ttl: int, sale: bool, also: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
         answer: Callable[[Reservation], Any] | None = None,
     ) -> Any:
-        """`_take_within`, given up after hold_timeout_s; then Redis learns what committed."""
-        try:
-            async with asyncio.timeout(self.ctx.settings.hold_timeout_s):
-                out = await self._take_within(lines, channel, order_ref, idem, ttl=ttl,
-                                              sale=sale, also=also, answer=answer)
-        except TimeoutError as exc:
-            raise Unavailable(f"postgres did not commit within "
-                              f"{self.ctx.settings.hold_timeout_s:g}s; retry") from exc
-        if isinstance(out, Replay):
-            return out
-        result, news, hold = out
-        # The held units become what the commit wrote: fewer on hand (a sale) or reserved.
-        await self.ctx.forget(hold, news)
-        return result
-
-    async def _take_within(
-        self, lines: Sequence[Line], channel: Channel, order_ref: str, idem: Idem | None, *,
-        ttl: int, sale: bool, also: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
-        answer: Callable[[Reservation], Any] | None = None,
-    ) -> Any:
         """Hold in Redis, then commit in Postgres: a reservation, or with `sale` a POS sale.
-        Returns the result, the committed levels and the hold (or the Replay of a repeat).
+        Given up after hold_timeout_s; then Redis learns what committed.
 
         `also` runs inside the same transaction (routing consumes capacity there); `answer`
-        turns the reservation into what the call returns and remembers for its key.
+        turns the reservation into what the call returns and remembers for its key. A plain
+        reservation (neither) is committed with whatever others are going (group_commit).
         """
-        result: Reservation | Settled
         # The hold is recorded in Redis under the reservation's id, so the reconciler can tell
         # an orphaned hold (no reservation in Postgres, older than hold_timeout_s) from one in
         # flight; the call itself gives up after hold_timeout_s, so no commit comes later.
         res_id = new_reservation_id()
-        # The hold comes first, so calls that lose on stock (a flash sale's many) never open a
-        # transaction. A keyed loser asks Postgres in one statement whether its key has an
-        # answer to replay (or a call with it still running) before it says "short".
+        timeout_s = self.ctx.settings.hold_timeout_s
         try:
-            hold = await self.ctx.redis.hold(lines, pos=channel is Channel.POS,
+            async with asyncio.timeout(timeout_s) as deadline:
+                hold = await self._hold(lines, channel, idem, res_id)
+                if isinstance(hold, Replay):
+                    return hold
+                if not sale and also is None and answer is None:
+                    when = deadline.when()
+                    assert when is not None
+                    return await self.group.reserve(res_id, lines, channel, order_ref, ttl, idem,
+                                                    hold, when)
+                out = await self._commit_alone(res_id, hold, lines, channel, order_ref, idem,
+                                               ttl=ttl, sale=sale, also=also, answer=answer)
+        except TimeoutError as exc:
+            raise Unavailable(f"postgres did not commit within {timeout_s:g}s; retry") from exc
+        if isinstance(out, Replay):
+            return out
+        result, news = out
+        # The held units become what the commit wrote: fewer on hand (a sale) or reserved.
+        await self.ctx.forget(hold, news)
+        return result
+
+    async def _hold(self, lines: Sequence[Line], channel: Channel, idem: Idem | None,
+                    res_id: str) -> Hold | Replay:
+        """The Redis hold comes first, so calls that lose on stock (a flash sale's many) never
+        open a transaction. A keyed loser asks Postgres in one statement whether its key has an
+        answer to replay (or a call with it still running) before it says "short"."""
+        try:
+            return await self.ctx.redis.hold(lines, pos=channel is Channel.POS,
                                              hydrate=self.ctx.hydrate, hold_id=res_id)
         except InsufficientStock:
             if idem is not None and (replay := await self.ctx.pg.replay_of(idem)):
                 return Replay(replay)
             raise
+
+    async def _commit_alone(
+        self, res_id: str, hold: Hold, lines: Sequence[Line], channel: Channel, order_ref: str,
+        idem: Idem | None, *, ttl: int, sale: bool,
+        also: Callable[[asyncpg.Connection], Awaitable[None]] | None,
+        answer: Callable[[Reservation], Any] | None,
+    ) -> tuple[Reservation | Settled, list[StockLevel]] | Replay:
+        """The held lines' own transaction; returns the result and the committed levels."""
+        result: Reservation | Settled
         sent_commit = False
         seen: list[StockLevel] = []  # the committed levels by which Postgres refused
         try:
@@ -173,7 +192,7 @@ class ReservationService:
                     await PgStore.add_outbox(u.conn, "RESERVATION", [_res_event(res)])
                     await u.remember(result)
                 else:
-                    # The hot path: everything after the row lock is one statement.
+                    # Everything after the row lock is one statement.
                     created = to_ms(now)
                     res = Reservation(
                         res_id, ReservationStatus.ACTIVE, channel, order_ref,
@@ -182,11 +201,10 @@ class ReservationService:
                     result = answer(res) if answer else res
                     if also is not None:
                         await also(u.conn)
-                    news = await PgStore.write_reservation(
-                        u.conn, res,
+                    news = await PgStore.write_reservations(
+                        u.conn, [NewReservation(res, reservation_event(res), u.record(result))],
                         [replace(lv, reserved=lv.reserved + x.quantity)
-                         for lv, x in zip(olds, lines, strict=True)],
-                        _res_event(res)[2], u.record(result))
+                         for lv, x in zip(olds, lines, strict=True)])
                 sent_commit = True  # from here on a failure may come after the commit
         except BaseException:
             # Give back only what Postgres surely did not take. A failure during the commit
@@ -200,7 +218,7 @@ class ReservationService:
             if not sent_commit:
                 await self.ctx.give_back(hold)
             raise
-        return result, news, hold
+        return result, news
 
     async def get(self, res_id: str) -> Reservation:
         self._check_id(res_id)

@@ -37,6 +37,16 @@ STOCK_SELECT = (
 
 
 @dataclass(frozen=True, slots=True)
+class NewReservation:
+    """An ACTIVE reservation to write: its outbox event and, with a key, its idempotency row
+    (key, method, request hash, answer; key None without one)."""
+
+    reservation: Reservation
+    event: dict[str, object]
+    record: tuple[str | None, str, bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
 class MovementDraft:
     sku: str
     location_id: str
@@ -286,14 +296,15 @@ class PgStore(PgBase):
 
     # ---- reservations ----------------------------------------------------------------------
     @staticmethod
-    async def write_reservation(
-        conn: asyncpg.Connection, res: Reservation, levels: Sequence[StockLevel],
-        event: dict[str, object], record: tuple[str | None, str, bytes, bytes],
+    async def write_reservations(
+        conn: asyncpg.Connection, new: Sequence[NewReservation], levels: Sequence[StockLevel],
     ) -> list[StockLevel]:
-        """The whole write of a reservation in one statement (one round trip): reserved units,
-        the reservation and its lines, its outbox event and, with a key, its idempotency record.
-        `levels` are the locked rows with their new `reserved`; returned with their new seqs."""
-        key, method, fingerprint, payload = record
+        """The whole write of reservations in one statement (one round trip): reserved units,
+        the reservations and their lines, their outbox events and, with keys, their idempotency
+        records. `levels` are the locked rows with their new `reserved`; returned with their new
+        seqs."""
+        lines = [(x.reservation.id, ln) for x in new for ln in x.reservation.lines]
+        keyed = [x.record for x in new if x.record[0] is not None]
         try:
             rows = await conn.fetch(
                 "WITH upd AS (UPDATE stock s SET reserved = c.reserved"
@@ -302,27 +313,37 @@ class PgStore(PgBase):
                 "  RETURNING s.sku, s.location_id, s.seq),"
                 " res AS (INSERT INTO reservations"
                 "  (id, status, channel, order_ref, created_at, expires_at)"
-                "  VALUES ($4, 'ACTIVE', $5, $6, $7, $8)),"
+                "  SELECT r.id, 'ACTIVE', r.channel, r.order_ref, r.created_at, r.expires_at"
+                "  FROM unnest($4::text[], $5::text[], $6::text[], $7::timestamptz[],"
+                "   $8::timestamptz[]) AS r(id, channel, order_ref, created_at, expires_at)),"
                 " lines AS (INSERT INTO reservation_lines"
                 "  (reservation_id, sku, location_id, quantity, requested)"
-                "  SELECT $4, l.sku, l.loc, l.qty, l.qty"
-                "  FROM unnest($9::text[], $10::text[], $11::bigint[]) AS l(sku, loc, qty)),"
-                " ob AS (INSERT INTO outbox (kind, payload) VALUES ('RESERVATION', $12::jsonb)),"
+                "  SELECT l.id, l.sku, l.loc, l.qty, l.qty"
+                "  FROM unnest($9::text[], $10::text[], $11::text[], $12::bigint[])"
+                "   AS l(id, sku, loc, qty)),"
+                " ob AS (INSERT INTO outbox (kind, payload)"
+                "  SELECT 'RESERVATION', e.payload FROM unnest($13::jsonb[])"
+                "   WITH ORDINALITY AS e(payload, i) ORDER BY e.i),"
                 " idem AS (INSERT INTO idempotency (key, method, request_hash, response)"
-                "  SELECT $13, $14, $15, $16 WHERE $13::text IS NOT NULL)"
+                "  SELECT * FROM unnest($14::text[], $15::text[], $16::bytea[], $17::bytea[]))"
                 " SELECT sku, location_id, seq FROM upd",
                 [x.sku for x in levels], [x.location_id for x in levels],
-                [x.reserved for x in levels], res.id, res.channel.value, res.order_ref,
-                _from_ms(res.created_at_ms), _from_ms(res.expires_at_ms),
-                [x.sku for x in res.lines], [x.location_id for x in res.lines],
-                [x.quantity for x in res.lines], json.dumps(event), key, method, fingerprint,
-                payload,
+                [x.reserved for x in levels],
+                [x.reservation.id for x in new], [x.reservation.channel.value for x in new],
+                [x.reservation.order_ref for x in new],
+                [_from_ms(x.reservation.created_at_ms) for x in new],
+                [_from_ms(x.reservation.expires_at_ms) for x in new],
+                [i for i, _ in lines], [ln.sku for _, ln in lines],
+                [ln.location_id for _, ln in lines], [ln.quantity for _, ln in lines],
+                [json.dumps(x.event) for x in new],
+                [k[0] for k in keyed], [k[1] for k in keyed], [k[2] for k in keyed],
+                [k[3] for k in keyed],
             )
         except asyncpg.UniqueViolationError as exc:
             if "idempotency" not in str(exc.constraint_name or ""):
                 raise
             # a first call with this key committed in the instant of our lookup: see Unit.claim
-            raise Aborted(f"idempotency_key {key!r} was just used; retry to get its answer") from exc
+            raise Aborted("an idempotency_key was just used; retry to get its answer") from exc
         seq = {(r["sku"], r["location_id"]): r["seq"] for r in rows}
         return [replace(x, seq=seq[(x.sku, x.location_id)]) for x in levels]
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from inventory_svc.domain.errors import Aborted, AlreadyExists, Unavailable
+from inventory_svc.domain.errors import Aborted, AlreadyExists, DomainError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +102,7 @@ class Unit:
                 f"a call with idempotency_key {self.idem.key!r} is still running; retry it later"
             )
         if row["method"] is not None:
-            self._check_same(row["method"], bytes(row["request_hash"]))
-            self.replay = bytes(row["response"])
-
-    def _check_same(self, method: str, fingerprint: bytes) -> None:
-        assert self.idem is not None
-        if method != self.idem.method or fingerprint != self.idem.fingerprint:
-            raise AlreadyExists(
-                f"idempotency_key {self.idem.key!r} was already used for a different request"
-                f" ({method})"
-            )
+            self.replay = _stored_answer(self.idem, row)
 
     def record(self, result: Any) -> tuple[str | None, str, bytes, bytes]:
         """The idempotency row for `result`, for a statement that inserts it itself."""
@@ -134,6 +125,52 @@ class Unit:
             )
         except asyncpg.UniqueViolationError as exc:  # only on an advisory-lock hash collision
             raise Aborted(f"idempotency_key {self.idem.key!r} is busy; retry") from exc
+
+
+def _stored_answer(idem: Idem, row: asyncpg.Record) -> bytes:
+    """The answer stored under the key, if it was stored for the same request."""
+    if row["method"] != idem.method or bytes(row["request_hash"]) != idem.fingerprint:
+        raise AlreadyExists(
+            f"idempotency_key {idem.key!r} was already used for a different request"
+            f" ({row['method']})"
+        )
+    return bytes(row["response"])
+
+
+async def claim_keys(
+    conn: asyncpg.Connection, idems: Sequence[Idem]
+) -> list[bytes | DomainError | None]:
+    """`Unit.claim` for many calls in one transaction (their keys distinct): per call, the
+    answer to replay, the error to answer, or None for a key that is now ours.
+
+    Two statements, so the lookup's snapshot is taken after the locks are held: a first call
+    that committed while we waited for nothing (the locks are tried, never waited for) is seen,
+    and no insert of ours can then collide with it and fail the whole group."""
+    locked = await conn.fetch(
+        "SELECT pg_try_advisory_xact_lock(k) AS locked"
+        " FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i) ORDER BY i",
+        [advisory_key(x.key) for x in idems],
+    )
+    ours = [x for x, r in zip(idems, locked, strict=True) if r["locked"]]
+    stored = {
+        r["key"]: r
+        for r in await conn.fetch(
+            "SELECT key, method, request_hash, response FROM idempotency"
+            " WHERE key = ANY($1::text[])", [x.key for x in ours])
+    } if ours else {}
+    out: list[bytes | DomainError | None] = []
+    for idem, r in zip(idems, locked, strict=True):
+        if not r["locked"]:
+            out.append(Aborted(
+                f"a call with idempotency_key {idem.key!r} is still running; retry it later"))
+        elif (row := stored.get(idem.key)) is None:
+            out.append(None)
+        else:
+            try:
+                out.append(_stored_answer(idem, row))
+            except AlreadyExists as exc:
+                out.append(exc)
+    return out
 
 
 async def _leave_session_as_is(conn: asyncpg.Connection) -> None:

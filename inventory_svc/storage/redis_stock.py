@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 META_KEY = "inv:meta"
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 Hydrator = Callable[[list[str]], Awaitable[None]]
+ScriptCall = tuple[AsyncScript, list[str], list[Any]]  # a script, its KEYS and its ARGV
 # How long a hold waits, step by step, for holds in flight that are in its way (hold.lua's {4})
 # before it leaves the decision to Postgres: ~30 ms, several commits' time under load.
 IN_FLIGHT_WAITS_S = (0.001, 0.002, 0.004, 0.008, 0.016)
@@ -176,8 +177,7 @@ class RedisStock:
         holder.append(stock)
         return stock
 
-    async def _run_scripts(self, calls: Sequence[tuple[AsyncScript, list[str], list[Any]]]
-                           ) -> list[Any]:
+    async def _run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """Scripts in one round trip: a pipeline of EVALSHA. (redis-py's own pipelined scripts
         cost a SCRIPT EXISTS round trip first.) Calls refused with NOSCRIPT did not run: their
         scripts are loaded and they are sent again."""
@@ -327,20 +327,36 @@ class RedisStock:
         """Postgres committed the hold: its units move from held to the `committed` levels."""
         await self._settle_hold(hold.id, sorted({x.sku for x in hold.lines}), committed)
 
+    async def settle_many(self, settled: Sequence[tuple[Hold, Sequence[StockLevel]]],
+                          levels: Iterable[StockLevel] = ()) -> None:
+        """Many holds' ends (`forget` with their committed levels, or `give_back` with none) and
+        `apply_changes` of `levels` first, all in one round trip."""
+        calls = self._apply_calls(levels)
+        for hold, committed in settled:
+            calls += self._settle_calls(hold.id, sorted({x.sku for x in hold.lines}), committed)
+        if calls:
+            with translate_redis():
+                await self._run_scripts(calls)
+
     async def _settle_hold(self, hold_id: str, skus: Sequence[str],
                            committed: Sequence[StockLevel]) -> int:
+        with translate_redis():
+            return sum(int(n) for n in await self._run_scripts(
+                self._settle_calls(hold_id, skus, committed)))
+
+    def _settle_calls(self, hold_id: str, skus: Sequence[str],
+                      committed: Sequence[StockLevel]) -> list[ScriptCall]:
         by_slot: dict[int, list[str]] = defaultdict(list)
         for sku in skus:
             by_slot[_slot(sku)].append(sku)
-        calls = []
+        calls: list[ScriptCall] = []
         for slot in sorted(by_slot):
             group = by_slot[slot]
             keys = [stock_key(s) for s in group] + [hold_key(s) for s in group]
             index = {stock_key(s): i + 1 for i, s in enumerate(group)}
             rows = [lv for lv in committed if stock_key(lv.sku) in index]
             calls.append((self._settle, keys, [hold_id, len(rows), *_rows(rows, index)]))
-        with translate_redis():
-            return sum(int(n) for n in await self._run_scripts(calls))
+        return calls
 
     async def settle_record(self, sku: str, hold_id: str,
                             committed: Sequence[StockLevel] = ()) -> bool:
@@ -387,19 +403,22 @@ class RedisStock:
 
         Best effort by design: if Redis is down the reconciler repairs it from Postgres later.
         """
+        calls = self._apply_calls(levels)
+        if calls:
+            with translate_redis():
+                await self._run_scripts(calls)
+
+    def _apply_calls(self, levels: Iterable[StockLevel]) -> list[ScriptCall]:
         by_slot: dict[int, list[StockLevel]] = defaultdict(list)
         for lv in levels:
             by_slot[_slot(lv.sku)].append(lv)
-        if not by_slot:
-            return
-        calls = []
+        calls: list[ScriptCall] = []
         for slot in sorted(by_slot):
             group = by_slot[slot]
             keys = sorted({stock_key(lv.sku) for lv in group})
             index = {k: i + 1 for i, k in enumerate(keys)}
             calls.append((self._apply, keys, [len(group), *_rows(group, index)]))
-        with translate_redis():
-            await self._run_scripts(calls)
+        return calls
 
     # ---- reads and rebuilds ----------------------------------------------------------------
     async def read(self, skus: Sequence[str], *, with_held: bool = False

@@ -1,0 +1,224 @@
+"""Group commit of reservations: concurrent Reserve calls, each already holding its units in
+Redis, share one Postgres transaction.
+
+Each call's rows are still locked, checked and written in Postgres before it is answered (I5),
+so a group is no weaker than one call per transaction: the group's row locks are taken together
+in (sku, location) order, each call is checked in arrival order against the levels its
+predecessors in the group left, and the calls that pass are written in one statement. What one
+call does not pass (short, a key in use, a repeat) is that call's answer; the others commit. The
+gain is in the fixed costs: one BEGIN/COMMIT, one WAL flush, one lock statement, one write
+statement and one Redis round trip for the group instead of for each call.
+
+A group goes to Postgres as soon as fewer than `groups_in_flight` are there; while they are,
+arriving calls queue and go together in the next one. At low load a group is one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import asyncpg
+
+from inventory_svc.app.context import Context
+from inventory_svc.domain.errors import Aborted, DomainError, InsufficientStock, Unavailable
+from inventory_svc.domain.model import Channel, Line, Reservation, ReservationStatus, StockLevel
+from inventory_svc.domain.rules import LockedStock, StockKey, check_can_take
+from inventory_svc.storage.pg import NewReservation, PgStore
+from inventory_svc.storage.pg_base import Idem, Replay, claim_keys, to_ms, translate_errors
+from inventory_svc.storage.redis_stock import Hold
+
+log = logging.getLogger(__name__)
+
+Answer = Reservation | Replay | BaseException
+
+
+@dataclass(eq=False, slots=True)
+class _Call:
+    """One Reserve call waiting for, or in, a group."""
+
+    res_id: str
+    lines: Sequence[Line]
+    channel: Channel
+    order_ref: str
+    ttl_s: int
+    idem: Idem | None
+    hold: Hold
+    deadline: float  # loop time by which the call gives up (its hold_timeout_s)
+    answer: asyncio.Future[Answer]
+    committed: list[StockLevel] = field(default_factory=list)  # its rows after the commit
+    seen: list[StockLevel] = field(default_factory=list)  # the levels by which it was refused
+
+
+def reservation_event(res: Reservation) -> dict[str, object]:
+    return {"reservation_id": res.id, "status": res.status.value, "order_ref": res.order_ref}
+
+
+class GroupCommitter:
+    def __init__(self, ctx: Context, *, max_group: int, groups_in_flight: int) -> None:
+        self.ctx = ctx
+        self.max_group = max_group
+        self.groups_in_flight = groups_in_flight
+        self._queue: list[_Call] = []
+        self._groups: set[asyncio.Task[None]] = set()
+        self.groups = 0  # committed groups, the calls in them and the largest, for metrics
+        self.calls = 0
+        self.largest = 0
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a group."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Groups in Postgres."""
+        return len(self._groups)
+
+    async def reserve(
+        self, res_id: str, lines: Sequence[Line], channel: Channel, order_ref: str, ttl_s: int,
+        idem: Idem | None, hold: Hold, deadline: float,
+    ) -> Reservation | Replay:
+        """Commit a held reservation with whatever other calls are going; its hold is forgotten
+        or given back in Redis before it returns (or by its group, if the call gave up)."""
+        call = _Call(res_id, lines, channel, order_ref, ttl_s, idem, hold, deadline,
+                     asyncio.get_running_loop().create_future())
+        self._queue.append(call)
+        self._start_groups()
+        try:
+            out = await asyncio.shield(call.answer)
+        except asyncio.CancelledError:
+            if call in self._queue:  # never sent: Postgres surely did not take it
+                self._queue.remove(call)
+                await self.ctx.give_back(hold)
+            # sent: its group ends it in Redis, by what Postgres did
+            raise
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    async def close(self) -> None:
+        """Let the groups in flight finish (their calls were sent to Postgres)."""
+        while self._groups:
+            await asyncio.gather(*self._groups, return_exceptions=True)
+
+    def _start_groups(self) -> None:
+        while self._queue and len(self._groups) < self.groups_in_flight:
+            group: list[_Call] = []
+            keys: set[str] = set()
+            rest: list[_Call] = []
+            for call in self._queue:
+                # two calls with one key go in different groups: the second must see the
+                # first's answer, which its group's advisory lock would not keep from it
+                if len(group) >= self.max_group or (call.idem and call.idem.key in keys):
+                    rest.append(call)
+                    continue
+                group.append(call)
+                if call.idem:
+                    keys.add(call.idem.key)
+            self._queue = rest
+            task = asyncio.create_task(self._run(group))
+            self._groups.add(task)
+            task.add_done_callback(self._group_done)
+
+    def _group_done(self, task: asyncio.Task[None]) -> None:
+        self._groups.discard(task)
+        self._start_groups()
+
+    async def _run(self, group: list[_Call]) -> None:
+        sent = False
+        answers: list[Answer]
+        try:
+            async with asyncio.timeout_at(min(c.deadline for c in group)):
+                with translate_errors():
+                    async with self.ctx.pg.pool.acquire(timeout=self.ctx.pg.timeout_s) as conn, \
+                            conn.transaction():
+                        answers = await self._decide(conn, group)
+                        sent = True  # from here on a failure may come after the commit
+        except BaseException as exc:  # every call of the group hears it; nothing escapes
+            if isinstance(exc, TimeoutError):
+                why = "postgres did not commit in time; retry"
+            elif isinstance(exc, Unavailable | Aborted):
+                why = exc.message
+            else:
+                log.exception("group commit of %d reservations failed", len(group))
+                why = f"the commit failed: {exc!r}; retry"
+            kind = Aborted if isinstance(exc, Aborted) else Unavailable
+            # A failure during the commit itself leaves the outcome unknown: the hold records
+            # stay, and the reconciler settles them by what Postgres says.
+            if not sent:
+                await self._end_in_redis([(c.hold, []) for c in group], [])
+            for c in group:
+                _answer(c, kind(why))
+            return
+        self.groups += 1
+        self.calls += len(group)
+        self.largest = max(self.largest, len(group))
+        # Refused calls' Redis first shows the state that refused them, as any read after the
+        # answer must; held units become committed levels or are given back; one round trip.
+        await self._end_in_redis([(c.hold, c.committed) for c in group],
+                                 [lv for c in group for lv in c.seen])
+        for c, a in zip(group, answers, strict=True):
+            _answer(c, a)
+
+    async def _decide(self, conn: asyncpg.Connection, group: list[_Call]) -> list[Answer]:
+        """Inside the group's transaction: each call's answer, and the write of those taken."""
+        answers: list[Answer | None] = [None] * len(group)
+        keyed = [i for i, c in enumerate(group) if c.idem is not None]
+        if keyed:
+            claims = await claim_keys(conn, [c.idem for c in group if c.idem is not None])
+            for i, claim in zip(keyed, claims, strict=True):
+                if isinstance(claim, bytes):
+                    answers[i] = Replay(claim)
+                elif claim is not None:
+                    answers[i] = claim
+        live = [i for i, a in enumerate(answers) if a is None]
+        rows, now = await PgStore.lock_stock_timed(
+            conn, {(x.sku, x.location_id) for i in live for x in group[i].lines})
+        created = to_ms(now)
+        taken: list[NewReservation] = []
+        changed: dict[StockKey, StockLevel] = {}
+        for i in live:
+            c = group[i]
+            try:
+                check_can_take(c.lines, rows, c.channel)
+            except DomainError as exc:
+                answers[i] = exc
+                continue
+            res = Reservation(
+                c.res_id, ReservationStatus.ACTIVE, c.channel, c.order_ref,
+                tuple(sorted(c.lines, key=lambda x: (x.sku, x.location_id))),
+                created, created + c.ttl_s * 1000, 0)
+            answers[i] = res
+            record = (None, "", b"", b"") if c.idem is None else (
+                c.idem.key, c.idem.method, c.idem.fingerprint, c.idem.encode(res))
+            taken.append(NewReservation(res, reservation_event(res), record))
+            for x in c.lines:
+                k = (x.sku, x.location_id)
+                lv = replace(rows[k].level, reserved=rows[k].level.reserved + x.quantity)
+                rows[k] = LockedStock(lv, rows[k].location_active)
+                changed[k] = lv
+        news = {(lv.sku, lv.location_id): lv for lv in await PgStore.write_reservations(
+            conn, taken, [changed[k] for k in sorted(changed)])} if taken else {}
+        for c, a in zip(group, answers, strict=True):
+            mine = [(x.sku, x.location_id) for x in c.lines]
+            if isinstance(a, Reservation):
+                c.committed = [news[k] for k in mine]
+            elif isinstance(a, InsufficientStock):
+                c.seen = [news.get(k) or rows[k].level for k in mine if k in rows]
+        return [a for a in answers if a is not None]
+
+    async def _end_in_redis(self, settled: list[tuple[Hold, Sequence[StockLevel]]],
+                            levels: list[StockLevel]) -> None:
+        try:
+            await asyncio.shield(self.ctx.redis.settle_many(settled, levels))
+        except Unavailable as exc:
+            log.warning("ending %d redis holds failed, the reconciler will repair them: %s",
+                        len(settled), exc)
+
+
+def _answer(call: _Call, answer: Answer) -> None:
+    if not call.answer.done():
+        call.answer.set_result(answer)
