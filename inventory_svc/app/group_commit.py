@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import asyncpg
+from prometheus_client import Histogram
 
 from inventory_svc.app.context import Context
 from inventory_svc.domain.errors import Aborted, DomainError, InsufficientStock, Unavailable
@@ -31,6 +32,8 @@ from inventory_svc.storage.pg_base import Idem, Replay, claim_keys, to_ms, trans
 from inventory_svc.storage.redis_stock import Hold
 
 log = logging.getLogger(__name__)
+GROUP_SIZE = Histogram("inventory_group_commit_calls", "Reserve calls per group commit",
+                       buckets=(1, 2, 4, 8, 16, 32, 64))
 
 Answer = Reservation | Replay | BaseException
 
@@ -103,6 +106,9 @@ class GroupCommitter:
         """Let the groups in flight finish (their calls were sent to Postgres)."""
         while self._groups:
             await asyncio.gather(*self._groups, return_exceptions=True)
+        if self.groups:
+            log.info("group commit: %d calls in %d groups, %.2f a group, the largest %d",
+                     self.calls, self.groups, self.calls / self.groups, self.largest)
 
     def _start_groups(self) -> None:
         while self._queue and len(self._groups) < self.groups_in_flight:
@@ -156,6 +162,7 @@ class GroupCommitter:
         self.groups += 1
         self.calls += len(group)
         self.largest = max(self.largest, len(group))
+        GROUP_SIZE.observe(len(group))
         # Refused calls' Redis first shows the state that refused them, as any read after the
         # answer must; held units become committed levels or are given back; one round trip.
         await self._end_in_redis([(c.hold, c.committed) for c in group],
