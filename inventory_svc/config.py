@@ -39,9 +39,11 @@ class Settings:
     pg_pool_max: int = 20
     pg_timeout_s: float = 5.0
     # Reserve calls committed together in one transaction (app/group_commit.py): at most this
-    # many per group, and this many groups in Postgres at once before calls queue for the next.
+    # many a group; one group in Postgres at a time, another (up to this many lanes) when every
+    # group there has been there for stall_ms.
     group_commit_max: int = 64
-    group_commit_in_flight: int = 4
+    group_commit_lanes: int = 4
+    group_commit_stall_ms: float = 20.0
     redis_timeout_s: float = 2.0
     max_concurrent_rpcs: int = 2_000
     shutdown_grace_s: float = 10.0
@@ -93,8 +95,10 @@ class Settings:
              "need 1 <= PG_POOL_MIN <= PG_POOL_MAX")
         need(self.group_commit_max >= 1, "group_commit_max", self.group_commit_max,
              "must be >= 1")
-        need(1 <= self.group_commit_in_flight < self.pg_pool_max, "group_commit_in_flight",
-             self.group_commit_in_flight, "need 1 <= GROUP_COMMIT_IN_FLIGHT < PG_POOL_MAX")
+        need(1 <= self.group_commit_lanes < self.pg_pool_max, "group_commit_lanes",
+             self.group_commit_lanes, "need 1 <= GROUP_COMMIT_LANES < PG_POOL_MAX")
+        need(self.group_commit_stall_ms > 0, "group_commit_stall_ms", self.group_commit_stall_ms,
+             "must be > 0")
         need(self.log_format in ("text", "json"), "log_format", self.log_format,
              "must be text or json")
         need(0 <= self.metrics_port < 65536, "metrics_port", self.metrics_port,

@@ -55,8 +55,10 @@ def _res_event(res: Reservation) -> tuple[str, str, dict[str, object]]:
 class ReservationService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.group = GroupCommitter(ctx, max_group=ctx.settings.group_commit_max,
-                                    groups_in_flight=ctx.settings.group_commit_in_flight)
+        s = ctx.settings
+        self.group = GroupCommitter(ctx, max_group=s.group_commit_max,
+                                    lanes=s.group_commit_lanes,
+                                    stall_s=s.group_commit_stall_ms / 1000)
 
     async def close(self) -> None:
         await self.group.close()
