@@ -32,17 +32,16 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
-from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 
 from inventory_svc.domain.errors import InsufficientStock, NotFound, Shortfall, Unavailable
 from inventory_svc.domain.model import Line, StockLevel
+from inventory_svc.storage.script_pipe import ScriptCall, ScriptPipe
 
 log = logging.getLogger(__name__)
 META_KEY = "inv:meta"
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 Hydrator = Callable[[list[str]], Awaitable[None]]
-ScriptCall = tuple[AsyncScript, list[str], list[Any]]  # a script, its KEYS and its ARGV
 # How long a hold waits, step by step, for holds in flight that are in its way (hold.lua's {4})
 # before it leaves the decision to Postgres: ~30 ms, several commits' time under load.
 IN_FLIGHT_WAITS_S = (0.001, 0.002, 0.004, 0.008, 0.016)
@@ -152,6 +151,7 @@ class RedisStock:
         self._hydrate = client.register_script(_script("hydrate"))
         self._repair = client.register_script(_script("repair"))
         self._settle = client.register_script(_script("settle", uses=["take"]))
+        self._pipe = ScriptPipe(client)
         self.dropped_stale = 0  # times a connection found (and dropped) data built elsewhere
 
     @classmethod
@@ -178,34 +178,8 @@ class RedisStock:
         return stock
 
     async def _run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        """Scripts in one round trip: a pipeline of EVALSHA. (redis-py's own pipelined scripts
-        cost a SCRIPT EXISTS round trip first.) Calls refused with NOSCRIPT did not run: their
-        scripts are loaded and they are sent again."""
-        if len(calls) == 1:
-            script, keys, args = calls[0]
-            return [await script(keys=keys, args=args)]
-        results: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for _ in range(2):
-            async with self.client.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    script, keys, args = calls[i]
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                out = await pipe.execute(raise_on_error=False)
-            missing = []
-            for i, res in zip(todo, out, strict=True):
-                if isinstance(res, redis.exceptions.NoScriptError):
-                    missing.append(i)
-                elif isinstance(res, Exception):
-                    raise res
-                else:
-                    results[i] = res
-            if not missing:
-                return results
-            for script in {calls[i][0].sha: calls[i][0] for i in missing}.values():
-                await self.client.script_load(script.script)
-            todo = missing
-        raise Unavailable("redis keeps losing the service's scripts; retry")
+        """Scripts in one round trip, with those of concurrent calls (script_pipe)."""
+        return await self._pipe.run(calls)
 
     async def _check_run(self, conn: Any) -> None:
         await conn.send_command("INFO", "server")
@@ -277,7 +251,7 @@ class RedisStock:
         while True:
             keys, args = self._hold_call(lines, pos=pos, hold_id=hold_id, force=force)
             with translate_redis():
-                res = await self._hold(keys=keys, args=args)
+                (res,) = await self._run_scripts([(self._hold, keys, args)])
             code = int(res[0])
             if code == 0:
                 return

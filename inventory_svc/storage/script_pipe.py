@@ -1,0 +1,94 @@
+"""Auto-pipelining of Lua scripts: the scripts that concurrent calls run in one turn of the event
+loop go to Redis as one pipeline of EVALSHA, one write and one read instead of one of each per
+call. Under load many Reserve calls take their holds in the same turn; Redis and this process
+then spend their time on the scripts rather than on the round trips around them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import redis.exceptions
+from redis.commands.core import AsyncScript
+
+from inventory_svc.domain.errors import Unavailable
+
+ScriptCall = tuple[AsyncScript, list[str], list[Any]]  # a script, its KEYS and its ARGV
+
+
+class ScriptPipe:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._waiting: list[tuple[Sequence[ScriptCall], asyncio.Future[list[Any]]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+        self.round_trips = 0  # pipelines sent (a NOSCRIPT retry counts again)
+
+    async def run(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """The scripts' results, in order; sent with whatever else this turn of the loop runs.
+        A script that failed raises its error here, for this caller only."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[list[Any]] = loop.create_future()
+        if not self._waiting:
+            loop.call_soon(self._flush)
+        self._waiting.append((calls, answer))
+        return await answer
+
+    def _flush(self) -> None:
+        batch, self._waiting = self._waiting, []
+        task = asyncio.create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[Sequence[ScriptCall], asyncio.Future[list[Any]]]]
+                    ) -> None:
+        try:
+            results = await self._pipeline([c for calls, _ in batch for c in calls])
+        except BaseException as exc:  # every caller of the round trip hears it
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        at = 0
+        for calls, answer in batch:
+            mine, at = results[at:at + len(calls)], at + len(calls)
+            if answer.done():  # its caller gave up
+                continue
+            error = next((r for r in mine if isinstance(r, Exception)), None)
+            if error is None:
+                answer.set_result(mine)
+            else:
+                answer.set_exception(error)
+
+    async def _pipeline(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """One round trip of EVALSHA (redis-py's own pipelined scripts cost a SCRIPT EXISTS round
+        trip first). Calls refused with NOSCRIPT did not run: their scripts are loaded and they
+        are sent again. A script's own error is returned in its place."""
+        self.round_trips += 1
+        if len(calls) == 1:
+            script, keys, args = calls[0]
+            try:
+                return [await script(keys=keys, args=args)]
+            except redis.exceptions.ResponseError as exc:
+                return [exc]
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    script, keys, args = calls[i]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                out = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, res in zip(todo, out, strict=True):
+                if isinstance(res, redis.exceptions.NoScriptError):
+                    missing.append(i)
+                else:
+                    results[i] = res
+            if not missing:
+                return results
+            for script in {calls[i][0].sha: calls[i][0] for i in missing}.values():
+                await self.client.script_load(script.script)
+            todo = missing
+            self.round_trips += 1
+        raise Unavailable("redis keeps losing the service's scripts; retry")
