@@ -225,3 +225,41 @@ async def test_list_movements_pages(stub: Stub) -> None:
     err = await expect_error(stub.ListMovements(api.ListMovementsRequest()),
                              grpc.StatusCode.INVALID_ARGUMENT)
     assert details(err) and isinstance(details(err)[0], error_details_pb2.BadRequest)
+
+
+async def test_a_read_again_follows_every_change_to_what_it_shows(
+    stub: Stub, service: Running,
+) -> None:
+    # A SKU's built answer is kept while its Redis fields are unchanged (app/views.py): each
+    # change below must show in the very next read, in the same channel and location scope.
+    w = await make_world(stub, skus=1, locations=2, on_hand=5, safety=1)
+    sku, (a, b) = w.skus[0], sorted(w.locations)
+    by_loc = api.GetAvailabilityRequest(skus=[sku, sku], location_ids=[a, b])
+
+    async def seen(request: api.GetAvailabilityRequest) -> list[tuple[str, int, int, int]]:
+        out = await stub.GetAvailability(request)
+        assert len(out.items) == 1 or out.items[0] == out.items[1]
+        return [(lv.location_id, lv.on_hand, lv.reserved, lv.available)
+                for lv in out.items[0].levels]
+
+    assert await seen(by_loc) == await seen(by_loc) == [(a, 5, 0, 4), (b, 5, 0, 4)]
+    await stub.Reserve(api.ReserveRequest(lines=[
+        pb.ReservationLine(sku=sku, location_id=a, quantity=2)]))
+    assert await seen(by_loc) == [(a, 5, 2, 2), (b, 5, 0, 4)]
+    pos = api.GetAvailabilityRequest(skus=[sku], location_ids=[a, b], channel=pb.CHANNEL_POS)
+    assert await seen(pos) == [(a, 5, 2, 3), (b, 5, 0, 5)]
+    await stub.AdjustStock(api.AdjustStockRequest(sku=sku, location_id=b, delta=-1,
+                                                  reason=api.ADJUSTMENT_REASON_DAMAGE))
+    assert await seen(by_loc) == [(a, 5, 2, 2), (b, 4, 0, 3)]
+    assert await seen(api.GetAvailabilityRequest(skus=[sku], location_ids=[b])) == [(b, 4, 0, 3)]
+    # every active location, until one is switched off
+    everywhere = api.GetAvailabilityRequest(skus=[sku])
+    assert [x[0] for x in await seen(everywhere)] == [a, b]
+    await stub.UpsertLocations(api.UpsertLocationsRequest(
+        locations=[store_location(b, default_safety_stock=1, active=False)]))
+    await service.ctx.refresh_locations()
+    assert [x[0] for x in await seen(everywhere)] == [a]
+    # Redis lost it all: hydrated again from Postgres, the same answer
+    await service.ctx.redis.client.flushall()
+    await service.reconciler.ensure_generation(startup=False)
+    assert await seen(by_loc) == [(a, 5, 2, 2), (b, 4, 0, 3)]

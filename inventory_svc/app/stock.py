@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import asyncpg
 
 from inventory_svc.app.context import Context
+from inventory_svc.app.views import Views
 from inventory_svc.domain import validation as val
 from inventory_svc.domain.errors import Aborted, FailedPrecondition, NotFound
 from inventory_svc.domain.model import (
@@ -23,6 +24,7 @@ from inventory_svc.domain.model import (
 from inventory_svc.domain.rules import LockedStock, check_can_remove
 from inventory_svc.storage.pg import MovementDraft, PgStore
 from inventory_svc.storage.pg_base import Idem, Replay
+from inventory_svc.storage.redis_stock import decode_levels
 from routing.geo import haversine_km
 
 
@@ -44,6 +46,9 @@ class ImportResult:
     rows_received: int
     rows_changed: int
     skus: int
+
+
+VIEWS_KEPT = 4096  # SKU availabilities kept built (each ~ a few kB with 50 locations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,7 @@ def _stock_event(level: StockLevel) -> tuple[str, str, dict[str, object]]:
 class StockService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self._views: Views[SkuAvailability] = Views(VIEWS_KEPT)
 
     # ---- locations -------------------------------------------------------------------------
     async def upsert_locations(
@@ -363,12 +369,18 @@ class StockService:
                         ) -> dict[str, list[StockLevel]]:
         """Committed levels from Redis, hydrating SKUs Redis does not have; `with_held` counts
         holds in flight as reserved (what a new hold would find)."""
-        found = await self.ctx.redis.read(skus, with_held=with_held)
-        missing = [s for s, lv in found.items() if lv is None]
+        return {sku: decode_levels(sku, fields, with_held=with_held)
+                for sku, fields in (await self._fields_of(skus)).items()}
+
+    async def _fields_of(self, skus: Sequence[str]) -> dict[str, dict[bytes, bytes]]:
+        """Each SKU's Redis hash as stored, hydrating SKUs Redis does not have (an unknown SKU:
+        empty)."""
+        found = dict(zip(skus, await self.ctx.redis.read_fields(skus), strict=True))
+        missing = [s for s, fields in found.items() if fields is None]
         if missing:
             await self.ctx.hydrate(missing)
-            found.update(await self.ctx.redis.read(missing, with_held=with_held))
-        return {s: lv or [] for s, lv in found.items()}
+            found.update(zip(missing, await self.ctx.redis.read_fields(missing), strict=True))
+        return {s: fields or {} for s, fields in found.items()}
 
     async def get_availability(
         self, skus: Sequence[str], location_ids: Sequence[str]
@@ -384,15 +396,24 @@ class StockService:
         v.raise_if_any()
         for loc in location_ids:
             await self.ctx.known_location(loc)
-        wanted = set(location_ids) or {
-            x.id for x in self.ctx.locations.values() if x.active}
-        levels = await self.levels_of(list(dict.fromkeys(skus)))
-        return [
-            SkuAvailability(sku, tuple(sorted(
-                (lv for lv in levels[sku] if lv.location_id in wanted),
-                key=lambda lv: lv.location_id)))
-            for sku in skus
-        ]
+        fields = await self._fields_of(list(dict.fromkeys(skus)))
+        # the locations asked for, or every active one as the cache knows them now
+        scope = tuple(location_ids) or self.ctx.locations_version
+        wanted: set[str] | None = None
+        out = []
+        for sku in skus:
+            stored = tuple(fields[sku].items())  # byte for byte what Redis holds now
+            item = self._views.get((sku, scope), stored)
+            if item is None:
+                if wanted is None:
+                    wanted = set(location_ids) or {
+                        x.id for x in self.ctx.locations.values() if x.active}
+                item = SkuAvailability(sku, tuple(sorted(
+                    (lv for lv in decode_levels(sku, fields[sku]) if lv.location_id in wanted),
+                    key=lambda lv: lv.location_id)))
+                self._views.put((sku, scope), stored, item)
+            out.append(item)
+        return out
 
     async def find_nearby(
         self, items: Sequence[SkuQuantity], lat: float, lon: float, radius_km: float,

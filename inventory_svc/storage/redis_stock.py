@@ -399,15 +399,21 @@ class RedisStock:
                    ) -> dict[str, list[StockLevel] | None]:
         """Committed stock levels of each SKU (see decode_levels for `with_held`); None where the
         SKU is not hydrated."""
+        return {sku: None if fields is None else decode_levels(sku, fields, with_held=with_held)
+                for sku, fields in zip(skus, await self.read_fields(skus), strict=True)}
+
+    async def read_fields(self, skus: Sequence[str]) -> list[dict[bytes, bytes] | None]:
+        """Each SKU's hash as stored (decode with decode_levels); None where not hydrated."""
+        results: list[Any]
         with translate_redis():
-            async with self.client.pipeline(transaction=False) as pipe:
-                for sku in skus:
-                    pipe.hgetall(stock_key(sku))
-                results = await pipe.execute()
-        return {
-            sku: (decode_levels(sku, fields, with_held=with_held) if b"_" in fields else None)
-            for sku, fields in zip(skus, results, strict=True)
-        }
+            if len(skus) == 1:  # the common product page: no pipeline to build
+                results = [await self.client.hgetall(stock_key(skus[0]))]
+            else:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for sku in skus:
+                        pipe.hgetall(stock_key(sku))
+                    results = await pipe.execute()
+        return [fields if b"_" in fields else None for fields in results]
 
     async def load(self, snapshot: dict[str, list[StockLevel]], *, force: bool) -> int:
         """Write SKUs from a Postgres snapshot; without `force`, only where not hydrated."""

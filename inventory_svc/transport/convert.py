@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from inventory.v1 import common_pb2 as pb
@@ -75,6 +76,20 @@ def level_fields(level: StockLevel, ch: Channel) -> dict[str, Any]:
         reserved=level.reserved, safety_stock=level.safety_stock, available=level.available(ch),
         version=level.version,
     )
+
+
+def availability_out(sku: str, levels: Sequence[StockLevel], ch: Channel) -> api.SkuAvailability:
+    """One SKU's levels and their totals (summed here: proto fields are slow to read back)."""
+    msg = api.SkuAvailability(sku=sku)
+    on_hand = reserved = available = 0
+    for lv in levels:
+        fields = level_fields(lv, ch)
+        msg.levels.add(**fields)
+        on_hand += lv.on_hand
+        reserved += lv.reserved
+        available += fields["available"]
+    msg.total_on_hand, msg.total_reserved, msg.total_available = on_hand, reserved, available
+    return msg
 
 
 def level_out(level: StockLevel, ch: Channel) -> pb.StockLevel:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import operator
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -15,12 +16,14 @@ from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.app.reservations import ReservationService, Settled
 from inventory_svc.app.stock import (
+    VIEWS_KEPT,
     ImportResult,
     StockChange,
     StockChangeSet,
     StockService,
     TransferResult,
 )
+from inventory_svc.app.views import Views
 from inventory_svc.domain.errors import (
     DomainError,
     FieldViolation,
@@ -85,6 +88,8 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
     def __init__(self, stock: StockService, reservations: ReservationService) -> None:
         self.stock = stock
         self.res = reservations
+        # each SKU's last GetAvailability message per channel, for the same answer of `stock`
+        self._availability: Views[api.SkuAvailability] = Views(VIEWS_KEPT, operator.is_)
 
     async def UpsertLocations(self, request: api.UpsertLocationsRequest, context: Any) -> api.UpsertLocationsResponse:  # noqa: E501
         def encode(locs: list[Location]) -> api.UpsertLocationsResponse:
@@ -193,16 +198,12 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
             items = await self.stock.get_availability(list(request.skus), list(request.location_ids))
             out = api.GetAvailabilityResponse()
             for item in items:
-                msg = out.items.add(sku=item.sku)
-                on_hand = reserved = available = 0  # summed here: proto fields are slow to set
-                for lv in item.levels:
-                    fields = cv.level_fields(lv, ch)
-                    msg.levels.add(**fields)
-                    on_hand += lv.on_hand
-                    reserved += lv.reserved
-                    available += fields["available"]
-                msg.total_on_hand, msg.total_reserved = on_hand, reserved
-                msg.total_available = available
+                # the stock service answers an unchanged SKU with the very same object
+                msg = self._availability.get((item.sku, ch), item)
+                if msg is None:
+                    msg = cv.availability_out(item.sku, item.levels, ch)
+                    self._availability.put((item.sku, ch), item, msg)
+                out.items.append(msg)
             return out
         return await guarded(context, run())
 
