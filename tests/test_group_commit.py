@@ -12,7 +12,10 @@ import grpc
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
+from inventory_svc.domain.errors import Aborted, AlreadyExists, DomainError
 from inventory_svc.server import Running
+from inventory_svc.storage.pg_base import Idem, advisory_key
+from inventory_svc.transport.inventory_servicer import idem_for
 from tests.conftest import make_world, uid
 from tests.grpc_helpers import details, expect_error
 from tests.invariants import assert_invariants
@@ -127,3 +130,50 @@ async def test_the_call_a_group_cannot_serve_says_what_its_predecessors_left(
     said = re.search(r"requested (\d), available (\d+)", err.details() or "")
     assert said and (int(said[1]), int(said[2])) == (6 - reserved, 5 - reserved), err.details()
     await assert_invariants(service, [sku])
+
+
+async def test_lookups_of_one_turn_share_a_statement_and_keep_their_own_answers(
+    stub: Stub, service: Running,
+) -> None:
+    # A flash sale's keyed losers each ask Postgres for their key's first answer
+    # (PgBase.replay_of); those asking in one turn of the event loop share one statement.
+    w = await make_world(stub, locations=1, skus=1, on_hand=5)
+    first = api.ReserveRequest(lines=[pb.ReservationLine(
+        sku=w.skus[0], location_id=w.locations[0], quantity=2)], idempotency_key=uid("k"))
+    answer = await stub.Reserve(first)
+    other = api.ReserveRequest()
+    other.CopyFrom(first)
+    other.lines[0].quantity = 1
+    running = api.ReserveRequest()
+    running.CopyFrom(first)
+    running.idempotency_key = uid("k")
+    unused = api.ReserveRequest()
+    unused.CopyFrom(first)
+    unused.idempotency_key = uid("k")
+
+    def idem(request: api.ReserveRequest) -> Idem:
+        made = idem_for("Reserve", request, request.idempotency_key, lambda r: r)
+        assert made is not None
+        return made
+
+    pg = service.ctx.pg
+    async with pg.pool.acquire() as conn, conn.transaction():
+        # a call with the key `running` is under way on another connection
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", advisory_key(running.idempotency_key))
+        sends = pg.lookup_statements
+        found = await asyncio.gather(
+            *(pg.replay_of(idem(r)) for r in (first, unused, first)),
+            expect_domain_error(pg.replay_of(idem(other)), AlreadyExists),
+            expect_domain_error(pg.replay_of(idem(running)), Aborted))
+        assert pg.lookup_statements == sends + 1
+    assert found[:3] == [answer.SerializeToString(deterministic=True), None,
+                         answer.SerializeToString(deterministic=True)]
+    assert first.idempotency_key in found[3] and running.idempotency_key in found[4]
+
+
+async def expect_domain_error(call: Awaitable[object], kind: type[DomainError]) -> str:
+    try:
+        await call
+    except kind as err:
+        return err.message
+    raise AssertionError(f"expected {kind.__name__}")

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from inventory_svc.domain.errors import Aborted, AlreadyExists, DomainError, Unavailable
+from inventory_svc.storage.coalesce import Coalescer
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +93,10 @@ class Unit:
         # statement starts, so a first call committing in that instant can be missed; the
         # idempotency primary key then refuses our record at commit, and the repeat is
         # answered ABORTED (retry), never run twice.
-        row = await self.conn.fetchrow(
-            "SELECT pg_try_advisory_xact_lock($1) AS locked, i.method, i.request_hash, i.response"
-            " FROM (SELECT 1) AS one LEFT JOIN idempotency i ON i.key = $2",
-            advisory_key(self.idem.key), self.idem.key,
-        )
-        if not row["locked"]:
-            raise Aborted(
-                f"a call with idempotency_key {self.idem.key!r} is still running; retry it later"
-            )
-        if row["method"] is not None:
-            self.replay = _stored_answer(self.idem, row)
+        (found,) = await look_up_keys(self.conn, [self.idem])
+        if isinstance(found, DomainError):
+            raise found
+        self.replay = found
 
     def record(self, result: Any) -> tuple[str | None, str, bytes, bytes]:
         """The idempotency row for `result`, for a statement that inserts it itself."""
@@ -137,6 +131,21 @@ def _stored_answer(idem: Idem, row: asyncpg.Record) -> bytes:
     return bytes(row["response"])
 
 
+async def look_up_keys(
+    conn: asyncpg.Connection, idems: Sequence[Idem]
+) -> list[bytes | DomainError | None]:
+    """Try each key's lock and look its answer up, in one statement: per call, the answer to
+    replay, the error to answer, or None for a key never used (and now locked, until the
+    transaction ends: at once, outside one)."""
+    rows = await conn.fetch(
+        "SELECT pg_try_advisory_xact_lock(k.lock) AS locked, i.method, i.request_hash,"
+        " i.response FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS k(key, lock, n)"
+        " LEFT JOIN idempotency i ON i.key = k.key ORDER BY k.n",
+        [x.key for x in idems], [advisory_key(x.key) for x in idems],
+    )
+    return [_claimed(idem, r["locked"], r) for idem, r in zip(idems, rows, strict=True)]
+
+
 async def claim_keys(
     conn: asyncpg.Connection, idems: Sequence[Idem]
 ) -> list[bytes | DomainError | None]:
@@ -158,19 +167,21 @@ async def claim_keys(
             "SELECT key, method, request_hash, response FROM idempotency"
             " WHERE key = ANY($1::text[])", [x.key for x in ours])
     } if ours else {}
-    out: list[bytes | DomainError | None] = []
-    for idem, r in zip(idems, locked, strict=True):
-        if not r["locked"]:
-            out.append(Aborted(
-                f"a call with idempotency_key {idem.key!r} is still running; retry it later"))
-        elif (row := stored.get(idem.key)) is None:
-            out.append(None)
-        else:
-            try:
-                out.append(_stored_answer(idem, row))
-            except AlreadyExists as exc:
-                out.append(exc)
-    return out
+    return [_claimed(idem, r["locked"], stored.get(idem.key))
+            for idem, r in zip(idems, locked, strict=True)]
+
+
+def _claimed(idem: Idem, locked: bool, row: asyncpg.Record | None
+             ) -> bytes | DomainError | None:
+    if not locked:
+        return Aborted(f"a call with idempotency_key {idem.key!r} is still running;"
+                       " retry it later")
+    if row is None or row["method"] is None:
+        return None
+    try:
+        return _stored_answer(idem, row)
+    except AlreadyExists as exc:
+        return exc
 
 
 async def _leave_session_as_is(conn: asyncpg.Connection) -> None:
@@ -185,6 +196,7 @@ class PgBase:
     def __init__(self, pool: asyncpg.Pool, timeout_s: float | None = None) -> None:
         self.pool = pool
         self.timeout_s = timeout_s  # also bounds waiting for a pooled connection
+        self._lookups: Coalescer[Idem, bytes | None] = Coalescer(self._look_up)
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int, max_size: int, timeout_s: float) -> Any:
@@ -217,12 +229,19 @@ class PgBase:
     async def replay_of(self, idem: Idem) -> bytes | None:
         """What `Unit.claim` would find, without a transaction (the advisory lock is taken and
         let go within the statement): the first answer to replay, or None for an unused key;
-        ABORTED while a call with the key runs, ALREADY_EXISTS for a different request."""
+        ABORTED while a call with the key runs, ALREADY_EXISTS for a different request. The
+        lookups of one turn of the event loop (a flash sale's many losers) share a statement."""
         with translate_errors():
-            async with self.pool.acquire(timeout=self.timeout_s) as conn:
-                unit = Unit(conn, idem)
-                await unit.claim()
-                return unit.replay
+            return await self._lookups.run(idem)
+
+    @property
+    def lookup_statements(self) -> int:
+        """Statements `replay_of` has sent (one for all the lookups of a turn)."""
+        return self._lookups.sends
+
+    async def _look_up(self, idems: list[Idem]) -> list[bytes | BaseException | None]:
+        async with self.pool.acquire(timeout=self.timeout_s) as conn:
+            return list(await look_up_keys(conn, idems))
 
     async def migrate(self) -> list[str]:
         """Apply the packaged migrations not yet applied; safe when N replicas start at once."""

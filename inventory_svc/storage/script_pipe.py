@@ -5,7 +5,6 @@ then spend their time on the scripts rather than on the round trips around them.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from inventory_svc.domain.errors import Unavailable
+from inventory_svc.storage.coalesce import Coalescer
 
 ScriptCall = tuple[AsyncScript, list[str], list[Any]]  # a script, its KEYS and its ARGV
 
@@ -20,45 +20,22 @@ ScriptCall = tuple[AsyncScript, list[str], list[Any]]  # a script, its KEYS and 
 class ScriptPipe:
     def __init__(self, client: Any) -> None:
         self.client = client
-        self._waiting: list[tuple[Sequence[ScriptCall], asyncio.Future[list[Any]]]] = []
-        self._sending: set[asyncio.Task[None]] = set()
+        self._turns: Coalescer[Sequence[ScriptCall], list[Any]] = Coalescer(self._send)
         self.round_trips = 0  # pipelines sent (a NOSCRIPT retry counts again)
 
     async def run(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """The scripts' results, in order; sent with whatever else this turn of the loop runs.
         A script that failed raises its error here, for this caller only."""
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[list[Any]] = loop.create_future()
-        if not self._waiting:
-            loop.call_soon(self._flush)
-        self._waiting.append((calls, answer))
-        return await answer
+        return await self._turns.run(calls)
 
-    def _flush(self) -> None:
-        batch, self._waiting = self._waiting, []
-        task = asyncio.create_task(self._send(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[tuple[Sequence[ScriptCall], asyncio.Future[list[Any]]]]
-                    ) -> None:
-        try:
-            results = await self._pipeline([c for calls, _ in batch for c in calls])
-        except BaseException as exc:  # every caller of the round trip hears it
-            for _, answer in batch:
-                if not answer.done():
-                    answer.set_exception(exc)
-            return
+    async def _send(self, batch: list[Sequence[ScriptCall]]) -> list[list[Any] | BaseException]:
+        results = await self._pipeline([c for calls in batch for c in calls])
+        out: list[list[Any] | BaseException] = []
         at = 0
-        for calls, answer in batch:
+        for calls in batch:
             mine, at = results[at:at + len(calls)], at + len(calls)
-            if answer.done():  # its caller gave up
-                continue
-            error = next((r for r in mine if isinstance(r, Exception)), None)
-            if error is None:
-                answer.set_result(mine)
-            else:
-                answer.set_exception(error)
+            out.append(next((r for r in mine if isinstance(r, Exception)), mine))
+        return out
 
     async def _pipeline(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """One round trip of EVALSHA (redis-py's own pipelined scripts cost a SCRIPT EXISTS round
