@@ -23,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import asyncpg
 from prometheus_client import Histogram
@@ -32,7 +33,7 @@ from prometheus_client import Histogram
 from inventory_svc.app.context import Context
 from inventory_svc.domain.errors import Aborted, DomainError, InsufficientStock, Unavailable
 from inventory_svc.domain.model import Channel, Line, Reservation, ReservationStatus, StockLevel
-from inventory_svc.domain.rules import LockedStock, StockKey, check_can_take
+from inventory_svc.domain.rules import LockedStock, StockKey, check_can_take, check_capacity
 from inventory_svc.storage.pg import NewReservation, PgStore
 from inventory_svc.storage.pg_base import Idem, Replay, claim_keys, to_ms, translate_errors
 from inventory_svc.storage.redis_stock import Hold
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 GROUP_SIZE = Histogram("inventory_group_commit_calls", "Reserve calls per group commit",
                        buckets=(1, 2, 4, 8, 16, 32, 64))
 
-Answer = Reservation | Replay | BaseException
+Answer = Any  # what the call returns (a Reservation, or `answer_of` it), a Replay, or an error
 
 
 @dataclass(eq=False, slots=True)
@@ -56,6 +57,8 @@ class _Call:
     idem: Idem | None
     hold: Hold
     deadline: float  # loop time by which the call gives up (its hold_timeout_s)
+    shipping_from: Sequence[str]  # locations it uses a shipment of the day of (routing)
+    answer_of: Callable[[Reservation], Any] | None  # what the call returns for its reservation
     answer: asyncio.Future[Answer]
     committed: list[StockLevel] = field(default_factory=list)  # its rows after the commit
     seen: list[StockLevel] = field(default_factory=list)  # the levels by which it was refused
@@ -96,12 +99,14 @@ class GroupCommitter:
 
     async def reserve(
         self, res_id: str, lines: Sequence[Line], channel: Channel, order_ref: str, ttl_s: int,
-        idem: Idem | None, hold: Hold, deadline: float,
-    ) -> Reservation | Replay:
+        idem: Idem | None, hold: Hold, deadline: float, shipping_from: Sequence[str] = (),
+        answer_of: Callable[[Reservation], Any] | None = None,
+    ) -> Any:
         """Commit a held reservation with whatever other calls are going; its hold is forgotten
-        or given back in Redis before it returns (or by its group, if the call gave up)."""
+        or given back in Redis before it returns (or by its group, if the call gave up). Returns
+        the reservation (or `answer_of` it), or the Replay of a repeat."""
         call = _Call(res_id, lines, channel, order_ref, ttl_s, idem, hold, deadline,
-                     asyncio.get_running_loop().create_future())
+                     shipping_from, answer_of, asyncio.get_running_loop().create_future())
         self._queue.append(call)
         self._start_groups()
         try:
@@ -214,6 +219,10 @@ class GroupCommitter:
         live = [i for i, a in enumerate(answers) if a is None]
         rows, now = await PgStore.lock_stock_timed(
             conn, {(x.sku, x.location_id) for i in live for x in group[i].lines})
+        shipping = sorted({loc for i in live for loc in group[i].shipping_from})
+        used = await PgStore.lock_capacity(conn, shipping) if shipping else {}
+        capacity = {loc: self.ctx.locations[loc].daily_capacity
+                    for loc in shipping if loc in self.ctx.locations}
         created = to_ms(now)
         taken: list[NewReservation] = []
         changed: dict[StockKey, StockLevel] = {}
@@ -221,6 +230,7 @@ class GroupCommitter:
             c = group[i]
             try:
                 check_can_take(c.lines, rows, c.channel)
+                check_capacity(c.shipping_from, used, capacity)
             except DomainError as exc:
                 answers[i] = exc
                 continue
@@ -228,20 +238,24 @@ class GroupCommitter:
                 c.res_id, ReservationStatus.ACTIVE, c.channel, c.order_ref,
                 tuple(sorted(c.lines, key=lambda x: (x.sku, x.location_id))),
                 created, created + c.ttl_s * 1000, 0)
-            answers[i] = res
+            answers[i] = result = res if c.answer_of is None else c.answer_of(res)
             record = (None, "", b"", b"") if c.idem is None else (
-                c.idem.key, c.idem.method, c.idem.fingerprint, c.idem.encode(res))
+                c.idem.key, c.idem.method, c.idem.fingerprint, c.idem.encode(result))
             taken.append(NewReservation(res, reservation_event(res), record))
+            for loc in c.shipping_from:
+                used[loc] = used.get(loc, 0) + 1
             for x in c.lines:
                 k = (x.sku, x.location_id)
                 lv = replace(rows[k].level, reserved=rows[k].level.reserved + x.quantity)
                 rows[k] = LockedStock(lv, rows[k].location_active)
                 changed[k] = lv
+        if shipping and taken:
+            await PgStore.write_capacity(conn, used)
         news = {(lv.sku, lv.location_id): lv for lv in await PgStore.write_reservations(
             conn, taken, [changed[k] for k in sorted(changed)])} if taken else {}
         for c, a in zip(group, answers, strict=True):
             mine = [(x.sku, x.location_id) for x in c.lines]
-            if isinstance(a, Reservation):
+            if not isinstance(a, BaseException | Replay):
                 c.committed = [news[k] for k in mine]
             elif isinstance(a, InsufficientStock):
                 c.seen = [news.get(k) or rows[k].level for k in mine if k in rows]

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,8 +28,8 @@ from inventory_svc.domain.model import (
     StockLevel,
 )
 from inventory_svc.domain.rules import check_can_take, check_release
-from inventory_svc.storage.pg import MovementDraft, NewReservation, PgStore
-from inventory_svc.storage.pg_base import Idem, Replay, to_ms
+from inventory_svc.storage.pg import MovementDraft, PgStore
+from inventory_svc.storage.pg_base import Idem, Replay
 from inventory_svc.storage.redis_stock import Hold
 
 log = logging.getLogger(__name__)
@@ -70,12 +70,12 @@ class ReservationService:
 
     async def reserve_routed(
         self, lines: Sequence[Line], ttl_s: int, channel: Channel, order_ref: str,
-        idem: Idem | None, also: Callable[[asyncpg.Connection], Awaitable[None]],
-        answer: Callable[[Reservation], Any],
+        idem: Idem | None, shipping_from: Sequence[str], answer: Callable[[Reservation], Any],
     ) -> Any:
-        """A reservation of a routed plan: `also` consumes capacity in the same transaction."""
+        """A reservation of a routed plan: it uses one of each of `shipping_from`'s shipments
+        of the day, in the same transaction."""
         return await self._take(lines, channel, order_ref, idem, ttl=ttl_s, sale=False,
-                                also=also, answer=answer)
+                                shipping_from=shipping_from, answer=answer)
 
     async def reserve(
         self, lines: Sequence[Line], ttl_s: int, channel: Channel, order_ref: str,
@@ -106,16 +106,13 @@ class ReservationService:
 
     async def _take(
         self, lines: Sequence[Line], channel: Channel, order_ref: str, idem: Idem | None, *,
-        ttl: int, sale: bool, also: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+        ttl: int, sale: bool, shipping_from: Sequence[str] = (),
         answer: Callable[[Reservation], Any] | None = None,
     ) -> Any:
-        """Hold in Redis, then commit in Postgres: a reservation, or with `sale` a POS sale.
-        Given up after hold_timeout_s; then Redis learns what committed.
-
-        `also` runs inside the same transaction (routing consumes capacity there); `answer`
-        turns the reservation into what the call returns and remembers for its key. A plain
-        reservation (neither) is committed with whatever others are going (group_commit).
-        """
+        """Hold in Redis, then commit in Postgres: a reservation (with whatever others are
+        going: group_commit), or with `sale` a POS sale. Given up after hold_timeout_s; then
+        Redis learns what committed. `answer` turns the reservation into what the call returns
+        and remembers for its key."""
         # The hold is recorded in Redis under the reservation's id, so the reconciler can tell
         # an orphaned hold (no reservation in Postgres, older than hold_timeout_s) from one in
         # flight; the call itself gives up after hold_timeout_s, so no commit comes later.
@@ -126,19 +123,18 @@ class ReservationService:
                 hold = await self._hold(lines, channel, idem, res_id)
                 if isinstance(hold, Replay):
                     return hold
-                if not sale and also is None and answer is None:
+                if not sale:
                     when = deadline.when()
                     assert when is not None
                     return await self.group.reserve(res_id, lines, channel, order_ref, ttl, idem,
-                                                    hold, when)
-                out = await self._commit_alone(res_id, hold, lines, channel, order_ref, idem,
-                                               ttl=ttl, sale=sale, also=also, answer=answer)
+                                                    hold, when, shipping_from, answer)
+                out = await self._sell(res_id, hold, lines, channel, order_ref, idem)
         except TimeoutError as exc:
             raise Unavailable(f"postgres did not commit within {timeout_s:g}s; retry") from exc
         if isinstance(out, Replay):
             return out
         result, news = out
-        # The held units become what the commit wrote: fewer on hand (a sale) or reserved.
+        # The held units become what the commit wrote: fewer on hand.
         await self.ctx.forget(hold, news)
         return result
 
@@ -155,14 +151,12 @@ class ReservationService:
                 return Replay(replay)
             raise
 
-    async def _commit_alone(
+    async def _sell(
         self, res_id: str, hold: Hold, lines: Sequence[Line], channel: Channel, order_ref: str,
-        idem: Idem | None, *, ttl: int, sale: bool,
-        also: Callable[[asyncpg.Connection], Awaitable[None]] | None,
-        answer: Callable[[Reservation], Any] | None,
-    ) -> tuple[Reservation | Settled, list[StockLevel]] | Replay:
-        """The held lines' own transaction; returns the result and the committed levels."""
-        result: Reservation | Settled
+        idem: Idem | None,
+    ) -> tuple[Settled, list[StockLevel]] | Replay:
+        """A POS sale of held lines, in its own transaction: the result and the committed
+        levels."""
         sent_commit = False
         seen: list[StockLevel] = []  # the committed levels by which Postgres refused
         try:
@@ -170,43 +164,25 @@ class ReservationService:
                 if u.replay is not None:  # a repeat: its units were taken by the first call
                     await self.ctx.give_back(hold)
                     return Replay(u.replay)
-                rows, now = await PgStore.lock_stock_timed(
-                    u.conn, [(x.sku, x.location_id) for x in lines])
+                rows = await PgStore.lock_stock(u.conn, [(x.sku, x.location_id) for x in lines])
                 try:
                     check_can_take(lines, rows, channel)
                 except InsufficientStock:
                     seen = [r.level for r in rows.values()]
                     raise
-                olds = [rows[(x.sku, x.location_id)].level for x in lines]
-                if sale:
-                    news = await PgStore.write_levels(u.conn, [
-                        replace(lv, on_hand=lv.on_hand - x.quantity)
-                        for lv, x in zip(olds, lines, strict=True)])
-                    res = await PgStore.insert_reservation(
-                        u.conn, res_id, ReservationStatus.COMMITTED, channel, order_ref, lines, 0)
-                    moves = await PgStore.add_movements(u.conn, [
-                        MovementDraft(x.sku, x.location_id, -x.quantity, MovementKind.SALE,
-                                      "pos sale", res_id, order_ref) for x in lines],
-                        [n.on_hand for n in news])
-                    result = Settled(res, tuple(moves))
-                    if also is not None:
-                        await also(u.conn)
-                    await PgStore.add_outbox(u.conn, "RESERVATION", [_res_event(res)])
-                    await u.remember(result)
-                else:
-                    # Everything after the row lock is one statement.
-                    created = to_ms(now)
-                    res = Reservation(
-                        res_id, ReservationStatus.ACTIVE, channel, order_ref,
-                        tuple(sorted(lines, key=lambda x: (x.sku, x.location_id))),
-                        created, created + ttl * 1000, 0)
-                    result = answer(res) if answer else res
-                    if also is not None:
-                        await also(u.conn)
-                    news = await PgStore.write_reservations(
-                        u.conn, [NewReservation(res, reservation_event(res), u.record(result))],
-                        [replace(lv, reserved=lv.reserved + x.quantity)
-                         for lv, x in zip(olds, lines, strict=True)])
+                news = await PgStore.write_levels(u.conn, [
+                    replace(rows[(x.sku, x.location_id)].level,
+                            on_hand=rows[(x.sku, x.location_id)].level.on_hand - x.quantity)
+                    for x in lines])
+                res = await PgStore.insert_reservation(
+                    u.conn, res_id, ReservationStatus.COMMITTED, channel, order_ref, lines, 0)
+                moves = await PgStore.add_movements(u.conn, [
+                    MovementDraft(x.sku, x.location_id, -x.quantity, MovementKind.SALE,
+                                  "pos sale", res_id, order_ref) for x in lines],
+                    [n.on_hand for n in news])
+                result = Settled(res, tuple(moves))
+                await PgStore.add_outbox(u.conn, "RESERVATION", [_res_event(res)])
+                await u.remember(result)
                 sent_commit = True  # from here on a failure may come after the commit
         except BaseException:
             # Give back only what Postgres surely did not take. A failure during the commit

@@ -5,10 +5,8 @@ and consumes daily capacity in the same transaction."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import asyncpg
 import numpy as np
 
 from inventory_svc.app.context import Context
@@ -16,6 +14,7 @@ from inventory_svc.app.reservations import ReservationService
 from inventory_svc.app.stock import StockService
 from inventory_svc.domain import validation as val
 from inventory_svc.domain.errors import (
+    CapacityTaken,
     FailedPrecondition,
     FieldViolation,
     InsufficientStock,
@@ -37,10 +36,6 @@ class RoutedReservation:
     order: rm.Order
     reservation: Reservation
     attempts: int
-
-
-class CapacityTaken(FailedPrecondition):
-    """A concurrent order used a location's last shipment of the day first: route again."""
 
 
 def _site_type(kind: LocationType) -> rm.LocationType:
@@ -145,31 +140,15 @@ class RoutingService:
             plan = result.plan
             used = sorted(a.location_id for a in plan.allocations)
 
-            async def consume(conn: asyncpg.Connection, used: Sequence[str] = used) -> None:
-                await self._consume_capacity(conn, used)
-
             def answer(res: Reservation, plan: rm.Plan = plan, n: int = attempt) -> RoutedReservation:
                 return RoutedReservation(plan, order, res, n)
 
             try:
                 out: RoutedReservation | Replay = await self.reservations.reserve_routed(
-                    plan_lines(order, plan), ttl, channel, order_ref, idem, consume, answer)
+                    plan_lines(order, plan), ttl, channel, order_ref, idem, used, answer)
                 return out
             except (InsufficientStock, CapacityTaken) as exc:
                 log.info("route attempt %d lost a race (%s); routing again", attempt, exc.message)
                 last = exc
         assert last is not None
         raise last
-
-    async def _consume_capacity(self, conn: asyncpg.Connection, location_ids: Sequence[str]) -> None:
-        rows = await conn.fetch(
-            "INSERT INTO capacity_usage AS c (location_id, day, used)"
-            " SELECT x, current_date, 1 FROM unnest($1::text[]) AS x ORDER BY x"
-            " ON CONFLICT (location_id, day) DO UPDATE SET used = c.used + 1"
-            " RETURNING location_id, used", list(location_ids))
-        for r in rows:
-            cap = self.ctx.locations[r["location_id"]].daily_capacity
-            if 0 < cap < r["used"]:
-                raise CapacityTaken(
-                    f"location {r['location_id']!r} has used its {cap} shipments for today",
-                    violation_type="NO_CAPACITY", subject=r["location_id"])

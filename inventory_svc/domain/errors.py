@@ -71,6 +71,10 @@ class InsufficientStock(FailedPrecondition):
         )
 
 
+class CapacityTaken(FailedPrecondition):
+    """A concurrent order used a location's last shipment of the day first: route again."""
+
+
 class AlreadyExists(DomainError):
     pass
 

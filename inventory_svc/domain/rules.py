@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from inventory_svc.domain.errors import (
+    CapacityTaken,
     FailedPrecondition,
     InsufficientStock,
     NotFound,
@@ -46,6 +47,17 @@ def check_can_take(
     )
     if shortfalls:
         raise InsufficientStock(shortfalls)
+
+
+def check_capacity(
+    location_ids: Sequence[str], used: Mapping[str, int], capacity: Mapping[str, int]
+) -> None:
+    """Raise unless each location has a shipment left today (capacity 0: unlimited)."""
+    for loc in location_ids:
+        cap = capacity.get(loc, 0)
+        if 0 < cap <= used.get(loc, 0):
+            raise CapacityTaken(f"location {loc!r} has used its {cap} shipments for today",
+                                violation_type="NO_CAPACITY", subject=loc)
 
 
 def check_can_remove(level: StockLevel, units: int) -> None:

@@ -348,6 +348,26 @@ class PgStore(PgBase):
         return [replace(x, seq=seq[(x.sku, x.location_id)]) for x in levels]
 
     @staticmethod
+    async def lock_capacity(conn: asyncpg.Connection, location_ids: Sequence[str]
+                            ) -> dict[str, int]:
+        """Today's shipments used per location, their rows made and locked in id order."""
+        rows = await conn.fetch(
+            "INSERT INTO capacity_usage AS c (location_id, day, used)"
+            " SELECT x, current_date, 0 FROM unnest($1::text[]) AS x ORDER BY x"
+            " ON CONFLICT (location_id, day) DO UPDATE SET used = c.used"
+            " RETURNING location_id, used", list(location_ids))
+        return {r["location_id"]: r["used"] for r in rows}
+
+    @staticmethod
+    async def write_capacity(conn: asyncpg.Connection, used: dict[str, int]) -> None:
+        """Store today's shipments used of rows locked by lock_capacity."""
+        await conn.execute(
+            "UPDATE capacity_usage c SET used = x.used"
+            " FROM unnest($1::text[], $2::int[]) AS x(location_id, used)"
+            " WHERE c.location_id = x.location_id AND c.day = current_date",
+            list(used), list(used.values()))
+
+    @staticmethod
     async def insert_reservation(
         conn: asyncpg.Connection, res_id: str, status: ReservationStatus, channel: Channel,
         order_ref: str, lines: Sequence[Line], ttl_s: int,
