@@ -1,7 +1,5 @@
 """Calls made in one turn of the event loop, sent to a store together: each caller awaits its own
-answer, the store sees one request for all of them. With `max_in_flight`, calls made while that
-many requests are out wait for one to come back and go together in the next (group commit's
-rule): under load the requests grow instead of multiplying."""
+answer, the store sees one request for all of them."""
 
 from __future__ import annotations
 
@@ -18,37 +16,25 @@ class Coalescer(Generic[T, R]):
     result, or the exception to raise to that caller alone. An exception `send` raises reaches
     every caller of the turn."""
 
-    def __init__(self, send: Callable[[list[T]], Awaitable[list[R | BaseException]]], *,
-                 max_in_flight: int | None = None) -> None:
+    def __init__(self, send: Callable[[list[T]], Awaitable[list[R | BaseException]]]) -> None:
         self._send = send
-        self.max_in_flight = max_in_flight
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._sending: set[asyncio.Task[None]] = set()
-        self._flush_due = False
         self.sends = 0  # requests made of the store
 
     async def run(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[R] = loop.create_future()
-        if not self._flush_due:
-            self._flush_due = True
+        if not self._waiting:
             loop.call_soon(self._flush)
         self._waiting.append((item, answer))
         return await answer
 
     def _flush(self) -> None:
-        self._flush_due = False
-        if not self._waiting or (
-                self.max_in_flight is not None and len(self._sending) >= self.max_in_flight):
-            return  # the next request to come back flushes them
         batch, self._waiting = self._waiting, []
         task = asyncio.create_task(self._deliver(batch))
         self._sending.add(task)
-        task.add_done_callback(self._sent)
-
-    def _sent(self, task: asyncio.Task[None]) -> None:
-        self._sending.discard(task)
-        self._flush()
+        task.add_done_callback(self._sending.discard)
 
     async def _deliver(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         self.sends += 1

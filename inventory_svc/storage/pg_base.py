@@ -196,9 +196,7 @@ class PgBase:
     def __init__(self, pool: asyncpg.Pool, timeout_s: float | None = None) -> None:
         self.pool = pool
         self.timeout_s = timeout_s  # also bounds waiting for a pooled connection
-        # one lookup statement out at a time: a flash sale's losers share the next one
-        self._lookups: Coalescer[Idem, bytes | None] = Coalescer(self._look_up,
-                                                                 max_in_flight=1)
+        self._lookups: Coalescer[Idem, bytes | None] = Coalescer(self._look_up)
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int, max_size: int, timeout_s: float) -> Any:
