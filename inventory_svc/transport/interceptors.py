@@ -45,6 +45,22 @@ def parse_api_keys(spec: str) -> dict[str, str]:
     return keys
 
 
+class _Wrapped:
+    """Each method's wrapped handler, made once: grpc looks the same handler up for every call
+    of a method, and wrapping it anew (a handler and closures per call) is not free."""
+
+    def __init__(self) -> None:
+        self._by_method: dict[str, tuple[Any, Any]] = {}
+
+    def get(self, method: str, handler: Any, around: Callable[[str], Callable[[Behavior], Behavior]]
+            ) -> Any:
+        made = self._by_method.get(method)
+        if made is None or made[0] is not handler:
+            made = (handler, _wrap(handler, around(method.rsplit("/", 1)[-1])))
+            self._by_method[method] = made
+        return made[1]
+
+
 def _wrap(handler: Any, around: Callable[[Behavior], Behavior]) -> Any:
     """The same kind of handler with its behavior wrapped (grpc's stubs type these loosely)."""
     if handler.unary_unary is not None:
@@ -62,14 +78,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, keys: Mapping[str, str]) -> None:
         self.keys = dict(keys)
+        self._wrapped = _Wrapped()
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         method: str = details.method or ""
         if handler is None or method.startswith(OPEN_SERVICES):
             return handler
-        name = method.rsplit("/", 1)[-1]
+        return self._wrapped.get(method, handler, self._around)
 
+    def _around(self, name: str) -> Callable[[Behavior], Behavior]:
         def around(behavior: Behavior) -> Behavior:
             async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 meta = {k: v for k, v in (context.invocation_metadata() or ())}
@@ -87,30 +105,38 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                                         f"role {role!r} may not call {name}")
                 return await behavior(request, context)
             return guarded
-
-        return _wrap(handler, around)
+        return around
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self) -> None:
+        self._wrapped = _Wrapped()
+
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None:
             return handler
-        name = (details.method or "").rsplit("/", 1)[-1]
+        return self._wrapped.get(details.method or "", handler, _timed)
 
-        def around(behavior: Behavior) -> Behavior:
-            async def timed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                start = time.perf_counter()
-                code = "OK"
-                try:
-                    return await behavior(request, context)
-                except BaseException:
-                    got = context.code()
-                    code = got.name if isinstance(got, grpc.StatusCode) else "UNKNOWN"
-                    raise
-                finally:
-                    LATENCY.labels(name).observe(time.perf_counter() - start)
-                    RPCS.labels(name, code).inc()
-            return timed
 
-        return _wrap(handler, around)
+def _timed(name: str) -> Callable[[Behavior], Behavior]:
+    latency = LATENCY.labels(name)  # the method's series, looked up once
+    counts: dict[str, Any] = {}
+
+    def around(behavior: Behavior) -> Behavior:
+        async def timed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                return await behavior(request, context)
+            except BaseException:
+                got = context.code()
+                code = got.name if isinstance(got, grpc.StatusCode) else "UNKNOWN"
+                raise
+            finally:
+                latency.observe(time.perf_counter() - start)
+                if (count := counts.get(code)) is None:
+                    count = counts[code] = RPCS.labels(name, code)
+                count.inc()
+        return timed
+    return around
