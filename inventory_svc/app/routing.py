@@ -22,8 +22,9 @@ from inventory_svc.domain.errors import (
     NotFound,
     Shortfall,
 )
-from inventory_svc.domain.model import Channel, Line, LocationType, Reservation
+from inventory_svc.domain.model import Channel, Line, LocationType, Reservation, available_units
 from inventory_svc.storage.pg_base import Idem, Replay, translate_errors
+from inventory_svc.storage.redis_stock import gate_units
 from routing import model as rm
 from routing.solver import Network, solve
 
@@ -100,13 +101,13 @@ class RoutingService:
         """Units available to the channel per (location, line), from Redis in one pipeline.
         Holds in flight count as taken: a plan is made of units a hold can still get."""
         skus = [x.sku for x in order.lines]
-        levels = await self.stock.levels_of(skus, with_held=True)
+        fields = await self.stock.fields_of(skus)
         matrix = np.zeros((network.size, len(skus)), np.int64)
         for j, sku in enumerate(skus):
-            for lv in levels[sku]:
-                i = network.index.get(lv.location_id)
+            for loc, on_hand, taken, safety in gate_units(fields[sku]):
+                i = network.index.get(loc)
                 if i is not None:
-                    matrix[i, j] = lv.available(channel)
+                    matrix[i, j] = available_units(on_hand, taken, safety, channel)
         return matrix
 
     async def route(self, order: rm.Order, channel: Channel) -> rm.RoutingResult:

@@ -365,14 +365,12 @@ class StockService:
             raise NotFound("stock", f"{sku}@{location_id}")
 
     # ---- reads -----------------------------------------------------------------------------
-    async def levels_of(self, skus: Sequence[str], *, with_held: bool = False
-                        ) -> dict[str, list[StockLevel]]:
-        """Committed levels from Redis, hydrating SKUs Redis does not have; `with_held` counts
-        holds in flight as reserved (what a new hold would find)."""
-        return {sku: decode_levels(sku, fields, with_held=with_held)
-                for sku, fields in (await self._fields_of(skus)).items()}
+    async def levels_of(self, skus: Sequence[str]) -> dict[str, list[StockLevel]]:
+        """Committed levels from Redis, hydrating SKUs Redis does not have."""
+        return {sku: decode_levels(sku, fields)
+                for sku, fields in (await self.fields_of(skus)).items()}
 
-    async def _fields_of(self, skus: Sequence[str]) -> dict[str, dict[bytes, bytes]]:
+    async def fields_of(self, skus: Sequence[str]) -> dict[str, dict[bytes, bytes]]:
         """Each SKU's Redis hash as stored, hydrating SKUs Redis does not have (an unknown SKU:
         empty)."""
         found = dict(zip(skus, await self.ctx.redis.read_fields(skus), strict=True))
@@ -396,7 +394,7 @@ class StockService:
         v.raise_if_any()
         for loc in location_ids:
             await self.ctx.known_location(loc)
-        fields = await self._fields_of(list(dict.fromkeys(skus)))
+        fields = await self.fields_of(list(dict.fromkeys(skus)))
         # the locations asked for, or every active one as the cache knows them now
         scope = tuple(location_ids) or self.ctx.locations_version
         wanted: set[str] | None = None

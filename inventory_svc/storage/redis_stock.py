@@ -25,7 +25,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -104,16 +104,22 @@ def _decode(sku: str, fields: dict[bytes, bytes]) -> Iterator[tuple[StockLevel, 
             yield StockLevel(sku, loc.decode(), int(h), int(r), int(s), int(v), int(q)), int(held)
 
 
+def gate_units(fields: dict[bytes, bytes]) -> Iterator[tuple[str, int, int, int]]:
+    """Per location (on_hand, reserved with the units held in flight, safety stock): what a new
+    hold would find, without building a StockLevel per field (routing reads many)."""
+    for loc, value in fields.items():
+        if loc != b"_":
+            h, r, s, _v, _q, held = value.split(b":")
+            yield loc.decode(), int(h), int(r) + int(held), int(s)
+
+
 def decode_cached(sku: str, fields: dict[bytes, bytes]) -> list[Cached]:
     return [Cached(level, held) for level, held in _decode(sku, fields)]
 
 
-def decode_levels(sku: str, fields: dict[bytes, bytes], *, with_held: bool = False
-                  ) -> list[StockLevel]:
-    """The committed levels; `with_held` counts the units held in flight as reserved too (the
-    gate's view, which routing decides on)."""
-    return [replace(level, reserved=level.reserved + held) if with_held and held else level
-            for level, held in _decode(sku, fields)]
+def decode_levels(sku: str, fields: dict[bytes, bytes]) -> list[StockLevel]:
+    """The committed levels (holds in flight left out)."""
+    return [level for level, _ in _decode(sku, fields)]
 
 
 def _rows(levels: Iterable[StockLevel], index: dict[str, int]) -> list[Any]:
@@ -395,13 +401,6 @@ class RedisStock:
         return calls
 
     # ---- reads and rebuilds ----------------------------------------------------------------
-    async def read(self, skus: Sequence[str], *, with_held: bool = False
-                   ) -> dict[str, list[StockLevel] | None]:
-        """Committed stock levels of each SKU (see decode_levels for `with_held`); None where the
-        SKU is not hydrated."""
-        return {sku: None if fields is None else decode_levels(sku, fields, with_held=with_held)
-                for sku, fields in zip(skus, await self.read_fields(skus), strict=True)}
-
     async def read_fields(self, skus: Sequence[str]) -> list[dict[bytes, bytes] | None]:
         """Each SKU's hash as stored (decode with decode_levels); None where not hydrated."""
         results: list[Any]
