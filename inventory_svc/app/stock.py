@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, replace
 
 import asyncpg
 
 from inventory_svc.app.context import Context
-from inventory_svc.app.views import Views
 from inventory_svc.domain import validation as val
 from inventory_svc.domain.errors import Aborted, FailedPrecondition, NotFound
 from inventory_svc.domain.model import (
@@ -48,13 +48,31 @@ class ImportResult:
     skus: int
 
 
-VIEWS_KEPT = 4096  # SKU availabilities kept built (each ~ a few kB with 50 locations)
-
-
-@dataclass(frozen=True, slots=True)
 class SkuAvailability:
-    sku: str
-    levels: tuple[StockLevel, ...]
+    """One SKU's levels at the locations asked for, by location, decoded from its Redis fields
+    when first read. `source` is those fields byte for byte and `scope` the locations asked for
+    (or the version of "every active one"): an answer built from the same source in the same
+    scope is the same answer, and a caller that kept it need not decode anything."""
+
+    __slots__ = ("_fields", "_levels", "_wanted", "scope", "sku", "source")
+
+    def __init__(self, sku: str, fields: dict[bytes, bytes], scope: Hashable,
+                 wanted: Callable[[], Collection[str]]) -> None:
+        self.sku = sku
+        self.scope = scope
+        self.source = tuple(fields.items())
+        self._fields = fields
+        self._wanted = wanted
+        self._levels: tuple[StockLevel, ...] | None = None
+
+    @property
+    def levels(self) -> tuple[StockLevel, ...]:
+        if self._levels is None:
+            wanted = self._wanted()
+            self._levels = tuple(sorted(
+                (lv for lv in decode_levels(self.sku, self._fields) if lv.location_id in wanted),
+                key=lambda lv: lv.location_id))
+        return self._levels
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +96,6 @@ def _stock_event(level: StockLevel) -> tuple[str, str, dict[str, object]]:
 class StockService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self._views: Views[SkuAvailability] = Views(VIEWS_KEPT)
 
     # ---- locations -------------------------------------------------------------------------
     async def upsert_locations(
@@ -395,23 +412,14 @@ class StockService:
         for loc in location_ids:
             await self.ctx.known_location(loc)
         fields = await self.fields_of(list(dict.fromkeys(skus)))
+
+        @functools.cache
+        def wanted() -> Collection[str]:
+            return set(location_ids) or {x.id for x in self.ctx.locations.values() if x.active}
+
         # the locations asked for, or every active one as the cache knows them now
         scope = tuple(location_ids) or self.ctx.locations_version
-        wanted: set[str] | None = None
-        out = []
-        for sku in skus:
-            stored = tuple(fields[sku].items())  # byte for byte what Redis holds now
-            item = self._views.get((sku, scope), stored)
-            if item is None:
-                if wanted is None:
-                    wanted = set(location_ids) or {
-                        x.id for x in self.ctx.locations.values() if x.active}
-                item = SkuAvailability(sku, tuple(sorted(
-                    (lv for lv in decode_levels(sku, fields[sku]) if lv.location_id in wanted),
-                    key=lambda lv: lv.location_id)))
-                self._views.put((sku, scope), stored, item)
-            out.append(item)
-        return out
+        return [SkuAvailability(sku, fields[sku], scope, wanted) for sku in skus]
 
     async def find_nearby(
         self, items: Sequence[SkuQuantity], lat: float, lon: float, radius_km: float,

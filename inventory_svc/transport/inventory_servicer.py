@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import operator
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -16,14 +15,12 @@ from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.app.reservations import ReservationService, Settled
 from inventory_svc.app.stock import (
-    VIEWS_KEPT,
     ImportResult,
     StockChange,
     StockChangeSet,
     StockService,
     TransferResult,
 )
-from inventory_svc.app.views import Views
 from inventory_svc.domain.errors import (
     DomainError,
     FieldViolation,
@@ -35,6 +32,7 @@ from inventory_svc.domain.validation import Violations, check_idempotency_key
 from inventory_svc.storage.pg_base import Idem, Replay
 from inventory_svc.transport import convert as cv
 from inventory_svc.transport.errors import to_status
+from inventory_svc.transport.views import VIEWS_KEPT, Views
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Message)
@@ -88,8 +86,9 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
     def __init__(self, stock: StockService, reservations: ReservationService) -> None:
         self.stock = stock
         self.res = reservations
-        # each SKU's last GetAvailability message per channel, for the same answer of `stock`
-        self._availability: Views[api.SkuAvailability] = Views(VIEWS_KEPT, operator.is_)
+        # each SKU's last GetAvailability answer per channel and scope, while its fields are
+        # the same: one message an entry, so the garbage collector has little to walk
+        self._availability: Views[api.SkuAvailability] = Views(VIEWS_KEPT)
 
     async def UpsertLocations(self, request: api.UpsertLocationsRequest, context: Any) -> api.UpsertLocationsResponse:  # noqa: E501
         def encode(locs: list[Location]) -> api.UpsertLocationsResponse:
@@ -198,11 +197,11 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
             items = await self.stock.get_availability(list(request.skus), list(request.location_ids))
             out = api.GetAvailabilityResponse()
             for item in items:
-                # the stock service answers an unchanged SKU with the very same object
-                msg = self._availability.get((item.sku, ch), item)
+                key = (item.sku, ch, item.scope)
+                msg = self._availability.get(key, item.source)
                 if msg is None:
                     msg = cv.availability_out(item.sku, item.levels, ch)
-                    self._availability.put((item.sku, ch), item, msg)
+                    self._availability.put(key, item.source, msg)
                 out.items.append(msg)
             return out
         return await guarded(context, run())
