@@ -1,13 +1,14 @@
-"""Group commit of reservations: concurrent Reserve calls, each already holding its units in
-Redis, share one Postgres transaction.
+"""Group commit of reservations: concurrent Reserve and RouteAndReserve calls, each already
+holding its units in Redis, share one Postgres transaction.
 
 Each call's rows are still locked, checked and written in Postgres before it is answered (I5),
 so a group is no weaker than one call per transaction: the group's row locks are taken together
 in (sku, location) order, each call is checked in arrival order against the levels its
 predecessors in the group left, and the calls that pass are written in one statement. What one
-call does not pass (short, a key in use, a repeat) is that call's answer; the others commit. The
-gain is in the fixed costs: one BEGIN/COMMIT, one WAL flush, one lock statement, one write
-statement and one Redis round trip for the group instead of for each call.
+call does not pass (short, no shipment left today, a key in use, a repeat) is that call's
+answer; the others commit. The gain is in the fixed costs: one BEGIN/COMMIT, one WAL flush, one
+lock statement, one write statement and one Redis round trip for the group instead of for each
+call.
 
 A group goes to Postgres as soon as no other is there; while one is, arriving calls queue and go
 together in the next. At low load a group is one call; under load, groups grow with it. Measured
@@ -39,7 +40,7 @@ from inventory_svc.storage.pg_base import Idem, Replay, claim_keys, to_ms, trans
 from inventory_svc.storage.redis_stock import Hold
 
 log = logging.getLogger(__name__)
-GROUP_SIZE = Histogram("inventory_group_commit_calls", "Reserve calls per group commit",
+GROUP_SIZE = Histogram("inventory_group_commit_calls", "Reservations per group commit",
                        buckets=(1, 2, 4, 8, 16, 32, 64))
 
 Answer = Any  # what the call returns (a Reservation, or `answer_of` it), a Replay, or an error
@@ -47,7 +48,7 @@ Answer = Any  # what the call returns (a Reservation, or `answer_of` it), a Repl
 
 @dataclass(eq=False, slots=True)
 class _Call:
-    """One Reserve call waiting for, or in, a group."""
+    """One reservation call waiting for, or in, a group."""
 
     res_id: str
     lines: Sequence[Line]
@@ -189,10 +190,12 @@ class GroupCommitter:
             kind = Aborted if isinstance(exc, Aborted) else Unavailable
             # A failure during the commit itself leaves the outcome unknown: the hold records
             # stay, and the reconciler settles them by what Postgres says.
-            if not sent:
-                await self._end_in_redis([(c.hold, []) for c in group], [])
-            for c in group:
-                _answer(c, kind(why))
+            try:
+                if not sent:
+                    await self._end_in_redis([(c.hold, []) for c in group], [])
+            finally:
+                for c in group:
+                    _answer(c, kind(why))
             return
         self.groups += 1
         self.calls += len(group)
@@ -200,14 +203,16 @@ class GroupCommitter:
         GROUP_SIZE.observe(len(group))
         # Refused calls' Redis first shows the state that refused them, as any read after the
         # answer must; held units become committed levels or are given back; one round trip.
-        await self._end_in_redis([(c.hold, c.committed) for c in group],
-                                 [lv for c in group for lv in c.seen])
-        for c, a in zip(group, answers, strict=True):
-            _answer(c, a)
+        try:
+            await self._end_in_redis([(c.hold, c.committed) for c in group],
+                                     [lv for c in group for lv in c.seen])
+        finally:
+            for c, a in zip(group, answers, strict=True):
+                _answer(c, a)
 
     async def _decide(self, conn: asyncpg.Connection, group: list[_Call]) -> list[Answer]:
         """Inside the group's transaction: each call's answer, and the write of those taken."""
-        answers: list[Answer | None] = [None] * len(group)
+        answers: list[Answer] = [None] * len(group)  # None: not decided yet
         keyed = [i for i, c in enumerate(group) if c.idem is not None]
         if keyed:
             claims = await claim_keys(conn, [c.idem for c in group if c.idem is not None])
@@ -259,7 +264,7 @@ class GroupCommitter:
                 c.committed = [news[k] for k in mine]
             elif isinstance(a, InsufficientStock):
                 c.seen = [news.get(k) or rows[k].level for k in mine if k in rows]
-        return [a for a in answers if a is not None]
+        return answers
 
     async def _end_in_redis(self, settled: list[tuple[Hold, Sequence[StockLevel]]],
                             levels: list[StockLevel]) -> None:

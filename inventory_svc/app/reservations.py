@@ -1,5 +1,6 @@
-"""Reservations: a Redis hold first, then the Postgres commit; the hold is given back if Postgres
-refuses or fails (DESIGN §2). Lifecycle per I7: ACTIVE → COMMITTED | RELEASED | EXPIRED, once."""
+"""Reservations: a Redis hold first, then the Postgres commit (shared with concurrent calls:
+group_commit); the hold is given back if Postgres refuses or fails (DESIGN §2). Lifecycle per I7:
+ACTIVE → COMMITTED | RELEASED | EXPIRED, once."""
 
 from __future__ import annotations
 
