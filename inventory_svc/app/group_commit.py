@@ -36,7 +36,14 @@ from inventory_svc.domain.errors import Aborted, DomainError, InsufficientStock,
 from inventory_svc.domain.model import Channel, Line, Reservation, ReservationStatus, StockLevel
 from inventory_svc.domain.rules import LockedStock, StockKey, check_can_take, check_capacity
 from inventory_svc.storage.pg import NewReservation, PgStore
-from inventory_svc.storage.pg_base import Idem, Replay, claim_keys, to_ms, translate_errors
+from inventory_svc.storage.pg_base import (
+    Idem,
+    Replay,
+    claim_keys,
+    idempotency_row,
+    to_ms,
+    translate_errors,
+)
 from inventory_svc.storage.redis_stock import Hold
 
 log = logging.getLogger(__name__)
@@ -244,9 +251,8 @@ class GroupCommitter:
                 tuple(sorted(c.lines, key=lambda x: (x.sku, x.location_id))),
                 created, created + c.ttl_s * 1000, 0)
             answers[i] = result = res if c.answer_of is None else c.answer_of(res)
-            record = (None, "", b"", b"") if c.idem is None else (
-                c.idem.key, c.idem.method, c.idem.fingerprint, c.idem.encode(result))
-            taken.append(NewReservation(res, reservation_event(res), record))
+            taken.append(NewReservation(res, reservation_event(res),
+                                        idempotency_row(c.idem, result)))
             for loc in c.shipping_from:
                 used[loc] = used.get(loc, 0) + 1
             for x in c.lines:

@@ -53,6 +53,14 @@ class Replay:
     payload: bytes
 
 
+def idempotency_row(idem: Idem | None, result: Any) -> tuple[str | None, str, bytes, bytes]:
+    """The idempotency row of a call's `result`, for a statement that inserts it itself (key
+    None: the call has no key)."""
+    if idem is None:
+        return None, "", b"", b""
+    return idem.key, idem.method, idem.fingerprint, idem.encode(result)
+
+
 def to_ms(ts: datetime | None) -> int:
     return 0 if ts is None else int(ts.timestamp() * 1000)
 
@@ -97,12 +105,6 @@ class Unit:
         if isinstance(found, DomainError):
             raise found
         self.replay = found
-
-    def record(self, result: Any) -> tuple[str | None, str, bytes, bytes]:
-        """The idempotency row for `result`, for a statement that inserts it itself."""
-        if self.idem is None:
-            return None, "", b"", b""
-        return self.idem.key, self.idem.method, self.idem.fingerprint, self.idem.encode(result)
 
     async def remember(self, result: Any) -> None:
         if self.idem is None:
