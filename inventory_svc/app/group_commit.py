@@ -42,7 +42,6 @@ from inventory_svc.storage.pg_base import (
     claim_keys,
     idempotency_row,
     to_ms,
-    translate_errors,
 )
 from inventory_svc.storage.redis_stock import Hold
 
@@ -181,11 +180,9 @@ class GroupCommitter:
         answers: list[Answer]
         try:
             async with asyncio.timeout_at(min(c.deadline for c in group)):
-                with translate_errors():
-                    async with self.ctx.pg.pool.acquire(timeout=self.ctx.pg.timeout_s) as conn, \
-                            conn.transaction():
-                        answers = await self._decide(conn, group)
-                        sent = True  # from here on a failure may come after the commit
+                async with self.ctx.pg.unit(None) as unit:  # keys: claimed for all at once
+                    answers = await self._decide(unit.conn, group)
+                    sent = True  # from here on a failure may come after the commit
         except BaseException as exc:  # every call of the group hears it; nothing escapes
             if isinstance(exc, TimeoutError):
                 why = "postgres did not commit in time; retry"

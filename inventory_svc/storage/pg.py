@@ -29,11 +29,11 @@ LOCATION_COLUMNS = (
     "id, name, type, lat, lon, can_ship, can_pickup, active, priority, fixed_cost, cost_per_km,"
     " cost_per_unit, daily_capacity, default_safety_stock"
 )
-STOCK_SELECT = (
-    "SELECT s.sku, s.location_id, s.on_hand, s.reserved,"
-     " COALESCE(s.safety_stock, l.default_safety_stock) AS safety, s.version, s.seq, l.active"
-    " FROM stock s JOIN locations l ON l.id = s.location_id"
+STOCK_COLUMNS = (
+    "s.sku, s.location_id, s.on_hand, s.reserved,"
+    " COALESCE(s.safety_stock, l.default_safety_stock) AS safety, s.version, s.seq, l.active"
 )
+STOCK_SELECT = f"SELECT {STOCK_COLUMNS} FROM stock s JOIN locations l ON l.id = s.location_id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,9 +212,8 @@ class PgStore(PgBase):
         # The key list drives an index nested loop into stock. (An `IN (SELECT unnest ...)`
         # form got a cached generic plan from small calls that went quadratic on bulk loads.)
         rows = await conn.fetch(
-            "SELECT s.sku, s.location_id, s.on_hand, s.reserved,"
-             " COALESCE(s.safety_stock, l.default_safety_stock) AS safety, s.version, s.seq,"
-            " l.active, now() AS now FROM unnest($1::text[], $2::text[]) AS k(sku, location_id)"
+            f"SELECT {STOCK_COLUMNS}, now() AS now"
+            " FROM unnest($1::text[], $2::text[]) AS k(sku, location_id)"
             " JOIN stock s ON s.sku = k.sku AND s.location_id = k.location_id"
             " JOIN locations l ON l.id = s.location_id"
             " ORDER BY s.sku, s.location_id FOR UPDATE OF s",

@@ -123,16 +123,6 @@ class Unit:
             raise Aborted(f"idempotency_key {self.idem.key!r} is busy; retry") from exc
 
 
-def _stored_answer(idem: Idem, row: asyncpg.Record) -> bytes:
-    """The answer stored under the key, if it was stored for the same request."""
-    if row["method"] != idem.method or bytes(row["request_hash"]) != idem.fingerprint:
-        raise AlreadyExists(
-            f"idempotency_key {idem.key!r} was already used for a different request"
-            f" ({row['method']})"
-        )
-    return bytes(row["response"])
-
-
 async def look_up_keys(
     conn: asyncpg.Connection, idems: Sequence[Idem]
 ) -> list[bytes | DomainError | None]:
@@ -175,15 +165,17 @@ async def claim_keys(
 
 def _claimed(idem: Idem, locked: bool, row: asyncpg.Record | None
              ) -> bytes | DomainError | None:
+    """What a key's lock and stored row mean for a call: the answer to replay, the error to
+    answer, or None for a key never used."""
     if not locked:
         return Aborted(f"a call with idempotency_key {idem.key!r} is still running;"
                        " retry it later")
     if row is None or row["method"] is None:
         return None
-    try:
-        return _stored_answer(idem, row)
-    except AlreadyExists as exc:
-        return exc
+    if row["method"] != idem.method or bytes(row["request_hash"]) != idem.fingerprint:
+        return AlreadyExists(f"idempotency_key {idem.key!r} was already used for a different"
+                             f" request ({row['method']})")
+    return bytes(row["response"])
 
 
 async def _leave_session_as_is(conn: asyncpg.Connection) -> None:

@@ -96,21 +96,25 @@ class Cached:
         return encode_level(self.level, self.held)
 
 
-def _decode(sku: str, fields: dict[bytes, bytes]) -> Iterator[tuple[StockLevel, int]]:
-    """Each field's committed level and its units held in flight."""
+def _parse(fields: dict[bytes, bytes]) -> Iterator[tuple[str, list[bytes]]]:
+    """Each location's field split into on_hand, reserved, safety, version, seq, held (the
+    numbers left as bytes: each reader converts only what it uses)."""
     for loc, value in fields.items():
         if loc != b"_":
-            h, r, s, v, q, held = value.split(b":")
-            yield StockLevel(sku, loc.decode(), int(h), int(r), int(s), int(v), int(q)), int(held)
+            yield loc.decode(), value.split(b":")
+
+
+def _decode(sku: str, fields: dict[bytes, bytes]) -> Iterator[tuple[StockLevel, int]]:
+    """Each field's committed level and its units held in flight."""
+    for loc, (h, r, s, v, q, held) in _parse(fields):
+        yield StockLevel(sku, loc, int(h), int(r), int(s), int(v), int(q)), int(held)
 
 
 def gate_units(fields: dict[bytes, bytes]) -> Iterator[tuple[str, int, int, int]]:
     """Per location (on_hand, reserved with the units held in flight, safety stock): what a new
     hold would find, without building a StockLevel per field (routing reads many)."""
-    for loc, value in fields.items():
-        if loc != b"_":
-            h, r, s, _v, _q, held = value.split(b":")
-            yield loc.decode(), int(h), int(r) + int(held), int(s)
+    for loc, (h, r, s, _v, _q, held) in _parse(fields):
+        yield loc, int(h), int(r) + int(held), int(s)
 
 
 def decode_cached(sku: str, fields: dict[bytes, bytes]) -> list[Cached]:
