@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+from inventory_svc.redact import redact
 
 
 class ConfigError(ValueError):
@@ -21,6 +24,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 0  # 0: no metrics HTTP endpoint
+    metrics_host: str = "127.0.0.1"  # metrics have their own bind address, loopback by default
     default_ttl_s: int = 900
     min_ttl_s: int = 1
     max_ttl_s: int = 86_400
@@ -47,7 +51,28 @@ class Settings:
     redis_timeout_s: float = 2.0
     max_concurrent_rpcs: int = 2_000
     shutdown_grace_s: float = 10.0
-    api_keys: str = ""  # "key:role,..." with roles reader, shop, pos, erp, admin; empty: open
+    # Who may call (docs/SECURITY.md): "key:role[:LOC|PREFIX*...],..." and/or a TOML file of
+    # principals. Neither: every call is an anonymous admin, allowed on loopback only.
+    api_keys: str = ""
+    principals_file: str = ""
+    # TLS: server certificate and key (PEM files); with a client CA, client certificates are
+    # required and their identities map to principals (mTLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    allow_insecure: bool = False  # serve a non-loopback address without TLS or principals
+    health_port: int = 0  # a plaintext, health-only listener (kubelet probes); 0: none
+    # Admission (docs/SECURITY.md): limits that hold before a request is decoded or worked on.
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_streams_per_connection: int = 100
+    max_connection_idle_s: float = 300.0
+    max_connection_age_s: float = 1800.0
+    max_connection_age_grace_s: float = 30.0
+    max_ids_per_read: int = 1_000
+    import_max_rows: int = 2_000_000
+    import_max_bytes: int = 512 * 1024 * 1024
+    import_timeout_s: float = 600.0
+    routing_concurrency: int = 2  # solver runs at once, each in a worker thread
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one JSON object per line
     demo_skus: int = 10_000  # size of the network `serve --demo` loads
@@ -103,17 +128,50 @@ class Settings:
              "must be text or json")
         need(0 <= self.metrics_port < 65536, "metrics_port", self.metrics_port,
              "must be a TCP port, or 0 for no metrics endpoint")
-        try:
-            from inventory_svc.transport.interceptors import parse_api_keys
+        need(0 <= self.health_port < 65536, "health_port", self.health_port,
+             "must be a TCP port, or 0 for none")
+        for name in ("max_message_bytes", "max_streams_per_connection", "max_ids_per_read",
+                     "import_max_rows", "import_max_bytes", "routing_concurrency"):
+            need(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        for name in ("max_connection_idle_s", "max_connection_age_s",
+                     "max_connection_age_grace_s", "import_timeout_s"):
+            need(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
+        need(bool(self.tls_cert) == bool(self.tls_key), "tls_key", "…",
+             "INVENTORY_TLS_CERT and INVENTORY_TLS_KEY go together")
+        need(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca", self.tls_client_ca,
+             "client certificates (mTLS) need INVENTORY_TLS_CERT and INVENTORY_TLS_KEY")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "principals_file"):
+            path = getattr(self, name)
+            need(not path or Path(path).is_file(), name, path, "no such file")
+        from inventory_svc.transport.principals import load_principals
 
-            parse_api_keys(self.api_keys)
+        try:
+            registry = load_principals(self)
         except ValueError as exc:
-            raise ConfigError(f"INVENTORY_API_KEYS: {exc}") from None
+            raise ConfigError(str(exc)) from None
+        if not self.allow_insecure and not _is_loopback(self.host):
+            need(bool(self.tls_cert), "host", self.host,
+                 "a non-loopback address needs TLS (INVENTORY_TLS_CERT/_KEY); "
+                 "set INVENTORY_ALLOW_INSECURE=true to serve plaintext anyway")
+            need(not registry.open, "host", self.host,
+                 "a non-loopback address needs principals (INVENTORY_API_KEYS, "
+                 "INVENTORY_PRINCIPALS_FILE or mTLS identities); "
+                 "set INVENTORY_ALLOW_INSECURE=true to serve it open anyway")
         for url, name, schemes in (
             (self.redis_url, "redis_url", ("redis://", "rediss://", "unix://")),
             (self.database_url, "database_url", ("postgres://", "postgresql://")),
         ):
-            need(not url or url.startswith(schemes), name, url, f"must start with {schemes}")
+            need(not url or url.startswith(schemes), name, redact(url),
+                 f"must start with {schemes}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse(name: str, raw: str, type_: object) -> object:

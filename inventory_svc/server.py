@@ -33,12 +33,10 @@ from inventory_svc.config import Settings
 from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis
 from inventory_svc.storage.pg import PgStore
 from inventory_svc.storage.redis_stock import RedisStock
-from inventory_svc.transport.interceptors import (
-    AuthInterceptor,
-    MetricsInterceptor,
-    parse_api_keys,
-)
+from inventory_svc.transport.admission import AdmissionInterceptor, ListCaps
+from inventory_svc.transport.interceptors import MetricsInterceptor
 from inventory_svc.transport.inventory_servicer import InventoryServicer
+from inventory_svc.transport.principals import load_principals
 from inventory_svc.transport.routing_servicer import RoutingServicer
 from routing.solver import warm_up
 
@@ -82,9 +80,45 @@ async def embedded_stores(settings: Settings, *, redis: bool = True) -> AsyncIte
             await asyncio.to_thread(server.stop)
 
 
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Limits every connection lives by: the message size grpc refuses before decoding, the
+    streams one connection may hold open, and idle/age limits after which a client reconnects
+    (so idle connections free their slots and clients rebalance across replicas)."""
+    ms = 1000
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_s * ms)),
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * ms)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * ms)),
+        # keepalive enforcement: a client pinging more often than every 10 s without calls is
+        # sent GOAWAY after two strikes; the server pings idle connections to find dead peers
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from PEM files; with a client CA, client certificates are required (mTLS)."""
+    if not settings.tls_cert:
+        return None
+    with open(settings.tls_cert, "rb") as cert, open(settings.tls_key, "rb") as key:
+        pair = (key.read(), cert.read())
+    ca = None
+    if settings.tls_client_ca:
+        with open(settings.tls_client_ca, "rb") as fh:
+            ca = fh.read()
+    return grpc.ssl_server_credentials([pair], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
 @contextlib.asynccontextmanager
 async def serve(settings: Settings) -> AsyncIterator[Running]:
     """Run the service until the block exits, then shut it down in order."""
+    settings.validate()  # e.g. refuses a non-loopback address with neither TLS nor principals
     pg = await PgStore.connect(settings.database_url, min_size=settings.pg_pool_min,
                                max_size=settings.pg_pool_max, timeout_s=settings.pg_timeout_s)
     redis = RedisStock.from_url(settings.redis_url, cluster=settings.redis_cluster,
@@ -101,17 +135,18 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
         # ever waits for a JIT compile.
         await asyncio.to_thread(warm_up)
 
-        interceptors: list[Any] = [MetricsInterceptor()]
-        if settings.api_keys:
-            interceptors.append(AuthInterceptor(parse_api_keys(settings.api_keys)))
+        admission = AdmissionInterceptor(
+            load_principals(settings), mtls=bool(settings.tls_client_ca),
+            caps=ListCaps(lines=settings.max_lines, skus=settings.max_skus_per_read,
+                          ids=settings.max_ids_per_read),
+            max_in_flight=settings.max_concurrent_rpcs)
         if settings.metrics_port:
-            prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
-        server = grpc.aio.server(
-            interceptors=interceptors,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                     ("grpc.so_reuseport", 0)],
-        )
+            prometheus_client.start_http_server(settings.metrics_port, addr=settings.metrics_host)
+        # grpc's own limit of concurrent calls is left off: it counts calls whose request has
+        # not even arrived (and health checks), so idle callers could fill it. Admission counts
+        # calls at work instead; each connection may open at most max_streams_per_connection.
+        server = grpc.aio.server(interceptors=[MetricsInterceptor(), admission],
+                                 options=server_options(settings))
         api_grpc.add_InventoryServiceServicer_to_server(
             InventoryServicer(stock, reservations), server)
         rp_grpc.add_RoutingServiceServicer_to_server(RoutingServicer(routing), server)
@@ -119,7 +154,17 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        credentials = server_credentials(settings)
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
+        probes = None
+        if settings.health_port:
+            # kubelet's gRPC probes speak plaintext only: a listener that serves health alone
+            probes = grpc.aio.server(options=server_options(settings))
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
+            probes.add_insecure_port(f"{settings.host}:{settings.health_port}")
+            await probes.start()
         await server.start()
 
         background = asyncio.create_task(run_background(ctx, reservations, reconciler))
@@ -135,6 +180,8 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
         finally:
             await health_servicer.enter_graceful_shutdown()
             await server.stop(settings.shutdown_grace_s)
+            if probes is not None:
+                await probes.stop(0)
             await reservations.close()
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):

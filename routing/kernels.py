@@ -27,7 +27,8 @@ def eligibility(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: 
     """Per location: first failing reason (0 if eligible), distance and ship cost.
 
     For PICKUP (pickup >= 0) the destination is P; P's own shelf ships at 0 over 0 km and needs
-    neither can_ship nor a distance check. max_dist < 0 means no limit.
+    neither can_ship, nor a distance check, nor shipping capacity (handing a customer units from
+    the shelf they stand at is not a shipment). max_dist < 0 means no limit.
     """
     n, n_lines = stock.shape
     reason = np.zeros(n, np.int8)
@@ -50,8 +51,6 @@ def eligibility(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: 
                 reason[i] = CANNOT_PICKUP
             elif excluded[i]:
                 reason[i] = EXCLUDED
-            elif capacity[i] == 0:
-                reason[i] = NO_CAPACITY
             elif not has:
                 reason[i] = NO_STOCK
             continue
@@ -295,11 +294,12 @@ def route(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: np.nda
 
 @njit(cache=True)
 def _serves(i: int, p: int, lat: np.ndarray, lon: np.ndarray, can_ship: np.ndarray,
-            max_dist: float) -> bool:
-    """Can location i (already usable) supply a pickup at p: its own shelf, or a transfer?"""
+            capacity: np.ndarray, max_dist: float) -> bool:
+    """Can location i (already usable) supply a pickup at p: its own shelf (no shipment, so no
+    capacity needed), or a transfer (a shipment: can_ship and capacity left)?"""
     if i == p:
         return True
-    if not can_ship[i]:
+    if not can_ship[i] or capacity[i] == 0:
         return False
     return max_dist < 0.0 or haversine_rad_nb(lat[i], lon[i], lat[p], lon[p]) <= max_dist
 
@@ -313,11 +313,12 @@ def suggest(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: np.n
     the same order has a plan (same eligibility rules as `eligibility`)."""
     n = lat.shape[0]
     out = np.empty(limit, np.int64)
-    # Every location that could serve some pickup point: its own shelf or a transfer.
+    # Every location that could serve some pickup point: its own shelf (as that point: no
+    # capacity needed) or a transfer (a shipment: capacity needed).
     loose = np.zeros(n, np.int8)
     for i in range(n):
-        usable = active[i] and not excluded[i] and capacity[i] != 0
-        if not (usable and (can_ship[i] or can_pickup[i])):
+        ships = can_ship[i] and capacity[i] != 0
+        if not (active[i] and not excluded[i] and (ships or can_pickup[i])):
             loose[i] = 1
     cidx, cs = candidates(loose, np.zeros(n, np.float64), stock, qty, split, kmax)
     cov_ptr, cov_idx = cover_lists(cs)
@@ -344,13 +345,13 @@ def suggest(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: np.n
         p = pts[a]
         some = False  # quick reject: nothing of the rarest line can reach p
         for q in range(cov_ptr[rare], cov_ptr[rare + 1]):
-            if _serves(cidx[cov_idx[q]], p, lat, lon, can_ship, max_dist):
+            if _serves(cidx[cov_idx[q]], p, lat, lon, can_ship, capacity, max_dist):
                 some = True
                 break
         if not some:
             continue
         for c in range(cidx.shape[0]):
-            allowed[c] = _serves(cidx[c], p, lat, lon, can_ship, max_dist)
+            allowed[c] = _serves(cidx[c], p, lat, lon, can_ship, capacity, max_dist)
         if can_cover(cs, qty, allowed, kmax, cov_ptr, cov_idx):
             out[found] = p
             found += 1

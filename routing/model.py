@@ -36,7 +36,8 @@ class LocationType(Enum):
 class ExclusionReason(IntEnum):
     """Why a location is not eligible; the first failing check, in this (value) order.
 
-    CANNOT_PICKUP only ever applies to the pickup location P itself.
+    CANNOT_PICKUP only ever applies to the pickup location P itself; NO_CAPACITY never does (P's
+    own shelf is not a shipment).
     """
 
     INACTIVE = 1

@@ -43,7 +43,7 @@ def _reason(i: int, site: SiteInfo, order: Order, pickup: int, dist: float, cap:
             (not site.active, R.INACTIVE),
             (not site.can_pickup, R.CANNOT_PICKUP),
             (site.id in order.excluded, R.EXCLUDED),
-            (cap == 0, R.NO_CAPACITY),
+            # P's own shelf is not a shipment: no capacity needed
             (not has_stock, R.NO_STOCK),
         ]
     else:

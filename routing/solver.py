@@ -125,10 +125,10 @@ def solve(network: Network, order: Order, stock: np.ndarray,
 
     stock[i, j]: units of order line j available at location i for the order's channel (the
     caller applies reservations and safety stock). capacity_left: remaining daily shipments per
-    location (-1 unlimited); defaults to the network's. Every location a plan uses consumes one
-    shipment of capacity, the pickup store P included when it supplies units from its own shelf
-    (P supplying nothing is not a used location); an excluded P stays the destination, only its
-    shelf is not used. Raises UnknownLocationError for an unknown pickup location; excluded ids
+    location (-1 unlimited); defaults to the network's. Every location a plan ships from consumes
+    one shipment of capacity; the pickup store P supplying units from its own shelf ships
+    nothing, so it needs no capacity left (and the caller should not consume any for it); an
+    excluded P stays the destination, only its shelf is not used. Raises UnknownLocationError for an unknown pickup location; excluded ids
     unknown to the network are ignored.
     """
     n, n_lines = network.size, len(order.lines)

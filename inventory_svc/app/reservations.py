@@ -17,7 +17,7 @@ import asyncpg
 from inventory_svc.app.context import Context
 from inventory_svc.app.group_commit import GroupCommitter, reservation_event
 from inventory_svc.domain import validation as val
-from inventory_svc.domain.errors import InsufficientStock, Unavailable
+from inventory_svc.domain.errors import InsufficientStock, Unavailable, quote
 from inventory_svc.domain.model import (
     Channel,
     Line,
@@ -308,6 +308,6 @@ class ReservationService:
     def _check_id(res_id: str, v: val.Violations | None = None) -> None:
         own = v or val.Violations()
         if not res_id or len(res_id) > 64 or "\x00" in res_id:
-            own.add("reservation_id", f"{res_id!r} must be 1-64 characters, no NUL")
+            own.add("reservation_id", f"{quote(res_id)} must be 1-64 characters, no NUL")
         if v is None:
             own.raise_if_any()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 import asyncpg
 
 from inventory_svc.app.context import Context
+from inventory_svc.app.returns import ReturnService
 from inventory_svc.domain import validation as val
 from inventory_svc.domain.errors import Aborted, FailedPrecondition, NotFound
 from inventory_svc.domain.model import (
@@ -96,6 +97,7 @@ def _stock_event(level: StockLevel) -> tuple[str, str, dict[str, object]]:
 class StockService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self.returns = ReturnService(ctx)  # ReturnItems: app/returns.py
 
     # ---- locations -------------------------------------------------------------------------
     async def upsert_locations(
@@ -266,36 +268,6 @@ class StockService:
             await u.remember(new)
         await self.ctx.publish([new])
         return new
-
-    async def return_items(
-        self, location_id: str, items: Sequence[SkuQuantity], order_ref: str, reason: str,
-        idem: Idem | None,
-    ) -> StockChangeSet | Replay:
-        v = val.Violations()
-        v.location_id("location_id", location_id)
-        val.validate_items(v, "items", items, self.ctx.settings.max_lines)
-        v.text("order_ref", order_ref)
-        v.text("reason", reason)
-        v.raise_if_any()
-        async with self.ctx.pg.unit(idem) as u:
-            if u.replay is not None:
-                return Replay(u.replay)
-            rows = await PgStore.lock_stock(
-                u.conn, [(x.sku, location_id) for x in items], create=True)
-            if not rows:
-                raise NotFound("location", location_id)
-            olds = [rows[(x.sku, location_id)].level for x in items]
-            news = await PgStore.write_levels(u.conn, [
-                replace(lv, on_hand=lv.on_hand + x.quantity)
-                for lv, x in zip(olds, items, strict=True)])
-            moves = await PgStore.add_movements(u.conn, [
-                MovementDraft(x.sku, location_id, x.quantity, MovementKind.RETURN, reason,
-                              order_ref=order_ref) for x in items], [n.on_hand for n in news])
-            await PgStore.add_outbox(u.conn, "STOCK_CHANGED", [_stock_event(n) for n in news])
-            result = StockChangeSet(tuple(news), tuple(moves))
-            await u.remember(result)
-        await self.ctx.publish(news)
-        return result
 
     async def import_stock(
         self, rows: Sequence[ImportRow], reason: str, idem: Idem | None
@@ -479,8 +451,3 @@ class StockService:
         token = f"m{rows[size - 1].id}" if len(rows) > size else ""
         return rows[:size], token
 
-
-@dataclass(frozen=True, slots=True)
-class StockChangeSet:
-    levels: tuple[StockLevel, ...]
-    movements: tuple[Movement, ...]

@@ -21,6 +21,12 @@ class Shortfall:
     available: int
 
 
+def quote(value: object, limit: int = 64) -> str:
+    """A client's value as error text quotes it: repr, at most `limit` characters of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 class DomainError(Exception):
     """Base of every error a client can cause or must see; never maps to INTERNAL."""
 
@@ -39,7 +45,7 @@ class NotFound(DomainError):
     def __init__(self, resource_type: str, resource_name: str, message: str | None = None) -> None:
         self.resource_type = resource_type
         self.resource_name = resource_name
-        super().__init__(message or f"{resource_type} {resource_name!r} not found")
+        super().__init__(message or f"{resource_type} {quote(resource_name)} not found")
 
 
 class FailedPrecondition(DomainError):
@@ -75,6 +81,21 @@ class CapacityTaken(FailedPrecondition):
     """A concurrent order used a location's last shipment of the day first: route again."""
 
 
+class ReturnExceedsSale(FailedPrecondition):
+    """A return of more units of a SKU than its sale sold less what came back already.
+
+    `lines` are (sku, requested, returnable) of every offending line; the status names the
+    first as the PreconditionFailure subject and all of them in its message."""
+
+    def __init__(self, sale: str, lines: tuple[tuple[str, int, int], ...]) -> None:
+        self.lines = lines
+        detail = "; ".join(f"{sku}: requested {req}, returnable {left}"
+                           for sku, req, left in lines)
+        super().__init__(f"cannot return more than {sale} sold: {detail}",
+                         violation_type="RETURN_EXCEEDS_SALE",
+                         subject=lines[0][0] if lines else "")
+
+
 class AlreadyExists(DomainError):
     pass
 
@@ -87,9 +108,14 @@ class Unavailable(DomainError):
     pass
 
 
+class DeadlineExceeded(DomainError):
+    """The caller's deadline ran out while the outcome was unknown: retry with the same key."""
+
+
 class ResourceExhausted(DomainError):
-    def __init__(self, message: str, *, subject: str = "") -> None:
+    def __init__(self, message: str, *, subject: str = "", retry_after_s: float = 0.0) -> None:
         self.subject = subject
+        self.retry_after_s = retry_after_s  # > 0: when trying again may succeed (rate limits)
         super().__init__(message)
 
 

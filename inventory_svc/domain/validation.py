@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 
-from inventory_svc.domain.errors import FieldViolation, InvalidArgument, ResourceExhausted
+from inventory_svc.domain.errors import FieldViolation, InvalidArgument, ResourceExhausted, quote
 from inventory_svc.domain.model import Line, Location, SkuQuantity
 
 LOCATION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
@@ -19,8 +19,7 @@ MAX_TEXT_LEN = 256
 
 
 def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return quote(value)
 
 
 class Violations:

@@ -25,6 +25,8 @@ def _pack(*details: object) -> list[any_pb2.Any]:
 # hundreds of bad fields names the first MAX_ITEMS of them and how many more there are.
 MAX_ITEMS = 20
 MAX_MESSAGE = 1_000
+MAX_DESCRIPTION = 300
+MAX_VALUE = 64
 
 
 def _first(items: tuple[e.FieldViolation, ...]) -> list[e.FieldViolation]:
@@ -34,8 +36,20 @@ def _first(items: tuple[e.FieldViolation, ...]) -> list[e.FieldViolation]:
         items[MAX_ITEMS].field, f"... and {len(items) - MAX_ITEMS} more violations")]
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
+def _short(text: str, limit: int = MAX_MESSAGE) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _cut(text: str) -> str:
+    """A value quoted in a detail field: at most a short prefix (a 10 KB id must not make a
+    trailer that clients refuse)."""
+    return text if len(text) <= MAX_VALUE else text[:MAX_VALUE] + "…"
+
+
+def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    whole = int(seconds)
+    return error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+        seconds=whole, nanos=int((seconds - whole) * 1e9)))
 
 
 def to_status(err: e.DomainError) -> grpc.Status:
@@ -45,20 +59,22 @@ def to_status(err: e.DomainError) -> grpc.Status:
         case e.InvalidArgument():
             code = code_pb2.INVALID_ARGUMENT
             details = _pack(error_details_pb2.BadRequest(field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=_cut(v.field), description=_short(v.description, MAX_DESCRIPTION))
                 for v in _first(err.violations)]))
         case e.NotFound():
             code = code_pb2.NOT_FOUND
             details = _pack(error_details_pb2.ResourceInfo(
-                resource_type=err.resource_type, resource_name=err.resource_name,
-                description=err.message))
+                resource_type=err.resource_type, resource_name=_cut(err.resource_name),
+                description=_short(err.message, MAX_DESCRIPTION)))
         case e.FailedPrecondition():
             code = code_pb2.FAILED_PRECONDITION
             violations = [error_details_pb2.PreconditionFailure.Violation(
-                type=err.violation_type, subject=f"{s.sku}@{s.location_id}",
+                type=err.violation_type, subject=_cut(f"{s.sku}@{s.location_id}"),
                 description=f"requested {s.requested}, available {s.available}")
                 for s in err.shortfalls[:MAX_ITEMS]] or [error_details_pb2.PreconditionFailure.Violation(
-                    type=err.violation_type, subject=err.subject, description=err.message)]
+                    type=err.violation_type, subject=_cut(err.subject),
+                    description=_short(err.message, MAX_DESCRIPTION))]
             details = _pack(error_details_pb2.PreconditionFailure(violations=violations))
             if err.shortfalls:
                 details += _pack(pb.InsufficientStock(lines=[
@@ -69,17 +85,19 @@ def to_status(err: e.DomainError) -> grpc.Status:
             code = code_pb2.ALREADY_EXISTS
         case e.Aborted():
             code = code_pb2.ABORTED
-            details = _pack(error_details_pb2.RetryInfo(
-                retry_delay=duration_pb2.Duration(nanos=50_000_000)))
+            details = _pack(_retry_info(0.05))
         case e.Unavailable():
             code = code_pb2.UNAVAILABLE
-            details = _pack(error_details_pb2.RetryInfo(
-                retry_delay=duration_pb2.Duration(nanos=200_000_000)))
+            details = _pack(_retry_info(0.2))
         case e.ResourceExhausted():
             code = code_pb2.RESOURCE_EXHAUSTED
             details = _pack(error_details_pb2.QuotaFailure(violations=[
-                error_details_pb2.QuotaFailure.Violation(subject=err.subject,
-                                                         description=err.message)]))
+                error_details_pb2.QuotaFailure.Violation(subject=_cut(err.subject),
+                                                         description=_short(err.message))]))
+            if err.retry_after_s > 0:
+                details += _pack(_retry_info(err.retry_after_s))
+        case e.DeadlineExceeded():
+            code = code_pb2.DEADLINE_EXCEEDED
         case e.Unauthenticated():
             code = code_pb2.UNAUTHENTICATED
         case e.PermissionDenied():

@@ -14,23 +14,26 @@ from google.protobuf.message import Message
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.app.reservations import ReservationService, Settled
+from inventory_svc.app.returns import ReturnResult
 from inventory_svc.app.stock import (
     ImportResult,
     StockChange,
-    StockChangeSet,
     StockService,
     TransferResult,
 )
 from inventory_svc.domain.errors import (
+    DeadlineExceeded,
     DomainError,
     FieldViolation,
     InvalidArgument,
-    Unavailable,
+    ResourceExhausted,
 )
 from inventory_svc.domain.model import Channel, ImportRow, Location, Reservation, StockLevel
+from inventory_svc.domain.returns import Disposition
 from inventory_svc.domain.validation import Violations, check_idempotency_key
 from inventory_svc.storage.pg_base import Idem, Replay
 from inventory_svc.transport import convert as cv
+from inventory_svc.transport.admission import current_principal
 from inventory_svc.transport.errors import to_status
 from inventory_svc.transport.views import VIEWS_KEPT, Views
 
@@ -41,12 +44,16 @@ R = TypeVar("R", bound=Message)
 def idem_for(
     method: str, request: Message | bytes, key: str, encode: Callable[[Any], Message]
 ) -> Idem | None:
-    """The call's idempotency context; None when the client sent no key."""
+    """The call's idempotency context; None when the client sent no key. Keys belong to the
+    principal: the same key sent by two principals is two keys."""
     v = Violations()
     check_idempotency_key(v, key)
     v.raise_if_any()
     if not key:
         return None
+    owner = current_principal().name
+    if owner:
+        key = f"{owner}/{key}"  # principal names hold no "/"
     body = request if isinstance(request, bytes) else request.SerializeToString(deterministic=True)
     return Idem(key, method, Idem.fingerprint_of(method, body),
                 lambda result: encode(result).SerializeToString())
@@ -55,8 +62,9 @@ def idem_for(
 async def guarded(context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[R]) -> R:
     """Run a call; a DomainError becomes its DESIGN §4 status, anything else INTERNAL (logged).
 
-    A call with a deadline is given up just before it, so a client whose stores do not answer in
-    time hears UNAVAILABLE (retry; nothing was confirmed) instead of its own DEADLINE_EXCEEDED.
+    A call with a deadline is given up just before it with DEADLINE_EXCEEDED: its outcome is
+    unknown (a reservation may have committed), so the client retries with the same idempotency
+    key and gets the first answer. UNAVAILABLE stays "nothing was confirmed".
     """
     try:
         remaining = context.time_remaining()
@@ -66,14 +74,27 @@ async def guarded(context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[R
             async with asyncio.timeout(max(0.0, remaining - min(0.05, remaining / 10))):
                 return await call
         except TimeoutError:
-            raise Unavailable("the stores did not answer within the call's deadline; retry it"
-                              ) from None
+            raise DeadlineExceeded(
+                "the call's deadline ran out before its outcome was known; retry it with the "
+                "same idempotency_key to learn it") from None
     except DomainError as err:
         await context.abort_with_status(to_status(err))  # type: ignore[attr-defined]
     except Exception:
         log.exception("unexpected error")
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
     raise AssertionError("unreachable: abort raises")
+
+
+def channel_of(value: int, field: str = "channel", *, sell: bool = False) -> Channel:
+    """The call's channel comes from its principal: the one it names if the principal may act
+    for it (else PERMISSION_DENIED), the principal's own when it names none. A sale names none:
+    POS where the principal may sell for POS."""
+    who = current_principal()
+    if value:
+        return who.channel_for(cv.channel(value, field))
+    if sell and Channel.POS in who.channels:
+        return Channel.POS
+    return who.channel_for(None)
 
 
 def _replayed(result: object, response_type: type[R], encode: Callable[[Any], R]) -> R:
@@ -110,7 +131,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
 
     async def SetStock(self, request: api.SetStockRequest, context: Any) -> api.SetStockResponse:
         async def run() -> api.SetStockResponse:
-            ch = cv.channel(request.channel)
+            ch = channel_of(request.channel)
 
             def encode(r: tuple[StockLevel, int]) -> api.SetStockResponse:
                 return api.SetStockResponse(stock=cv.level_out(r[0], ch), delta=r[1])
@@ -124,7 +145,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
 
     async def AdjustStock(self, request: api.AdjustStockRequest, context: Any) -> api.AdjustStockResponse:
         async def run() -> api.AdjustStockResponse:
-            ch = cv.channel(request.channel)
+            ch = channel_of(request.channel)
 
             def encode(r: StockChange) -> api.AdjustStockResponse:
                 return api.AdjustStockResponse(stock=cv.level_out(r.level, ch),
@@ -144,27 +165,49 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
                                            rows_changed=r.rows_changed, skus=r.skus)
 
         async def run() -> api.ImportStockResponse:
+            # Counted as the stream arrives: a load over its caps is refused when it crosses
+            # them, not after it has been buffered.
+            limits = self.stock.ctx.settings
             rows: list[ImportRow] = []
             key = reason = ""
             digest = hashlib.sha256()
+            size = 0
             first = True
             async for msg in request_iterator:
                 if first:
                     key, reason, first = msg.idempotency_key, msg.reason, False
-                digest.update(msg.SerializeToString(deterministic=True))
+                body = msg.SerializeToString(deterministic=True)
+                size += len(body)
+                if size > limits.import_max_bytes:
+                    raise ResourceExhausted(
+                        f"ImportStock: more than {limits.import_max_bytes} bytes; split the load",
+                        subject="import_max_bytes")
+                if len(rows) + len(msg.rows) > limits.import_max_rows:
+                    raise ResourceExhausted(
+                        f"ImportStock: more than {limits.import_max_rows} rows; split the load",
+                        subject="import_max_rows")
+                digest.update(body)
                 for r in msg.rows:
                     rows.append(ImportRow(len(rows), r.sku, r.location_id, r.on_hand,
                                           r.safety_stock if r.HasField("safety_stock") else None))
-            if len(rows) > 2_000_000:
-                raise InvalidArgument([FieldViolation("rows", f"{len(rows)} rows exceed 2000000")])
             idem = idem_for("ImportStock", digest.digest(), key, encode)
             return _replayed(await self.stock.import_stock(rows, reason, idem),
                              api.ImportStockResponse, encode)
-        return await guarded(context, run())
+
+        async def bounded() -> api.ImportStockResponse:
+            timeout_s = self.stock.ctx.settings.import_timeout_s
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await run()
+            except TimeoutError:
+                raise ResourceExhausted(
+                    f"ImportStock: the load took longer than {timeout_s:g} s; split it",
+                    subject="import_timeout_s") from None
+        return await guarded(context, bounded())
 
     async def TransferStock(self, request: api.TransferStockRequest, context: Any) -> api.TransferStockResponse:  # noqa: E501
         async def run() -> api.TransferStockResponse:
-            ch = cv.channel(request.channel)
+            ch = channel_of(request.channel)
 
             def encode(r: TransferResult) -> api.TransferStockResponse:
                 return api.TransferStockResponse(
@@ -180,7 +223,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
 
     async def SetSafetyStock(self, request: api.SetSafetyStockRequest, context: Any) -> api.SetSafetyStockResponse:  # noqa: E501
         async def run() -> api.SetSafetyStockResponse:
-            ch = cv.channel(request.channel)
+            ch = channel_of(request.channel)
 
             def encode(r: StockLevel) -> api.SetSafetyStockResponse:
                 return api.SetSafetyStockResponse(stock=cv.level_out(r, ch))
@@ -193,7 +236,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
 
     async def GetAvailability(self, request: api.GetAvailabilityRequest, context: Any) -> api.GetAvailabilityResponse:  # noqa: E501
         async def run() -> api.GetAvailabilityResponse:
-            ch = cv.channel(request.channel)
+            ch = channel_of(request.channel)
             items = await self.stock.get_availability(list(request.skus), list(request.location_ids))
             out = api.GetAvailabilityResponse()
             for item in items:
@@ -208,7 +251,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
 
     async def FindNearby(self, request: api.FindNearbyRequest, context: Any) -> api.FindNearbyResponse:
         async def run() -> api.FindNearbyResponse:
-            ch = cv.channel(request.channel)
+            ch = channel_of(request.channel)
             found = await self.stock.find_nearby(
                 cv.items_in(list(request.items)), request.lat, request.lon, request.radius_km, ch,
                 request.limit, request.pickup_only)
@@ -222,16 +265,16 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
             return api.ReserveResponse(reservation=cv.reservation_out(r))
 
         async def run() -> api.ReserveResponse:
-            ch = cv.channel(request.channel)
+            ch = channel_of(request.channel)
             idem = idem_for("Reserve", request, request.idempotency_key, encode)
             out = await self.res.reserve(cv.lines_in(list(request.lines)), request.ttl_seconds, ch,
-                                         request.order_ref, idem)
+                                         request.order_ref, idem, principal=current_principal())
             return _replayed(out, api.ReserveResponse, encode)
         return await guarded(context, run())
 
     async def GetReservation(self, request: api.GetReservationRequest, context: Any) -> api.GetReservationResponse:  # noqa: E501
         async def run() -> api.GetReservationResponse:
-            res = await self.res.get(request.reservation_id)
+            res = await self.res.get(request.reservation_id, principal=current_principal())
             return api.GetReservationResponse(reservation=cv.reservation_out(res))
         return await guarded(context, run())
 
@@ -241,7 +284,8 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
 
         async def run() -> api.ExtendReservationResponse:
             idem = idem_for("ExtendReservation", request, request.idempotency_key, encode)
-            out = await self.res.extend(request.reservation_id, request.ttl_seconds, idem)
+            out = await self.res.extend(request.reservation_id, request.ttl_seconds, idem,
+                                        principal=current_principal())
             return _replayed(out, api.ExtendReservationResponse, encode)
         return await guarded(context, run())
 
@@ -252,7 +296,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         async def run() -> api.ReleaseReservationResponse:
             idem = idem_for("ReleaseReservation", request, request.idempotency_key, encode)
             out = await self.res.release(request.reservation_id, cv.lines_in(list(request.lines)),
-                                         idem)
+                                         idem, principal=current_principal())
             return _replayed(out, api.ReleaseReservationResponse, encode)
         return await guarded(context, run())
 
@@ -264,7 +308,8 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
 
         async def run() -> api.CommitReservationResponse:
             idem = idem_for("CommitReservation", request, request.idempotency_key, encode)
-            out = await self.res.commit(request.reservation_id, idem)
+            out = await self.res.commit(request.reservation_id, idem,
+                                        principal=current_principal())
             return _replayed(out, api.CommitReservationResponse, encode)
         return await guarded(context, run())
 
@@ -274,25 +319,43 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
                                     movements=[cv.movement_out(m) for m in r.movements])
 
         async def run() -> api.SellResponse:
-            ch = cv.channel(request.channel, default=Channel.POS)
+            ch = channel_of(request.channel, sell=True)
             idem = idem_for("Sell", request, request.idempotency_key, encode)
             out = await self.res.sell(request.location_id, cv.items_in(list(request.items)), ch,
-                                      request.order_ref, idem)
+                                      request.order_ref, idem, principal=current_principal())
             return _replayed(out, api.SellResponse, encode)
         return await guarded(context, run())
 
     async def ReturnItems(self, request: api.ReturnItemsRequest, context: Any) -> api.ReturnItemsResponse:
         async def run() -> api.ReturnItemsResponse:
-            ch = cv.channel(request.channel)
+            ch = channel_of(request.channel)
+            if request.disposition == api.RETURN_DISPOSITION_UNSPECIFIED:
+                disposition = Disposition.SELLABLE
+            elif request.disposition in api.ReturnDisposition.values():
+                disposition = Disposition(api.ReturnDisposition.Name(
+                    request.disposition).removeprefix("RETURN_DISPOSITION_"))
+            else:
+                raise InvalidArgument([FieldViolation(
+                    "disposition", f"unknown disposition {request.disposition}")])
 
-            def encode(r: StockChangeSet) -> api.ReturnItemsResponse:
+            def encode(r: ReturnResult) -> api.ReturnItemsResponse:
                 return api.ReturnItemsResponse(
                     movements=[cv.movement_out(m) for m in r.movements],
-                    stock=[cv.level_out(lv, ch) for lv in r.levels])
+                    stock=[cv.level_out(lv, ch) for lv in r.levels],
+                    return_id=r.return_id,
+                    lines=[api.ReturnItemsResponse.Line(sku=x.sku, quantity=x.quantity,
+                                                        sold=x.sold, returnable=x.returnable)
+                           for x in r.lines],
+                    disposition=api.ReturnDisposition.Value(
+                        f"RETURN_DISPOSITION_{r.disposition.value}"),
+                    reservation_id=r.sale.reservation_id, order_ref=r.sale.order_ref)
 
             idem = idem_for("ReturnItems", request, request.idempotency_key, encode)
-            out = await self.stock.return_items(request.location_id, cv.items_in(list(request.items)),
-                                                request.order_ref, request.reason, idem)
+            out = await self.stock.returns.return_items(
+                request.location_id, cv.items_in(list(request.items)),
+                reservation_id=request.reservation_id, order_ref=request.order_ref,
+                unmatched=request.unmatched, disposition=disposition, reason=request.reason,
+                idem=idem)
             return _replayed(out, api.ReturnItemsResponse, encode)
         return await guarded(context, run())
 

@@ -10,7 +10,8 @@ from inventory_svc.app.routing import RoutedReservation, RoutingService
 from inventory_svc.domain.errors import FieldViolation, InvalidArgument
 from inventory_svc.domain.model import Channel
 from inventory_svc.transport import convert as cv
-from inventory_svc.transport.inventory_servicer import _replayed, guarded, idem_for
+from inventory_svc.transport.admission import current_principal
+from inventory_svc.transport.inventory_servicer import _replayed, channel_of, guarded, idem_for
 from routing import model as rm
 
 _POLICIES = {
@@ -28,6 +29,11 @@ def order_in(msg: rp.RoutingOrder, default_penalty: float) -> tuple[rm.Order, Ch
     if msg.method not in (rp.FULFILMENT_METHOD_UNSPECIFIED, rp.FULFILMENT_METHOD_SHIP,
                           rp.FULFILMENT_METHOD_PICKUP):
         raise InvalidArgument([FieldViolation("order.method", f"unknown method {msg.method}")])
+    if not pickup:
+        missing = [FieldViolation(f"order.{f}", "a SHIP order needs its destination")
+                   for f in ("dest_lat", "dest_lon") if not msg.HasField(f)]
+        if missing:
+            raise InvalidArgument(missing)
     if msg.policy not in _POLICIES:
         raise InvalidArgument([FieldViolation("order.policy", f"unknown policy {msg.policy}")])
     try:
@@ -50,7 +56,7 @@ def order_in(msg: rp.RoutingOrder, default_penalty: float) -> tuple[rm.Order, Ch
     if not pickup and msg.pickup_location_id:
         raise InvalidArgument([FieldViolation(
             "order.pickup_location_id", "only for FULFILMENT_METHOD_PICKUP orders")])
-    return order, cv.channel(msg.channel, "order.channel")
+    return order, channel_of(msg.channel, "order.channel")
 
 
 def plan_out(order: rm.Order, plan: rm.Plan) -> rp.RoutingPlan:
@@ -74,7 +80,7 @@ class RoutingServicer(rp_grpc.RoutingServiceServicer):
     async def RouteOrder(self, request: rp.RouteOrderRequest, context: Any) -> rp.RouteOrderResponse:
         async def run() -> rp.RouteOrderResponse:
             order, channel = self._order(request.order)
-            result = await self.routing.route(order, channel)
+            result = await self.routing.route(order, channel, principal=current_principal())
             out = rp.RouteOrderResponse(
                 alternatives=[plan_out(order, p) for p in result.alternatives],
                 excluded=[rp.ExcludedLocation(location_id=x.location_id,
@@ -99,6 +105,7 @@ class RoutingServicer(rp_grpc.RoutingServiceServicer):
             order, channel = self._order(request.order)
             idem = idem_for("RouteAndReserve", request, request.idempotency_key, encode)
             out = await self.routing.route_and_reserve(order, channel, request.ttl_seconds,
-                                                       request.order_ref, idem)
+                                                       request.order_ref, idem,
+                                                       principal=current_principal())
             return _replayed(out, rp.RouteAndReserveResponse, encode)
         return await guarded(context, run())

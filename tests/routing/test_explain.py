@@ -87,10 +87,17 @@ def test_pickup_transfers_pay_distance_to_the_store_and_need_can_ship() -> None:
     assert reasons(res) == {"krakow": R.CANNOT_SHIP}
 
 
-def test_pickup_store_uses_capacity_only_when_it_supplies() -> None:
+def test_pickup_from_own_shelf_needs_no_capacity_but_transfers_do() -> None:
     sites = [site("p"), site("lodz", LODZ)]
+    # P's own units are not a shipment: P serves its shelf with no shipments left today
     res = route(sites, pickup("p", 1), [[1], [1]], capacity=[0, -1])
-    assert units(res) == {"lodz": (1,)} and reasons(res) == {"p": R.NO_CAPACITY}
+    assert units(res) == {"p": (1,)} and reasons(res) == {}
+    # a transfer from a location with no shipments left is not possible
+    res = route(sites, pickup("p", 2), [[1], [1]], capacity=[0, 0])
+    assert res.plan is None and reasons(res) == {"lodz": R.NO_CAPACITY}
+    # a store with no shipments left is still suggested when its own shelf holds the order
+    res = route(sites, pickup("p", 1), [[0], [1]], capacity=[-1, 0])
+    assert res.plan is None and res.suggested_pickup_ids == ("lodz",)
 
 
 def test_pickup_store_must_be_active_and_accept_pickups() -> None:
