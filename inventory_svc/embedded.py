@@ -12,18 +12,32 @@ child carries ``PR_SET_PDEATHSIG=SIGKILL`` so it dies even when we are killed wi
 SIGTERM with Python's default disposition skips atexit hooks; the children then get SIGKILL from
 the kernel (Valkey may lose up to one second of AOF, Postgres recovers from WAL), so a service
 should handle SIGTERM and call ``stop()``.
+
+Both servers are reachable by other local users only with a password: each data directory keeps a
+generated password in a 0600 file (reused across restarts) and the URLs carry it. Valkey runs with
+``requirepass`` and ``protected-mode``; Postgres accepts scram-sha-256 only (no ``trust`` line, on
+TCP or on its unix socket). Without that, any local account could connect, and a Postgres superuser
+session runs shell commands (``COPY ... FROM PROGRAM``) as the server's user. Data directories and
+files are readable by their owner only, and no directory above a data directory has its mode
+changed (see EmbeddedPostgres for how the unprivileged Postgres user reaches its data when we are
+root). Secrets never appear on a command line (``/proc/PID/cmdline`` is world-readable).
 """
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import contextlib
 import ctypes
 import hashlib
+import hmac
 import importlib.util
+import json
 import os
 import pwd
 import queue
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -41,6 +55,7 @@ from typing import Any, Self
 from urllib.parse import quote
 
 __all__ = [
+    "PG_SYSTEM_HOME",
     "PG_SYSTEM_USER",
     "EmbeddedPostgres",
     "EmbeddedRedis",
@@ -54,12 +69,25 @@ STOP_TIMEOUT = 15.0
 INITDB_TIMEOUT = 120.0
 EXIT_STOP_TIMEOUT = 5.0
 PG_SYSTEM_USER = "inventory-pg"
+# Owned by PG_SYSTEM_USER (0700). Holds the clusters of data directories that user cannot reach
+# (see EmbeddedPostgres) and, if needed, a private copy of the PostgreSQL binaries.
+PG_SYSTEM_HOME = Path("/var/lib/inventory-pg")
+PG_SUPERUSER = "postgres"
 
 _POLL_INTERVAL = 0.01
 _LOG_TAIL_BYTES = 4000
 _PR_SET_PDEATHSIG = 1
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_UNIX_SOCKET_PATH = 107
+_PASSWORD_BYTES = 32  # secrets.token_urlsafe(32): 256 random bits, 43 URL-safe characters
+# What a password file may hold: URL-unreserved characters only, so the password goes into a URL,
+# a Valkey config line and a SQL literal without any quoting; and not too short to guess.
+_PASSWORD_RE = re.compile(r"[A-Za-z0-9._~-]{16,}")
+_SCRAM_ITERATIONS = 4096  # Postgres' default scram_iterations
+# An orphaned durable cluster (its data directory is gone) is deleted only after this long: a data
+# directory that was moved (mv .data .data.old) gets its cluster back when started within a day.
+_ORPHAN_GRACE_S = 24 * 3600.0
+_STAGING_GRACE_S = 3600.0
 
 
 class EmbeddedServerError(RuntimeError):
@@ -187,6 +215,110 @@ def _log_size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# private files and passwords
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """Open (or create, 0600) a file of ours in a data directory and return its descriptor.
+
+    Never through a symlink, and only a regular file that we own with a single link: as root, the
+    in-place Postgres data directory belongs to the Postgres system user, who must not be able to
+    point our log or password file at, say, /etc/shadow. Group/other bits left by older versions
+    are removed.
+    """
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            raise EmbeddedServerError(
+                f"{path} is not a regular file owned by uid {os.geteuid()} with one link; "
+                "refusing to use it"
+            )
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_log(path: Path) -> int:
+    """Open a server log for appending (0600); a log we may not use is replaced by a new one."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    try:
+        return _open_private(path, flags)
+    except (EmbeddedServerError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        # A symlink, a hard link or a file of another user where our log belongs: drop the name
+        # (never its target) and start a new log.
+        path.unlink(missing_ok=True)
+        return _open_private(path, flags | os.O_EXCL)
+
+
+def _write_private_file(path: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
+    """Atomically replace path by a 0600 file holding data (optionally chowned to owner).
+
+    A temporary file (O_EXCL, no symlink followed) renamed over path: a crash never leaves a
+    half-written secret, and a symlink planted at path is replaced, not followed.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            if owner is not None:
+                os.fchown(fd, *owner)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _new_password() -> str:
+    return secrets.token_urlsafe(_PASSWORD_BYTES)
+
+
+def _read_password(path: Path) -> str | None:
+    """The password kept in path, or None if there is no such file."""
+    try:
+        fd = _open_private(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        password = fh.read().decode("ascii", "replace").strip()
+    if not _PASSWORD_RE.fullmatch(password):
+        raise EmbeddedServerError(
+            f"{path} does not hold a usable password (16 or more of A-Z a-z 0-9 . _ ~ -); "
+            "delete it to have a new one generated"
+        )
+    return password
+
+
+def _tighten(path: Path) -> None:
+    """Drop group/other bits of a file or directory of ours (left by older versions)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        os.chmod(path, mode & 0o700)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -440,8 +572,11 @@ class _ChildServer:
     def _start_once(self, timeout: float) -> None:
         self._prepare()
         log_start = _log_size(self.log_path)
-        with self.log_path.open("ab") as log:
-            proc = self._launch(log.fileno())
+        log = _open_log(self.log_path)
+        try:
+            proc = self._launch(log)
+        finally:
+            os.close(log)
         self._proc = proc
         self._finalizer = weakref.finalize(
             self, _reap, proc, os.getpid(), self._stop_signal, EXIT_STOP_TIMEOUT
@@ -480,10 +615,11 @@ class _ChildServer:
 
 
 class EmbeddedRedis(_ChildServer):
-    """valkey-server (Redis protocol) as a child process on 127.0.0.1.
+    """valkey-server (Redis protocol) as a child process on 127.0.0.1, password required.
 
     durable=True keeps an append-only file fsynced every second in data_dir; durable=False keeps
-    nothing on disk. RDB snapshots are always off.
+    nothing on disk but the password. RDB snapshots are always off. data_dir and everything the
+    server writes there (AOF, log) are readable by their owner only.
     """
 
     _name = "valkey-server"
@@ -491,11 +627,26 @@ class EmbeddedRedis(_ChildServer):
 
     def __init__(self, data_dir: Path, port: int | None = None, *, durable: bool = True) -> None:
         super().__init__(data_dir, port, durable=durable)
+        self._password: str | None = None
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://127.0.0.1:{self._port}/0"
+        """``redis://:PASSWORD@127.0.0.1:PORT/0`` (known once the server has been started)."""
+        return f"redis://:{self.password}@127.0.0.1:{self._port}/0"
+
+    @property
+    def password(self) -> str:
+        """The ``requirepass`` password, kept in :attr:`password_path` across restarts."""
+        if self._password is None:
+            self._password = _read_password(self.password_path)
+            if self._password is None:
+                raise EmbeddedServerError(f"{self._name} in {self.data_dir} was never started")
+        return self._password
+
+    @property
+    def password_path(self) -> Path:
+        """The 0600 file holding the password (generated at the first start)."""
+        return self.data_dir / "valkey.password"
 
     @property
     def log_path(self) -> Path:
@@ -503,16 +654,35 @@ class EmbeddedRedis(_ChildServer):
         return self.data_dir / "valkey.log"
 
     def _prepare(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The directory itself, not its parents: they are the caller's business.
+        os.chmod(self.data_dir, 0o700)
+        # Files of older versions were made under a 022 umask.
+        _tighten(self.log_path)
+        aof_dir = self.data_dir / "appendonlydir"
+        if aof_dir.is_dir() and not aof_dir.is_symlink():
+            _tighten(aof_dir)
+            for entry in aof_dir.iterdir():
+                _tighten(entry)
+        for rdb in self.data_dir.glob("*.rdb"):
+            _tighten(rdb)
+        password = _read_password(self.password_path)
+        if password is None:
+            password = _new_password()
+            _write_private_file(self.password_path, password.encode())
+        self._password = password
 
     def _launch(self, log: int) -> subprocess.Popen[bytes]:
         args = [
             str(valkey_server_binary()),
+            # "-": read config from stdin. The password goes there, not onto the command line
+            # that every local user can read in /proc/PID/cmdline.
+            "-",
             "--port", str(self._port),
             "--bind", "127.0.0.1",
+            "--protected-mode", "yes",
             "--dir", str(self.data_dir),
             "--daemonize", "no",
-            "--protected-mode", "no",
             "--save", "",
             "--logfile", str(self.log_path),
         ]  # fmt: skip
@@ -520,18 +690,42 @@ class EmbeddedRedis(_ChildServer):
             args += ["--appendonly", "yes", "--appendfsync", "everysec"]
         else:
             args += ["--appendonly", "no"]
-        return _spawner.popen(
-            args, cwd=self.data_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        proc = _spawner.popen(
+            args,
+            cwd=self.data_dir,
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=log,
+            # AOF files, their rewrites and a log valkey creates itself: owner-only.
+            umask=0o077,
         )
+        assert proc.stdin is not None
+        # _PASSWORD_RE admits no quote, backslash or blank: nothing to escape.
+        with contextlib.suppress(BrokenPipeError):  # died at once: startup reports it with the log
+            proc.stdin.write(f'requirepass "{self.password}"\n'.encode())
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+        return proc
 
     def _ready(self, deadline: float) -> bool:
+        password = self.password.encode()
+        request = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n*1\r\n$4\r\nPING\r\n" % (len(password), password)
         try:
             with socket.create_connection(("127.0.0.1", self._port), timeout=1.0) as sock:
-                sock.sendall(b"PING\r\n")
-                # Replies "-LOADING ..." while it replays the AOF.
-                return sock.recv(64).startswith(b"+PONG")
+                sock.sendall(request)
+                replies = b""
+                while replies.count(b"\r\n") < 2:
+                    chunk = sock.recv(256)
+                    if not chunk:
+                        return False
+                    replies += chunk
         except OSError:
             return False
+        auth, pong = replies.split(b"\r\n")[:2]
+        # Anything but +OK is not our server (another one answering on the port while ours fails
+        # to bind and exits, which start() then reports); PING replies "-LOADING ..." while the
+        # AOF is replayed.
+        return auth == b"+OK" and pong.startswith(b"+PONG")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ METRICS_PORT = free_port()
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def guarded_service(stores: Stores) -> AsyncIterator[Running]:
-    settings = settings_for(stores, api_keys="k-shop:shop,k-erp:erp,k-pos:pos",
+    settings = settings_for(stores, api_keys="k-shop:shop,k-erp:erp,k-pos:pos:L-*",
                             metrics_port=METRICS_PORT)
     async with serve(settings) as running:
         yield running

@@ -95,7 +95,7 @@ async def test_every_mutation_is_idempotent(stub: Stub, service: Running) -> Non
                                                       to_location_id=b, quantity=2)),
         (stub.Sell, api.SellRequest(location_id=b, items=[api.SkuQuantity(sku=sku, quantity=1)])),
         (stub.ReturnItems, api.ReturnItemsRequest(location_id=b, items=[
-            api.SkuQuantity(sku=sku, quantity=1)])),
+            api.SkuQuantity(sku=sku, quantity=1)], unmatched=True)),
         (stub.SetSafetyStock, api.SetSafetyStockRequest(sku=sku, location_id=a, safety_stock=2)),
     ]
     for method, request in calls:

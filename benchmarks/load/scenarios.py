@@ -219,25 +219,35 @@ class Route(Scenario):
 
 
 class Pos(Scenario):
-    """Tills in stores: sell 1-3 items from the shelf (80 %), take a return (20 %)."""
+    """Tills in stores: sell 1-3 items from the shelf (80 %), take a return of one item this
+    worker sold (20 %; a return must name its sale)."""
 
     name, rpcs = "pos", ("Sell", "ReturnItems")
+    SOLD_KEPT = 1_000
+
+    def __init__(self, env: Env, params: dict[str, Any]) -> None:
+        super().__init__(env, params)
+        self._sold: list[tuple[str, str, str]] = []  # (store, sku, sale's reservation id)
 
     async def op(self, rec: Recorder, t0: float | None) -> None:
         e = self.env
         stub = e.clients.inventory(e.target)
-        store = e.rng.choice(e.pos_stores)
-        shelf = e.u.store_skus[store]
-        if e.rng.random() < 0.8:
+        if e.rng.random() < 0.8 or not self._sold:
+            store = e.rng.choice(e.pos_stores)
+            shelf = e.u.store_skus[store]
             items = [api.SkuQuantity(sku=s, quantity=1)
                      for s in e.rng.sample(shelf, min(len(shelf), e.rng.randint(1, 3)))]
-            await rec.call("Sell", stub.Sell, api.SellRequest(
+            out = await rec.call("Sell", stub.Sell, api.SellRequest(
                 location_id=store, items=items, order_ref=e.ref(), idempotency_key=e.key("s"),
                 channel=pb.CHANNEL_POS), t0)
+            if out is not None:
+                self._sold = (self._sold + [(store, x.sku, out.reservation.id)
+                                            for x in items])[-self.SOLD_KEPT:]
         else:
+            store, sku, res_id = self._sold.pop(e.rng.randrange(len(self._sold)))
             await rec.call("ReturnItems", stub.ReturnItems, api.ReturnItemsRequest(
-                location_id=store, items=[api.SkuQuantity(sku=e.rng.choice(shelf), quantity=1)],
-                order_ref=e.ref(), reason="customer return", idempotency_key=e.key("ret"),
+                location_id=store, items=[api.SkuQuantity(sku=sku, quantity=1)],
+                reservation_id=res_id, reason="customer return", idempotency_key=e.key("ret"),
                 channel=pb.CHANNEL_POS), t0)
 
 

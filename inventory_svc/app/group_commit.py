@@ -67,6 +67,7 @@ class _Call:
     shipping_from: Sequence[str]  # locations it uses a shipment of the day of (routing)
     answer_of: Callable[[Reservation], Any] | None  # what the call returns for its reservation
     answer: asyncio.Future[Answer]
+    owner: str  # the principal that makes the reservation
     committed: list[StockLevel] = field(default_factory=list)  # its rows after the commit
     seen: list[StockLevel] = field(default_factory=list)  # the levels by which it was refused
 
@@ -107,13 +108,15 @@ class GroupCommitter:
     async def reserve(
         self, res_id: str, lines: Sequence[Line], channel: Channel, order_ref: str, ttl_s: int,
         idem: Idem | None, hold: Hold, deadline: float, shipping_from: Sequence[str] = (),
-        answer_of: Callable[[Reservation], Any] | None = None,
+        answer_of: Callable[[Reservation], Any] | None = None, *, owner: str = "",
     ) -> Any:
         """Commit a held reservation with whatever other calls are going; its hold is forgotten
         or given back in Redis before it returns (or by its group, if the call gave up). Returns
-        the reservation (or `answer_of` it), or the Replay of a repeat."""
+        the reservation (or `answer_of` it), or the Replay of a repeat. The reservation belongs
+        to `owner` and holds a shipment of the day at each of `shipping_from` (given back when
+        it no longer holds units there: see ReservationService.release and expire_due)."""
         call = _Call(res_id, lines, channel, order_ref, ttl_s, idem, hold, deadline,
-                     shipping_from, answer_of, asyncio.get_running_loop().create_future())
+                     shipping_from, answer_of, asyncio.get_running_loop().create_future(), owner)
         self._queue.append(call)
         self._start_groups()
         try:
@@ -249,7 +252,8 @@ class GroupCommitter:
                 created, created + c.ttl_s * 1000, 0)
             answers[i] = result = res if c.answer_of is None else c.answer_of(res)
             taken.append(NewReservation(res, reservation_event(res),
-                                        idempotency_row(c.idem, result)))
+                                        idempotency_row(c.idem, result), c.owner,
+                                        tuple(c.shipping_from)))
             for loc in c.shipping_from:
                 used[loc] = used.get(loc, 0) + 1
             for x in c.lines:

@@ -28,6 +28,7 @@ from inventory_svc.domain.model import (
     SkuQuantity,
     StockLevel,
 )
+from inventory_svc.domain.principal import ANONYMOUS, Principal
 from inventory_svc.domain.rules import check_can_take, check_release
 from inventory_svc.storage.pg import MovementDraft, PgStore
 from inventory_svc.storage.pg_base import Idem, Replay
@@ -80,7 +81,7 @@ class ReservationService:
 
     async def reserve(
         self, lines: Sequence[Line], ttl_s: int, channel: Channel, order_ref: str,
-        idem: Idem | None,
+        idem: Idem | None, *, principal: Principal = ANONYMOUS,
     ) -> Reservation | Replay:
         v = val.Violations()
         val.validate_lines(v, "lines", lines, self.ctx.settings.max_lines)
@@ -93,7 +94,7 @@ class ReservationService:
 
     async def sell(
         self, location_id: str, items: Sequence[SkuQuantity], channel: Channel, order_ref: str,
-        idem: Idem | None,
+        idem: Idem | None, *, principal: Principal = ANONYMOUS,
     ) -> Settled | Replay:
         v = val.Violations()
         v.location_id("location_id", location_id)
@@ -199,11 +200,12 @@ class ReservationService:
             raise
         return result, news
 
-    async def get(self, res_id: str) -> Reservation:
+    async def get(self, res_id: str, *, principal: Principal = ANONYMOUS) -> Reservation:
         self._check_id(res_id)
         return await self.ctx.pg.get_reservation(res_id)
 
-    async def extend(self, res_id: str, ttl_s: int, idem: Idem | None) -> Reservation | Replay:
+    async def extend(self, res_id: str, ttl_s: int, idem: Idem | None, *,
+                     principal: Principal = ANONYMOUS) -> Reservation | Replay:
         v = val.Violations()
         self._check_id(res_id, v)
         ttl = self._ttl("ttl_seconds", ttl_s, v)
@@ -218,7 +220,8 @@ class ReservationService:
         return res
 
     async def release(
-        self, res_id: str, lines: Sequence[Line], idem: Idem | None
+        self, res_id: str, lines: Sequence[Line], idem: Idem | None, *,
+        principal: Principal = ANONYMOUS,
     ) -> Reservation | Replay:
         v = val.Violations()
         self._check_id(res_id, v)
@@ -245,7 +248,8 @@ class ReservationService:
         await self.ctx.publish(news)
         return res
 
-    async def commit(self, res_id: str, idem: Idem | None) -> Settled | Replay:
+    async def commit(self, res_id: str, idem: Idem | None, *,
+                     principal: Principal = ANONYMOUS) -> Settled | Replay:
         v = val.Violations()
         self._check_id(res_id, v)
         v.raise_if_any()

@@ -23,6 +23,7 @@ from inventory_svc.domain.errors import (
     Shortfall,
 )
 from inventory_svc.domain.model import Channel, Line, LocationType, Reservation, available_units
+from inventory_svc.domain.principal import ANONYMOUS, Principal
 from inventory_svc.storage.pg_base import Idem, Replay, translate_errors
 from inventory_svc.storage.redis_stock import gate_units
 from routing import model as rm
@@ -110,7 +111,8 @@ class RoutingService:
                     matrix[i, j] = available_units(on_hand, taken, safety, channel)
         return matrix
 
-    async def route(self, order: rm.Order, channel: Channel) -> rm.RoutingResult:
+    async def route(self, order: rm.Order, channel: Channel, *,
+                    principal: Principal = ANONYMOUS) -> rm.RoutingResult:
         if not self.ctx.locations:
             await self.ctx.refresh_locations()
         self.check_order(order)
@@ -126,6 +128,7 @@ class RoutingService:
 
     async def route_and_reserve(
         self, order: rm.Order, channel: Channel, ttl_s: int, order_ref: str, idem: Idem | None,
+        *, principal: Principal = ANONYMOUS,
     ) -> RoutedReservation | Replay:
         v = val.Violations()
         val.validate_ttl(v, "ttl_seconds", ttl_s, self.ctx.settings.min_ttl_s,

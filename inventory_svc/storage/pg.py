@@ -4,9 +4,9 @@ applies a pure domain check, and writes stock, ledger and outbox in one transact
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import asyncpg
 
@@ -39,11 +39,25 @@ STOCK_SELECT = f"SELECT {STOCK_COLUMNS} FROM stock s JOIN locations l ON l.id = 
 @dataclass(frozen=True, slots=True)
 class NewReservation:
     """An ACTIVE reservation to write: its outbox event and, with a key, its idempotency row
-    (key, method, request hash, answer; key None without one)."""
+    (key, method, request hash, answer; key None without one), its owner (the principal's name)
+    and the locations whose shipment of the day it took (routing)."""
 
     reservation: Reservation
     event: dict[str, object]
     record: tuple[str | None, str, bytes, bytes]
+    owner: str = ""
+    capacity_locations: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveReservation:
+    """A locked ACTIVE reservation with what its owner's quotas and its capacity need."""
+
+    reservation: Reservation
+    owner: str
+    extensions: int
+    capacity_day: date | None  # the day of the capacity_usage rows its slots are on
+    capacity_locations: tuple[str, ...]  # locations whose shipment of that day it holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,11 +324,16 @@ class PgStore(PgBase):
                 "  FROM unnest($1::text[], $2::text[], $3::bigint[]) AS c(sku, loc, reserved)"
                 "  WHERE s.sku = c.sku AND s.location_id = c.loc"
                 "  RETURNING s.sku, s.location_id, s.seq),"
-                " res AS (INSERT INTO reservations"
-                "  (id, status, channel, order_ref, created_at, expires_at)"
-                "  SELECT r.id, 'ACTIVE', r.channel, r.order_ref, r.created_at, r.expires_at"
+                # capacity: the locations as one comma-joined text each (location ids hold
+                # no comma), taken today in this transaction (lock_capacity's current_date)
+                " res AS (INSERT INTO reservations (id, status, channel, order_ref, created_at,"
+                "  expires_at, owner, capacity_day, capacity_locations)"
+                "  SELECT r.id, 'ACTIVE', r.channel, r.order_ref, r.created_at, r.expires_at,"
+                "   r.owner, CASE WHEN r.caps <> '' THEN current_date END,"
+                "   string_to_array(r.caps, ',')"
                 "  FROM unnest($4::text[], $5::text[], $6::text[], $7::timestamptz[],"
-                "   $8::timestamptz[]) AS r(id, channel, order_ref, created_at, expires_at)),"
+                "   $8::timestamptz[], $18::text[], $19::text[])"
+                "   AS r(id, channel, order_ref, created_at, expires_at, owner, caps)),"
                 " lines AS (INSERT INTO reservation_lines"
                 "  (reservation_id, sku, location_id, quantity, requested)"
                 "  SELECT l.id, l.sku, l.loc, l.qty, l.qty"
@@ -337,6 +356,7 @@ class PgStore(PgBase):
                 [json.dumps(x.event) for x in new],
                 [k[0] for k in keyed], [k[1] for k in keyed], [k[2] for k in keyed],
                 [k[3] for k in keyed],
+                [x.owner for x in new], [",".join(x.capacity_locations) for x in new],
             )
         except asyncpg.UniqueViolationError as exc:
             if "idempotency" not in str(exc.constraint_name or ""):
@@ -367,16 +387,45 @@ class PgStore(PgBase):
             list(used), list(used.values()))
 
     @staticmethod
+    async def give_back_capacity(conn: asyncpg.Connection,
+                                 slots: Mapping[tuple[str, date], int]) -> None:
+        """Give back shipments of (location, day) taken by reservations that no longer hold
+        units there. The rows are locked first in (location, day) order, the order
+        lock_capacity takes them in, so two give-backs or a give-back and a group commit never
+        deadlock; a row cleared by hand is left at 0, never below."""
+        keys = sorted(slots)
+        locs, days = [k[0] for k in keys], [k[1] for k in keys]
+        await conn.execute(
+            "SELECT 1 FROM capacity_usage c"
+            " JOIN unnest($1::text[], $2::date[]) AS x(location_id, day)"
+            " ON c.location_id = x.location_id AND c.day = x.day"
+            " ORDER BY c.location_id, c.day FOR UPDATE OF c", locs, days)
+        await conn.execute(
+            "UPDATE capacity_usage c SET used = GREATEST(c.used - x.n, 0)"
+            " FROM unnest($1::text[], $2::date[], $3::int[]) AS x(location_id, day, n)"
+            " WHERE c.location_id = x.location_id AND c.day = x.day",
+            locs, days, [slots[k] for k in keys])
+
+    @staticmethod
+    async def set_capacity_held(conn: asyncpg.Connection, res_id: str,
+                                location_ids: Sequence[str]) -> None:
+        """The locations whose shipment a reservation still holds (after giving some back)."""
+        await conn.execute(
+            "UPDATE reservations SET capacity_locations = $2::text[] WHERE id = $1",
+            res_id, list(location_ids))
+
+    @staticmethod
     async def insert_reservation(
         conn: asyncpg.Connection, res_id: str, status: ReservationStatus, channel: Channel,
-        order_ref: str, lines: Sequence[Line], ttl_s: int,
+        order_ref: str, lines: Sequence[Line], ttl_s: int, *, owner: str = "",
     ) -> Reservation:
         ended = "now()" if status is not ReservationStatus.ACTIVE else "NULL"
         row = await conn.fetchrow(
-            "INSERT INTO reservations (id, status, channel, order_ref, expires_at, ended_at)"
-            f" VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5), {ended})"
+            "INSERT INTO reservations (id, status, channel, order_ref, expires_at, ended_at,"
+            " owner)"
+            f" VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5), {ended}, $6)"
             " RETURNING created_at, expires_at, ended_at",
-            res_id, status.value, channel.value, order_ref, float(ttl_s),
+            res_id, status.value, channel.value, order_ref, float(ttl_s), owner,
         )
         await conn.execute(
             "INSERT INTO reservation_lines (reservation_id, sku, location_id, quantity, requested)"
@@ -390,30 +439,43 @@ class PgStore(PgBase):
             to_ms(row["created_at"]), to_ms(row["expires_at"]), to_ms(row["ended_at"]),
         )
 
-    async def get_reservation(self, res_id: str) -> Reservation:
+    async def get_reservation(self, res_id: str, *, owner: str | None = None) -> Reservation:
         with translate_errors():
             async with self.pool.acquire() as conn:
-                return await self.read_reservation(conn, res_id, lock=False)
+                return await self.read_reservation(conn, res_id, lock=False, owner=owner)
 
     @staticmethod
-    async def read_reservation(conn: asyncpg.Connection, res_id: str, *, lock: bool) -> Reservation:
+    async def read_reservation(conn: asyncpg.Connection, res_id: str, *, lock: bool,
+                               owner: str | None = None) -> Reservation:
+        """A reservation by id; with `owner`, only if that principal owns it: another owner's
+        is NOT_FOUND exactly like an unknown id (the answer tells nothing of its existence)."""
         row = await conn.fetchrow(
             "SELECT id, status, channel, order_ref, created_at, expires_at, ended_at"
-            " FROM reservations WHERE id = $1"
+            " FROM reservations WHERE id = $1 AND ($2::text IS NULL OR owner = $2)"
             + (" FOR UPDATE" if lock else ""),
-            res_id,
+            res_id, owner,
         )
         if row is None:
             raise NotFound("reservation", res_id)
         return await PgStore._with_lines(conn, row)
 
     @staticmethod
-    async def lock_active(conn: asyncpg.Connection, res_id: str) -> Reservation:
-        """Lock an ACTIVE, unexpired reservation (its expiry judged by Postgres' clock)."""
+    async def lock_active(conn: asyncpg.Connection, res_id: str, *,
+                          owner: str | None = None) -> Reservation:
+        """Lock an ACTIVE, unexpired reservation (its expiry judged by Postgres' clock); with
+        `owner`, one of that principal's only (another's is NOT_FOUND, as in read_reservation)."""
+        return (await PgStore.lock_active_held(conn, res_id, owner=owner)).reservation
+
+    @staticmethod
+    async def lock_active_held(conn: asyncpg.Connection, res_id: str, *,
+                               owner: str | None = None) -> ActiveReservation:
+        """`lock_active`, with the reservation's owner, extensions and capacity slots (the
+        same locked read: one statement for the row, one for its lines)."""
         row = await conn.fetchrow(
-            "SELECT id, status, channel, order_ref, created_at, expires_at, ended_at,"
-            " expires_at <= now() AS due FROM reservations WHERE id = $1 FOR UPDATE",
-            res_id,
+            "SELECT id, status, channel, order_ref, created_at, expires_at, ended_at, owner,"
+            " extensions, capacity_day, capacity_locations, expires_at <= now() AS due"
+            " FROM reservations WHERE id = $1 AND ($2::text IS NULL OR owner = $2) FOR UPDATE",
+            res_id, owner,
         )
         if row is None:
             raise NotFound("reservation", res_id)
@@ -427,7 +489,9 @@ class PgStore(PgBase):
                 f"reservation {res_id!r} has expired", violation_type="RESERVATION_EXPIRED",
                 subject=res_id,
             )
-        return await PgStore._with_lines(conn, row)
+        return ActiveReservation(await PgStore._with_lines(conn, row), row["owner"],
+                                 row["extensions"], row["capacity_day"],
+                                 tuple(row["capacity_locations"]))
 
     @staticmethod
     async def _with_lines(conn: asyncpg.Connection, row: asyncpg.Record) -> Reservation:
@@ -461,11 +525,25 @@ class PgStore(PgBase):
         )
 
     @staticmethod
-    async def extend(conn: asyncpg.Connection, res_id: str, ttl_s: int) -> None:
-        await conn.execute(
-            "UPDATE reservations SET expires_at = now() + make_interval(secs => $2) WHERE id = $1",
+    async def extend(conn: asyncpg.Connection, res_id: str, ttl_s: int) -> int:
+        """Move the expiry to now + ttl_s; returns how often the reservation was extended."""
+        n: int = await conn.fetchval(
+            "UPDATE reservations SET expires_at = now() + make_interval(secs => $2),"
+            " extensions = extensions + 1 WHERE id = $1 RETURNING extensions",
             res_id, float(ttl_s),
         )
+        return n
+
+    async def active_held(self, owner: str) -> tuple[int, int]:
+        """An owner's ACTIVE, unexpired reservations and the units they hold, in one statement
+        over the reservations_owner_active index (and each one's lines by primary key)."""
+        with translate_errors():
+            row = await self.pool.fetchrow(
+                "SELECT count(*) AS n, COALESCE(sum((SELECT sum(l.quantity)"
+                " FROM reservation_lines l WHERE l.reservation_id = r.id)), 0)::bigint AS units"
+                " FROM reservations r"
+                " WHERE r.owner = $1 AND r.status = 'ACTIVE' AND r.expires_at > now()", owner)
+        return int(row["n"]), int(row["units"])
 
     @staticmethod
     async def lock_due(conn: asyncpg.Connection, limit: int) -> list[str]:

@@ -355,7 +355,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
                 request.location_id, cv.items_in(list(request.items)),
                 reservation_id=request.reservation_id, order_ref=request.order_ref,
                 unmatched=request.unmatched, disposition=disposition, reason=request.reason,
-                idem=idem)
+                idem=idem, principal=current_principal())
             return _replayed(out, api.ReturnItemsResponse, encode)
         return await guarded(context, run())
 

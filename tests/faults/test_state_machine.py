@@ -187,7 +187,7 @@ class InventoryMachine(RuleBasedStateMachine):
     def return_items(self, loc: int, items: dict[int, int]) -> None:
         named = {self.skus[s]: q for s, q in items.items()}
         self.expect(self.model.return_items(self.locs[loc], named), lambda: self.stub.ReturnItems(
-            api.ReturnItemsRequest(location_id=self.locs[loc], items=[
+            api.ReturnItemsRequest(location_id=self.locs[loc], unmatched=True, items=[
                 api.SkuQuantity(sku=s, quantity=q) for s, q in named.items()])))
 
     @rule(k=keys, delta=st.integers(-6, 6).filter(bool))
