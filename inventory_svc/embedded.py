@@ -729,7 +729,7 @@ class EmbeddedRedis(_ChildServer):
 
 
 # --------------------------------------------------------------------------------------------------
-# PostgreSQL
+# PostgreSQL: a few lines of the wire protocol (with SCRAM-SHA-256)
 
 
 class _PgError(Exception):
@@ -745,23 +745,107 @@ class _PgError(Exception):
         super().__init__(f"{fields.get('S', 'ERROR')} {self.sqlstate}: {fields.get('M', '')}")
 
 
+def _pg_message(reader: Any) -> tuple[bytes, bytes]:
+    header = reader.read(5)
+    if len(header) < 5:
+        raise ConnectionResetError("server closed the connection")
+    (length,) = struct.unpack("!i", header[1:])
+    return header[:1], reader.read(length - 4)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _hmac256(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def _scram_salted(password: str, salt: bytes, iterations: int) -> bytes:
+    # SASLprep of the password is the identity for the ASCII passwords _PASSWORD_RE admits.
+    return hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+
+
+def _scram_verifier(password: str) -> str:
+    """A SCRAM-SHA-256 verifier (what Postgres stores in pg_authid) for password.
+
+    Computed here so that the plain password never reaches the server, its logs or its stdin.
+    """
+    salt = os.urandom(16)
+    salted = _scram_salted(password, salt, _SCRAM_ITERATIONS)
+    stored_key = hashlib.sha256(_hmac256(salted, b"Client Key")).digest()
+    server_key = _hmac256(salted, b"Server Key")
+    return (
+        f"SCRAM-SHA-256${_SCRAM_ITERATIONS}:{_b64(salt)}${_b64(stored_key)}:{_b64(server_key)}"
+    )
+
+
+def _pg_send(sock: socket.socket, kind: bytes, body: bytes) -> None:
+    sock.sendall(kind + struct.pack("!i", len(body) + 4) + body)
+
+
+def _pg_scram(sock: socket.socket, reader: Any, password: str) -> None:
+    """The client side of SCRAM-SHA-256 (RFC 5802/7677, no channel binding), as libpq does it."""
+    nonce = _b64(os.urandom(18))
+    first_bare = f"n=,r={nonce}"  # Postgres takes the user name from the startup packet
+    first = ("n,," + first_bare).encode()
+    _pg_send(sock, b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first)
+    kind, payload = _pg_message(reader)
+    if kind == b"E":
+        raise _PgError(payload)
+    if kind != b"R" or struct.unpack("!i", payload[:4])[0] != 11:  # AuthenticationSASLContinue
+        raise EmbeddedServerError("postgres broke off the SCRAM exchange")
+    server_first = payload[4:].decode()
+    attrs = dict(item.split("=", 1) for item in server_first.split(","))
+    if not attrs.get("r", "").startswith(nonce):
+        raise EmbeddedServerError("postgres answered SCRAM with a foreign nonce")
+    salted = _scram_salted(password, base64.b64decode(attrs["s"]), int(attrs["i"]))
+    client_key = _hmac256(salted, b"Client Key")
+    without_proof = f"c=biws,r={attrs['r']}"
+    auth_message = f"{first_bare},{server_first},{without_proof}".encode()
+    signature = _hmac256(hashlib.sha256(client_key).digest(), auth_message)
+    proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+    _pg_send(sock, b"p", f"{without_proof},p={_b64(proof)}".encode())
+    kind, payload = _pg_message(reader)
+    if kind == b"E":
+        raise _PgError(payload)  # 28P01 invalid_password
+    if kind != b"R" or struct.unpack("!i", payload[:4])[0] != 12:  # AuthenticationSASLFinal
+        raise EmbeddedServerError("postgres broke off the SCRAM exchange")
+    expected = "v=" + _b64(_hmac256(_hmac256(salted, b"Server Key"), auth_message))
+    if not hmac.compare_digest(payload[4:].decode(), expected):
+        raise EmbeddedServerError("postgres failed to prove it knows the password (SCRAM)")
+
+
+def _pg_authenticate(sock: socket.socket, reader: Any, password: str) -> None:
+    while True:
+        kind, payload = _pg_message(reader)
+        if kind == b"E":
+            raise _PgError(payload)
+        if kind != b"R":
+            continue  # e.g. NegotiateProtocolVersion
+        code = struct.unpack("!i", payload[:4])[0]
+        if code == 0:  # AuthenticationOk
+            return
+        if code == 10 and b"SCRAM-SHA-256" in payload[4:].split(b"\0"):  # AuthenticationSASL
+            _pg_scram(sock, reader, password)
+            continue
+        raise EmbeddedServerError(
+            f"postgres asked for authentication method {code}; the embedded server uses "
+            "scram-sha-256 only"
+        )
+
+
 def _pg_read_until_ready(reader: Any) -> None:
     error: _PgError | None = None
     while True:
-        header = reader.read(5)
-        if len(header) < 5:
+        try:
+            kind, payload = _pg_message(reader)
+        except ConnectionResetError:
             if error is not None:
-                raise error
-            raise ConnectionResetError("server closed the connection")
-        kind = header[:1]
-        (length,) = struct.unpack("!i", header[1:])
-        payload = reader.read(length - 4)
+                raise error from None
+            raise
         if kind == b"E":
             error = _PgError(payload)
-        elif kind == b"R" and struct.unpack("!i", payload[:4])[0] != 0:
-            raise EmbeddedServerError(
-                "postgres asked for a password; the embedded server runs with trust auth"
-            )
         elif kind == b"Z":
             if error is not None:
                 raise error
@@ -769,9 +853,14 @@ def _pg_read_until_ready(reader: Any) -> None:
 
 
 def _pg_session(
-    port: int, user: str, database: str, statements: Sequence[str], timeout: float
+    port: int,
+    user: str,
+    password: str,
+    database: str,
+    statements: Sequence[str],
+    timeout: float,
 ) -> None:
-    """Connect over TCP with trust auth (protocol 3.0), run simple-query statements, disconnect.
+    """Connect over TCP (protocol 3.0, SCRAM), run simple-query statements, disconnect.
 
     A few lines of protocol instead of a driver: start() must work from sync code, from inside a
     running event loop, and before the service has imported anything.
@@ -784,54 +873,34 @@ def _pg_session(
         body += b"\0"
         sock.sendall(struct.pack("!i", len(body) + 4) + body)
         with sock.makefile("rb") as reader:
+            _pg_authenticate(sock, reader, password)
             _pg_read_until_ready(reader)
             for statement in statements:
-                query = statement.encode() + b"\0"
-                sock.sendall(b"Q" + struct.pack("!i", len(query) + 4) + query)
+                _pg_send(sock, b"Q", statement.encode() + b"\0")
                 _pg_read_until_ready(reader)
-            sock.sendall(b"X" + struct.pack("!i", 4))
+            _pg_send(sock, b"X", b"")
 
 
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-_install_checked = False
-_install_lock = threading.Lock()
+# Every connection, over TCP or the unix socket, replication included, needs the password. Written
+# at every start, so a cluster made by an older version (trust for everything) is upgraded too.
+_PG_HBA = """\
+# Written by inventory_svc.embedded at every start; edits are overwritten.
+# TYPE  DATABASE     USER  ADDRESS       METHOD
+local   all          all                 scram-sha-256
+host    all          all   127.0.0.1/32  scram-sha-256
+host    all          all   ::1/128       scram-sha-256
+local   replication  all                 scram-sha-256
+host    replication  all   127.0.0.1/32  scram-sha-256
+host    replication  all   ::1/128       scram-sha-256
+"""
 
 
-def _ensure_traversable(path: Path) -> None:
-    """Give 'other' search (x) permission on path's ancestors so an unprivileged user reaches it."""
-    for parent in path.parents:
-        mode = parent.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            os.chmod(parent, stat.S_IMODE(mode) | stat.S_IXOTH)
-
-
-def _ensure_install_readable(bin_dir: Path) -> None:
-    """Make the shipped PostgreSQL tree (bin, lib, share) readable and executable by other users."""
-    global _install_checked
-    with _install_lock:
-        if _install_checked:
-            return
-        root = bin_dir.parent
-        _ensure_traversable(root)
-        for dirpath, _dirs, files in os.walk(root):
-            mode = os.stat(dirpath).st_mode
-            wanted = mode | stat.S_IROTH | stat.S_IXOTH
-            if wanted != mode:
-                os.chmod(dirpath, stat.S_IMODE(wanted))
-            for name in files:
-                path = os.path.join(dirpath, name)
-                st = os.lstat(path)
-                if stat.S_ISLNK(st.st_mode):
-                    continue
-                wanted = (
-                    st.st_mode | stat.S_IROTH | (stat.S_IXOTH if st.st_mode & stat.S_IXUSR else 0)
-                )
-                if wanted != st.st_mode:
-                    os.chmod(path, stat.S_IMODE(wanted))
-        _install_checked = True
+# --------------------------------------------------------------------------------------------------
+# PostgreSQL as root: the unprivileged system user and where its files live
 
 
 def _ensure_system_user(name: str) -> pwd.struct_passwd:
@@ -843,8 +912,12 @@ def _ensure_system_user(name: str) -> pwd.struct_passwd:
             return pwd.getpwnam(name)
         except KeyError:
             pass
+        args = [
+            useradd, "--system", "--no-create-home", "--home-dir", str(PG_SYSTEM_HOME),
+            "--shell", "/usr/sbin/nologin", name,
+        ]  # fmt: skip
         result = subprocess.run(
-            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            args,
             capture_output=True,
             text=True,
             check=False,
@@ -861,11 +934,186 @@ def _ensure_system_user(name: str) -> pwd.struct_passwd:
         time.sleep(0.05)
 
 
+def _permits(user: pwd.struct_passwd, st: os.stat_result, bits: int) -> bool:
+    """Whether user has the rwx bits (0o4 r, 0o1 x) on a file with status st.
+
+    As the kernel decides it for a child we spawn (primary group only, extra_groups=[]): the owner
+    class alone counts for the owner, the group class alone for the group. ACLs are not looked at;
+    if one denies what the mode grants, postgres fails to start with "Permission denied".
+    """
+    if st.st_uid == user.pw_uid:
+        return (st.st_mode >> 6) & bits == bits
+    if st.st_gid == user.pw_gid:
+        return (st.st_mode >> 3) & bits == bits
+    return st.st_mode & bits == bits
+
+
+def _can_reach(user: pwd.struct_passwd, path: Path) -> bool:
+    """True if user may look up path by name: search (x) permission on every directory above it."""
+    for parent in reversed(path.resolve().parents):
+        try:
+            st = parent.stat()
+        except OSError:
+            return False
+        if not _permits(user, st, 0o1):
+            return False
+    return True
+
+
+def _tree_usable_by(user: pwd.struct_passwd, root: Path) -> bool:
+    """True if user can reach root and read (and run) everything under it."""
+    if not _can_reach(user, root):
+        return False
+    for dirpath, _dirs, files in os.walk(root):
+        if not _permits(user, os.stat(dirpath), 0o5):
+            return False
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISLNK(st.st_mode):
+                continue  # its target is in the tree and checked as itself
+            wanted = 0o5 if st.st_mode & stat.S_IXUSR else 0o4
+            if not _permits(user, st, wanted):
+                return False
+    return True
+
+
 def _chown_tree(path: Path, uid: int, gid: int) -> None:
-    os.chown(path, uid, gid)
+    os.chown(path, uid, gid, follow_symlinks=False)
     for dirpath, dirs, files in os.walk(path):
         for name in dirs + files:
             os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+
+
+def _ensure_private_dir(path: Path, user: pwd.struct_passwd) -> None:
+    """mkdir path (0700, owned by user); refuse a symlink or a non-directory there."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise EmbeddedServerError(f"{path} exists and is not a directory")
+    if (st.st_uid, st.st_gid) != (user.pw_uid, user.pw_gid):
+        os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def _ensure_home(user: pwd.struct_passwd) -> Path:
+    """PG_SYSTEM_HOME and its clusters/ directory, private to user; return the latter."""
+    PG_SYSTEM_HOME.parent.mkdir(parents=True, exist_ok=True)
+    if not _can_reach(user, PG_SYSTEM_HOME):
+        # Not loosened for it: that is exactly what this layout exists to avoid.
+        raise EmbeddedServerError(
+            f"the PostgreSQL system user {user.pw_name!r} cannot reach {PG_SYSTEM_HOME}: a "
+            "directory above it is not searchable by that user"
+        )
+    _ensure_private_dir(PG_SYSTEM_HOME, user)
+    clusters = PG_SYSTEM_HOME / "clusters"
+    _ensure_private_dir(clusters, user)
+    return clusters
+
+
+_install_lock = threading.Lock()
+_install_cache: dict[Path, Path] = {}
+
+
+def _install_for(user: pwd.struct_passwd, bin_dir: Path) -> Path:
+    """The bin/ directory of a PostgreSQL build that user can run.
+
+    The shipped build itself if user can read it where pip put it (the usual case: a venv under
+    world-searchable directories); otherwise a private copy under PG_SYSTEM_HOME, made once per
+    build. Never by loosening the modes of the venv or of the directories above it, which an
+    older version did.
+    """
+    root = bin_dir.parent
+    with _install_lock:
+        cached = _install_cache.get(root)
+        if cached is not None:
+            return cached
+        if _tree_usable_by(user, root):
+            _install_cache[root] = bin_dir
+            return bin_dir
+        _ensure_home(user)
+        # Keyed by the build, not by where it is installed: every venv with this build shares it.
+        ident = "\0".join(
+            f"{st.st_size}:{st.st_mtime_ns}"
+            for st in (os.stat(bin_dir / "postgres"), os.stat(bin_dir / "initdb"))
+        )
+        key = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        copy = PG_SYSTEM_HOME / f"pginstall-{key}"
+        if not (copy / "bin" / "postgres").is_file():
+            staging = PG_SYSTEM_HOME / f".pginstall-{key}.{secrets.token_hex(8)}"
+            try:
+                shutil.copytree(root, staging, symlinks=True)
+                _chown_tree(staging, user.pw_uid, user.pw_gid)
+                os.rename(staging, copy)
+            except OSError:
+                if not (copy / "bin" / "postgres").is_file():
+                    raise
+                # a concurrent starter put the same build in place first
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        _install_cache[root] = copy / "bin"
+        return copy / "bin"
+
+
+def _cluster_in_use(cluster: Path, record: dict[str, Any]) -> bool:
+    """Whether a cluster under PG_SYSTEM_HOME still belongs to a data directory (or may)."""
+    data_dir = Path(record["data_dir"])
+    with contextlib.suppress(OSError):
+        if os.readlink(data_dir / "pgdata") == str(cluster / "pgdata"):
+            return True
+    with contextlib.suppress(OSError, ValueError):
+        pid = int((cluster / "pgdata" / "postmaster.pid").read_text().split("\n", 1)[0])
+        if _pid_alive(pid):
+            return True
+    # data_dir on a filesystem that is not mounted right now: its link may come back. Its nearest
+    # existing ancestor is then on another device than the one recorded.
+    probe = data_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return probe.stat().st_dev != int(record["dev"])
+    except OSError:
+        return True
+
+
+def _collect_garbage(clusters: Path) -> None:
+    """Delete clusters whose data directory is gone (``rm -rf`` of a test's temporary directory).
+
+    A durable cluster is deleted only once it has been seen orphaned for _ORPHAN_GRACE_S.
+    """
+    now = time.time()
+    with os.scandir(clusters) as entries:
+        candidates = [entry for entry in entries if entry.is_dir(follow_symlinks=False)]
+    for entry in candidates:
+        path = Path(entry.path)
+        try:
+            if entry.name.startswith("."):  # staging of a creator that died before the rename
+                if now - entry.stat(follow_symlinks=False).st_mtime > _STAGING_GRACE_S:
+                    shutil.rmtree(path, ignore_errors=True)
+                continue
+            try:
+                record = json.loads((path / "owner.json").read_text())
+                in_use = _cluster_in_use(path, record)
+                durable = bool(record["durable"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # keep what we cannot make sense of
+            marker = path / "orphaned-since"
+            if in_use:
+                marker.unlink(missing_ok=True)
+                continue
+            if durable:
+                try:
+                    since = marker.lstat().st_mtime
+                except FileNotFoundError:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+                    continue
+                if now - since < _ORPHAN_GRACE_S:
+                    continue
+            # rmtree does not follow symlinks inside the tree (fd-based on Linux).
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue  # a concurrent collector got there first, or a racing creator: next time
 
 
 def _remove_stale_lock(lock_file: Path, pgdata: Path) -> None:
@@ -902,13 +1150,30 @@ def _remove_stale_lock(lock_file: Path, pgdata: Path) -> None:
     lock_file.unlink(missing_ok=True)
 
 
-class EmbeddedPostgres(_ChildServer):
-    """The shipped ``postgres`` binary as a child process on 127.0.0.1.
+# --------------------------------------------------------------------------------------------------
+# PostgreSQL
 
-    Layout of data_dir: ``pgdata/`` (the cluster, made by initdb on first start), ``postgres.log``
-    and the unix socket (in a short private /tmp directory when data_dir's path is too long). Run as
-    root, initdb and postgres run as the system user ``inventory-pg`` (created on demand).
-    durable=False turns off fsync, synchronous_commit and full_page_writes (tests).
+
+_CLUSTER_NAME = re.compile(r"[0-9a-f]{32}")
+
+
+class EmbeddedPostgres(_ChildServer):
+    """The shipped ``postgres`` binary as a child process on 127.0.0.1, scram-sha-256 only.
+
+    data_dir holds ``postgres.log``, ``postgres.password`` (0600, generated at the first start and
+    set as the password of the superuser ``postgres``) and the cluster ``pgdata/`` (made by initdb
+    on the first start). durable=False turns off fsync, synchronous_commit and full_page_writes
+    (tests).
+
+    Run as root, initdb and postgres run as the system user ``inventory-pg`` (created on demand),
+    which must reach pgdata by name. Where it can (every directory above data_dir is searchable by
+    it), the cluster lives in data_dir, which that user then owns. Where it cannot (data_dir under
+    a private directory such as a 0700 mkdtemp, /root or /tmp/pytest-of-root), this class does not
+    loosen those directories -- every other local user would gain the same search permission --
+    but puts the cluster under ``/var/lib/inventory-pg/clusters/<id>/`` (PG_SYSTEM_HOME, private to
+    that user) and ``pgdata`` in data_dir is a symlink to it. Such a cluster is deleted once its
+    data directory is gone (checked whenever a new one is made there; a durable one a day later).
+    A cluster that an older version made inside data_dir stays there.
     """
 
     _name = "postgres"
@@ -927,11 +1192,32 @@ class EmbeddedPostgres(_ChildServer):
         super().__init__(data_dir, port, durable=durable)
         self.database = database
         self._user: pwd.struct_passwd | None = None
+        self._root: Path | None = None  # the directory holding pgdata (and usually the socket)
+        self._pgdata: Path | None = None  # pgdata, symlinks resolved
+        self._password: str | None = None
+        self._bin: Path | None = None  # bin/ of the PostgreSQL build we run
 
     @property
     def url(self) -> str:
-        """``postgresql://postgres@127.0.0.1:PORT/<database>``."""
-        return f"postgresql://postgres@127.0.0.1:{self._port}/{quote(self.database, safe='')}"
+        """``postgresql://postgres:PASSWORD@127.0.0.1:PORT/<database>`` (once started)."""
+        return (
+            f"postgresql://{PG_SUPERUSER}:{self.password}@127.0.0.1:{self._port}/"
+            f"{quote(self.database, safe='')}"
+        )
+
+    @property
+    def password(self) -> str:
+        """The superuser's password, kept in :attr:`password_path` across restarts."""
+        if self._password is None:
+            self._password = _read_password(self.password_path)
+            if self._password is None:
+                raise EmbeddedServerError(f"{self._name} in {self.data_dir} was never started")
+        return self._password
+
+    @property
+    def password_path(self) -> Path:
+        """The 0600 file holding the superuser's password."""
+        return self.data_dir / "postgres.password"
 
     @property
     def log_path(self) -> Path:
@@ -940,24 +1226,27 @@ class EmbeddedPostgres(_ChildServer):
 
     @property
     def pgdata(self) -> Path:
-        """The cluster directory (PGDATA)."""
-        return self.data_dir / "pgdata"
+        """The cluster directory (PGDATA), symlinks resolved once the server has been prepared."""
+        return self._pgdata if self._pgdata is not None else self.data_dir / "pgdata"
 
     @property
     def socket_dir(self) -> Path:
         """Directory holding the unix socket ``.s.PGSQL.PORT``."""
-        if len(os.fsencode(self.data_dir / f".s.PGSQL.{self._port}")) <= _MAX_UNIX_SOCKET_PATH:
-            return self.data_dir
-        digest = hashlib.sha256(os.fsencode(self.data_dir)).hexdigest()[:16]
+        base = self._root if self._root is not None else self.data_dir
+        if len(os.fsencode(base / f".s.PGSQL.{self._port}")) <= _MAX_UNIX_SOCKET_PATH:
+            return base
+        digest = hashlib.sha256(os.fsencode(base)).hexdigest()[:16]
         return Path("/tmp") / f"inventory-pg-{digest}"
 
     def _failure_hint(self, log_tail: str) -> str:
         if self._user is None or "Permission denied" not in log_tail:
             return ""
         return (
-            f"\nhint: postgres runs as {self._user.pw_name!r} and needs search (o+x) permission on "
-            f"every parent of {self.data_dir}; something removed it after start() granted it "
-            "(pytest resets /tmp/pytest-of-<user> to 0700 whenever another session starts)"
+            f"\nhint: postgres runs as {self._user.pw_name!r} and must reach {self.pgdata} by "
+            "name, but a directory above it is no longer searchable by that user (pytest resets "
+            "/tmp/pytest-of-<user> to 0700 whenever a session starts). This class never changes "
+            "the directories above a data directory: grant that user search permission (e.g. "
+            f"setfacl -m u:{self._user.pw_name}:x DIR) or use a new data directory"
         )
 
     def _spawn_kwargs(self) -> dict[str, Any]:
@@ -966,24 +1255,98 @@ class EmbeddedPostgres(_ChildServer):
         return {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
 
     def _prepare(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         bin_dir = postgres_bin_dir()
         if os.geteuid() == 0:
             self._user = _ensure_system_user(PG_SYSTEM_USER)
-            uid, gid = self._user.pw_uid, self._user.pw_gid
-            _ensure_install_readable(bin_dir)
-            _ensure_traversable(self.data_dir)
-            if self.data_dir.stat().st_uid != uid:
-                _chown_tree(self.data_dir, uid, gid)
-        os.chmod(self.data_dir, 0o700)
+            bin_dir = _install_for(self._user, bin_dir)
+            root = self._cluster_root(self._user)
+        else:
+            os.chmod(self.data_dir, 0o700)
+            root = self.data_dir
+        self._root, self._bin = root, bin_dir
+        pgdata = self._pgdata = (
+            root / "pgdata" if root != self.data_dir else (self.data_dir / "pgdata").resolve()
+        )
 
         sock_dir = self.socket_dir
-        if sock_dir != self.data_dir:
+        if sock_dir != root:
             self._prepare_private_dir(sock_dir)
-        if not (self.pgdata / "PG_VERSION").exists():
+        fresh = not (pgdata / "PG_VERSION").exists()
+        if fresh:
             self._initdb(bin_dir)
-        _remove_stale_lock(self.pgdata / "postmaster.pid", self.pgdata)
-        _remove_stale_lock(sock_dir / f".s.PGSQL.{self._port}.lock", self.pgdata)
+        _remove_stale_lock(pgdata / "postmaster.pid", pgdata)
+        _remove_stale_lock(sock_dir / f".s.PGSQL.{self._port}.lock", pgdata)
+        password = _read_password(self.password_path)
+        if fresh or password is None:
+            # A new cluster, or one made by an older version (trust auth, no password).
+            password = password or _new_password()
+            self._set_password(bin_dir, password)
+            _write_private_file(self.password_path, password.encode())
+        owner = (self._user.pw_uid, self._user.pw_gid) if self._user is not None else None
+        _write_private_file(pgdata / "pg_hba.conf", _PG_HBA.encode(), owner)
+        self._password = password
+
+    def _cluster_root(self, user: pwd.struct_passwd) -> Path:
+        """Where the cluster of data_dir lives when we are root (see the class docstring)."""
+        link = self.data_dir / "pgdata"
+        if link.is_symlink():
+            target = Path(os.readlink(link))
+            clusters = PG_SYSTEM_HOME / "clusters"
+            if target.name == "pgdata" and target.parent.parent == clusters:
+                if not _CLUSTER_NAME.fullmatch(target.parent.name):
+                    raise EmbeddedServerError(f"{link} points at {target}, not a cluster of ours")
+                _ensure_home(user)
+                self._own_data_dir()
+                self._adopt_cluster(user, target.parent)
+                return target.parent
+            # else: linked elsewhere by hand; used in place like a directory
+        elif not link.exists() and not _can_reach(user, self.data_dir):
+            clusters = _ensure_home(user)
+            _collect_garbage(clusters)
+            cluster = clusters / secrets.token_hex(16)
+            self._own_data_dir()
+            # The link first: from now on the collector sees the cluster as in use.
+            os.symlink(cluster / "pgdata", link)
+            self._adopt_cluster(user, cluster)
+            return cluster
+        # In place: a new cluster in a data_dir that the user can reach, or one made there before.
+        st = self.data_dir.stat()
+        if (st.st_uid, st.st_gid) != (user.pw_uid, user.pw_gid):
+            os.chown(self.data_dir, user.pw_uid, user.pw_gid)
+        os.chmod(self.data_dir, 0o700)
+        return self.data_dir
+
+    def _own_data_dir(self) -> None:
+        # Only our log, password and the link live here now; the system user needs no access.
+        st = self.data_dir.stat()
+        if st.st_uid != os.geteuid():
+            os.chown(self.data_dir, os.geteuid(), os.getegid())
+        os.chmod(self.data_dir, 0o700)
+
+    def _adopt_cluster(self, user: pwd.struct_passwd, cluster: Path) -> None:
+        """Create the cluster's directory if missing, and record its data directory in it."""
+        record = json.dumps(
+            {
+                "data_dir": str(self.data_dir),
+                "dev": self.data_dir.stat().st_dev,
+                "durable": self.durable,
+            }
+        ).encode()
+        owner = (user.pw_uid, user.pw_gid)
+        if cluster.is_dir():
+            _write_private_file(cluster / "owner.json", record, owner)
+            return
+        # Made under a hidden name and renamed into place with its record: the collector never
+        # sees a cluster directory without one.
+        staging = cluster.with_name(f".{cluster.name}.{secrets.token_hex(8)}")
+        staging.mkdir(mode=0o700)
+        try:
+            os.chown(staging, *owner)
+            _write_private_file(staging / "owner.json", record, owner)
+            os.rename(staging, cluster)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _prepare_private_dir(self, path: Path) -> None:
         with contextlib.suppress(FileExistsError):
@@ -998,17 +1361,46 @@ class EmbeddedPostgres(_ChildServer):
             os.chown(path, self._user.pw_uid, self._user.pw_gid)
         os.chmod(path, 0o700)
 
+    def _run_logged(self, args: list[str], timeout: float, what: str) -> None:
+        """Run a postgres tool as the server's user, its output appended to the log."""
+        log_start = _log_size(self.log_path)
+        log = _open_log(self.log_path)
+        try:
+            proc = _spawner.popen(
+                args,
+                cwd=self._root,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                **self._spawn_kwargs(),
+            )
+        finally:
+            os.close(log)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = None
+        if code != 0:
+            reason = "timed out" if code is None else f"exited with code {code}"
+            raise EmbeddedServerError(
+                f"{what} {reason}; log {self.log_path}:\n{_log_tail(self.log_path, log_start)}"
+            )
+
     def _initdb(self, bin_dir: Path) -> None:
+        assert self._root is not None and self._pgdata is not None
         # initdb into a scratch directory and rename it into place, so a crash mid-initdb never
         # leaves a half-made cluster that looks complete (initdb writes PG_VERSION early).
-        scratch = self.data_dir / "pgdata.initdb"
+        scratch = self._pgdata.with_name(self._pgdata.name + ".initdb")
         if scratch.exists():
             shutil.rmtree(scratch)
         args = [
             str(bin_dir / "initdb"),
             "-D", str(scratch),
-            "--auth=trust",
-            "-U", "postgres",
+            # Nobody gets in until _set_password and our pg_hba.conf: never a trust line.
+            "--auth=reject",
+            "-U", PG_SUPERUSER,
             "--encoding=UTF8",
             "--no-locale",
             "--no-instructions",
@@ -1017,41 +1409,71 @@ class EmbeddedPostgres(_ChildServer):
             args.append("--no-sync")
         elif sys.platform.startswith("linux"):
             args.append("--sync-method=syncfs")  # one syncfs() instead of an fsync per file
-        log_start = _log_size(self.log_path)
-        with self.log_path.open("ab") as log:
-            proc = _spawner.popen(
-                args,
-                cwd=self.data_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                **self._spawn_kwargs(),
-            )
         try:
-            code = proc.wait(INITDB_TIMEOUT)
+            self._run_logged(args, INITDB_TIMEOUT, "initdb")
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        os.replace(scratch, self._pgdata)
+
+    def _set_password(self, bin_dir: Path, password: str) -> None:
+        """Set the superuser's password in single-user mode: no server listens meanwhile.
+
+        Only the SCRAM verifier is sent (on stdin), never the password.
+        """
+        assert self._pgdata is not None
+        verifier = _scram_verifier(password)
+        args = [
+            str(bin_dir / "postgres"),
+            "--single",
+            "-D", str(self._pgdata),
+            "-c", "password_encryption=scram-sha-256",
+            "-c", "log_statement=none",
+        ]  # fmt: skip
+        if not self.durable:
+            args += ["-c", "fsync=off"]
+        args.append("postgres")
+        proc = _spawner.popen(
+            args,
+            cwd=self._root,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            **self._spawn_kwargs(),
+        )
+        statement = f"ALTER ROLE {_quote_ident(PG_SUPERUSER)} PASSWORD '{verifier}';\n"
+        try:
+            output, _ = proc.communicate(statement.encode(), timeout=INITDB_TIMEOUT)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
-            code = None
-        if code != 0:
-            shutil.rmtree(scratch, ignore_errors=True)
-            reason = "timed out" if code is None else f"exited with code {code}"
+            output, _ = proc.communicate()
+        text = output.decode("utf-8", "replace").replace(verifier, "***")
+        # Single-user mode reports a failed statement but still exits 0 at the end of its input.
+        if proc.returncode != 0 or re.search(r"\b(ERROR|FATAL|PANIC):", text):
             raise EmbeddedServerError(
-                f"initdb {reason}; log {self.log_path}:\n{_log_tail(self.log_path, log_start)}"
+                f"setting the password of {PG_SUPERUSER!r} in single-user mode failed "
+                f"(exit {proc.returncode}):\n{text.strip()[-_LOG_TAIL_BYTES:]}"
             )
-        os.replace(scratch, self.pgdata)
 
     def _launch(self, log: int) -> subprocess.Popen[bytes]:
-        settings = ["max_connections=200", "shared_buffers=128MB", "logging_collector=off"]
+        assert self._pgdata is not None and self._bin is not None
+        settings = [
+            "max_connections=200",
+            "shared_buffers=128MB",
+            "logging_collector=off",
+            "password_encryption=scram-sha-256",
+            # The socket sits in a 0700 directory already; this keeps it closed if moved.
+            "unix_socket_permissions=0700",
+        ]
         if not self.durable:
             settings += ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
         elif sys.platform.startswith("linux"):
             # After a crash postgres syncs PGDATA before recovery; file-by-file fsync takes seconds.
             settings.append("recovery_init_sync_method=syncfs")
         args = [
-            str(postgres_bin_dir() / "postgres"),
-            "-D", str(self.pgdata),
-            "-h", "127.0.0.1",
+            str(self._bin / "postgres"),
+            "-D", str(self._pgdata),
+            "-h", "127.0.0.1",  # listen_addresses: loopback IPv4 only
             "-p", str(self._port),
             "-k", str(self.socket_dir),
         ]  # fmt: skip
@@ -1059,7 +1481,7 @@ class EmbeddedPostgres(_ChildServer):
             args += ["-c", setting]
         return _spawner.popen(
             args,
-            cwd=self.data_dir,
+            cwd=self._root,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -1084,7 +1506,7 @@ class EmbeddedPostgres(_ChildServer):
             return False
         timeout = max(0.1, min(2.0, deadline - time.monotonic()))
         try:
-            _pg_session(self._port, "postgres", self.database, (), timeout)
+            _pg_session(self._port, PG_SUPERUSER, self.password, self.database, (), timeout)
             return True
         except OSError:
             return False  # not listening yet
@@ -1096,7 +1518,8 @@ class EmbeddedPostgres(_ChildServer):
         try:
             _pg_session(
                 self._port,
-                "postgres",
+                PG_SUPERUSER,
+                self.password,
                 "postgres",
                 [f"CREATE DATABASE {_quote_ident(self.database)}"],
                 timeout,

@@ -128,8 +128,8 @@ def solve(network: Network, order: Order, stock: np.ndarray,
     location (-1 unlimited); defaults to the network's. Every location a plan ships from consumes
     one shipment of capacity; the pickup store P supplying units from its own shelf ships
     nothing, so it needs no capacity left (and the caller should not consume any for it); an
-    excluded P stays the destination, only its shelf is not used. Raises UnknownLocationError for an unknown pickup location; excluded ids
-    unknown to the network are ignored.
+    excluded P stays the destination, only its shelf is not used. Raises UnknownLocationError
+    for an unknown pickup location; excluded ids unknown to the network are ignored.
     """
     n, n_lines = network.size, len(order.lines)
     stock_arr = _as_stock(stock, n, n_lines)

@@ -17,10 +17,17 @@ import asyncpg
 from inventory_svc.app.context import Context
 from inventory_svc.app.group_commit import GroupCommitter, reservation_event
 from inventory_svc.domain import validation as val
-from inventory_svc.domain.errors import InsufficientStock, Unavailable, quote
+from inventory_svc.domain.errors import (
+    FailedPrecondition,
+    InsufficientStock,
+    ResourceExhausted,
+    Unavailable,
+    quote,
+)
 from inventory_svc.domain.model import (
     Channel,
     Line,
+    LocationType,
     Movement,
     MovementKind,
     Reservation,
@@ -70,14 +77,63 @@ class ReservationService:
         val.validate_ttl(v, field, ttl_s, s.min_ttl_s, s.max_ttl_s)
         return ttl_s or s.default_ttl_s
 
+    def ttl_within_quota(self, principal: Principal, ttl_s: int) -> int:
+        """The TTL of a (valid) request under the principal's max_ttl_s: asking for more is
+        RESOURCE_EXHAUSTED; asking for none (0) gets the default, clamped to it."""
+        cap = principal.quotas.max_ttl_s
+        if cap and ttl_s > cap:
+            raise ResourceExhausted(
+                f"ttl_seconds {ttl_s} exceeds the principal's max_ttl_s quota of {cap}",
+                subject="max_ttl_s")
+        ttl = ttl_s or self.ctx.settings.default_ttl_s
+        return min(ttl, cap) if cap else ttl
+
+    async def check_holding_quotas(self, principal: Principal, units: int,
+                                   idem: Idem | None) -> Replay | None:
+        """Refuse a new reservation of `units` that would take the principal past its
+        max_active_reservations or max_units_held (RESOURCE_EXHAUSTED naming the quota), before
+        any hold. A repeat of a call that did reserve gets its answer, not the refusal its own
+        reservation would now cause (I6). Principals without these quotas pay nothing.
+
+        One indexed statement, not serialised with the principal's other calls: calls of one
+        principal that run at once (on any replica) each count what had committed when they
+        looked, so together they may overshoot by at most the calls in flight. Exact counting
+        would need the principal's calls serialised across replicas (a lock held until the
+        commit, and a statement taken after it: a round trip more for every quota-bound call
+        and the group it shares a transaction with); the quotas bound abuse, not stock, which
+        Postgres guards exactly."""
+        q = principal.quotas
+        if not (q.max_active_reservations or q.max_units_held):
+            return None
+        active, held = await self.ctx.pg.active_held(principal.name)
+        refusal: ResourceExhausted | None = None
+        if q.max_active_reservations and active + 1 > q.max_active_reservations:
+            refusal = ResourceExhausted(
+                f"principal {principal.name!r} has {active} active reservations: its "
+                f"max_active_reservations quota of {q.max_active_reservations} allows no more",
+                subject="max_active_reservations")
+        elif q.max_units_held and held + units > q.max_units_held:
+            refusal = ResourceExhausted(
+                f"principal {principal.name!r} holds {held} units: {units} more would exceed its "
+                f"max_units_held quota of {q.max_units_held}", subject="max_units_held")
+        if refusal is None:
+            return None
+        if idem is not None and (replay := await self.ctx.pg.replay_of(idem)):
+            return Replay(replay)
+        raise refusal
+
     async def reserve_routed(
         self, lines: Sequence[Line], ttl_s: int, channel: Channel, order_ref: str,
         idem: Idem | None, shipping_from: Sequence[str], answer: Callable[[Reservation], Any],
+        *, principal: Principal = ANONYMOUS,
     ) -> Any:
-        """A reservation of a routed plan: it uses one of each of `shipping_from`'s shipments
-        of the day, in the same transaction."""
+        """A reservation of a routed plan (the caller checked ttl and quotas): it uses one of
+        each of `shipping_from`'s shipments of the day, in the same transaction, and holds
+        them until it no longer holds units there."""
+        principal.require_locations(dict.fromkeys(x.location_id for x in lines))
         return await self._take(lines, channel, order_ref, idem, ttl=ttl_s, sale=False,
-                                shipping_from=shipping_from, answer=answer)
+                                shipping_from=shipping_from, answer=answer,
+                                owner=principal.name)
 
     async def reserve(
         self, lines: Sequence[Line], ttl_s: int, channel: Channel, order_ref: str,
@@ -85,11 +141,18 @@ class ReservationService:
     ) -> Reservation | Replay:
         v = val.Violations()
         val.validate_lines(v, "lines", lines, self.ctx.settings.max_lines)
-        ttl = self._ttl("ttl_seconds", ttl_s, v)
+        val.validate_ttl(v, "ttl_seconds", ttl_s, self.ctx.settings.min_ttl_s,
+                         self.ctx.settings.max_ttl_s)
         v.text("order_ref", order_ref)
         v.raise_if_any()
+        # before any hold: the scope, then the quotas (the query last)
+        principal.require_locations(dict.fromkeys(x.location_id for x in lines))
+        ttl = self.ttl_within_quota(principal, ttl_s)
+        if replay := await self.check_holding_quotas(
+                principal, sum(x.quantity for x in lines), idem):
+            return replay
         out: Reservation | Replay = await self._take(
-            lines, channel, order_ref, idem, ttl=ttl, sale=False)
+            lines, channel, order_ref, idem, ttl=ttl, sale=False, owner=principal.name)
         return out
 
     async def sell(
@@ -101,15 +164,27 @@ class ReservationService:
         val.validate_items(v, "items", items, self.ctx.settings.max_lines)
         v.text("order_ref", order_ref)
         v.raise_if_any()
-        await self.ctx.known_location(location_id)
+        principal.require_locations([location_id])  # before telling whether it exists
+        loc = await self.ctx.known_location(location_id)
+        # Walk-in sales happen at active stores: a warehouse has no shelf customers buy from.
+        # Refused before any hold (Postgres refuses an inactive location too, but after one).
+        if loc.type is LocationType.WAREHOUSE:
+            raise FailedPrecondition(
+                f"location {quote(location_id)} is a warehouse: it does not sell to walk-in "
+                "customers (Sell is for stores)", violation_type="NOT_A_STORE",
+                subject=location_id)
+        if not loc.active:
+            raise FailedPrecondition(f"location {quote(location_id)} is not active",
+                                     violation_type="LOCATION_INACTIVE", subject=location_id)
         lines = [Line(x.sku, location_id, x.quantity) for x in items]
-        out: Settled | Replay = await self._take(lines, channel, order_ref, idem, ttl=0, sale=True)
+        out: Settled | Replay = await self._take(lines, channel, order_ref, idem, ttl=0, sale=True,
+                                                 owner=principal.name)
         return out
 
     async def _take(
         self, lines: Sequence[Line], channel: Channel, order_ref: str, idem: Idem | None, *,
         ttl: int, sale: bool, shipping_from: Sequence[str] = (),
-        answer: Callable[[Reservation], Any] | None = None,
+        answer: Callable[[Reservation], Any] | None = None, owner: str = "",
     ) -> Any:
         """Hold in Redis, then commit in Postgres: a reservation (with whatever others are
         going: group_commit), or with `sale` a POS sale. Given up after hold_timeout_s; then
@@ -129,8 +204,9 @@ class ReservationService:
                     when = deadline.when()
                     assert when is not None
                     return await self.group.reserve(res_id, lines, channel, order_ref, ttl, idem,
-                                                    hold, when, shipping_from, answer)
-                out = await self._sell(res_id, hold, lines, channel, order_ref, idem)
+                                                    hold, when, shipping_from, answer,
+                                                    owner=owner)
+                out = await self._sell(res_id, hold, lines, channel, order_ref, idem, owner)
         except TimeoutError as exc:
             raise Unavailable(f"postgres did not commit within {timeout_s:g}s; retry") from exc
         if isinstance(out, Replay):
@@ -155,7 +231,7 @@ class ReservationService:
 
     async def _sell(
         self, res_id: str, hold: Hold, lines: Sequence[Line], channel: Channel, order_ref: str,
-        idem: Idem | None,
+        idem: Idem | None, owner: str,
     ) -> tuple[Settled, list[StockLevel]] | Replay:
         """A POS sale of held lines, in its own transaction: the result and the committed
         levels."""
@@ -177,7 +253,8 @@ class ReservationService:
                             on_hand=rows[(x.sku, x.location_id)].level.on_hand - x.quantity)
                     for x in lines])
                 res = await PgStore.insert_reservation(
-                    u.conn, res_id, ReservationStatus.COMMITTED, channel, order_ref, lines, 0)
+                    u.conn, res_id, ReservationStatus.COMMITTED, channel, order_ref, lines, 0,
+                    owner=owner)
                 moves = await PgStore.add_movements(u.conn, [
                     MovementDraft(x.sku, x.location_id, -x.quantity, MovementKind.SALE,
                                   "pos sale", res_id, order_ref) for x in lines],
@@ -200,21 +277,32 @@ class ReservationService:
             raise
         return result, news
 
+    # get / extend / release / commit: a reservation of another owner is NOT_FOUND, exactly as
+    # an unknown id, unless the principal manages all of them (principal.owner is None). The
+    # owner is part of the one (locked) read, so it costs no statement.
+
     async def get(self, res_id: str, *, principal: Principal = ANONYMOUS) -> Reservation:
         self._check_id(res_id)
-        return await self.ctx.pg.get_reservation(res_id)
+        return await self.ctx.pg.get_reservation(res_id, owner=principal.owner)
 
     async def extend(self, res_id: str, ttl_s: int, idem: Idem | None, *,
                      principal: Principal = ANONYMOUS) -> Reservation | Replay:
         v = val.Violations()
         self._check_id(res_id, v)
-        ttl = self._ttl("ttl_seconds", ttl_s, v)
+        val.validate_ttl(v, "ttl_seconds", ttl_s, self.ctx.settings.min_ttl_s,
+                         self.ctx.settings.max_ttl_s)
         v.raise_if_any()
+        ttl = self.ttl_within_quota(principal, ttl_s)
+        cap = principal.quotas.max_extensions
         async with self.ctx.pg.unit(idem) as u:
             if u.replay is not None:
                 return Replay(u.replay)
-            res = await PgStore.lock_active(u.conn, res_id)
-            await PgStore.extend(u.conn, res_id, ttl)
+            await PgStore.lock_active(u.conn, res_id, owner=principal.owner)
+            if await PgStore.extend(u.conn, res_id, ttl) > cap > 0:
+                # raised inside the unit: the transaction, and the extension, roll back
+                raise ResourceExhausted(
+                    f"reservation {quote(res_id)} was extended {cap} times: the principal's "
+                    f"max_extensions quota of {cap} allows no more", subject="max_extensions")
             res = await PgStore.read_reservation(u.conn, res_id, lock=False)
             await u.remember(res)
         return res
@@ -231,7 +319,8 @@ class ReservationService:
         async with self.ctx.pg.unit(idem) as u:
             if u.replay is not None:
                 return Replay(u.replay)
-            res = await PgStore.lock_active(u.conn, res_id)
+            act = await PgStore.lock_active_held(u.conn, res_id, owner=principal.owner)
+            res = act.reservation
             held = {(x.sku, x.location_id): x.quantity for x in res.lines}
             check_release(held, lines)
             give = list(lines) if lines else [x for x in res.lines if x.quantity > 0]
@@ -240,8 +329,18 @@ class ReservationService:
                 for x in lines:
                     held[(x.sku, x.location_id)] -= x.quantity
                 await PgStore.set_lines_held(u.conn, res_id, held)
-            if not lines or not any(held.values()):
+            ended = not lines or not any(held.values())
+            if ended:
                 await PgStore.end_reservation(u.conn, res_id, ReservationStatus.RELEASED)
+            if act.capacity_locations and act.capacity_day is not None:
+                # a location's shipment is given back once no unit is held there any more
+                still = set() if ended else {k[1] for k, q in held.items() if q > 0}
+                back = [x for x in act.capacity_locations if x not in still]
+                if back:
+                    await PgStore.give_back_capacity(
+                        u.conn, {(x, act.capacity_day): 1 for x in back})
+                    await PgStore.set_capacity_held(
+                        u.conn, res_id, [x for x in act.capacity_locations if x in still])
             res = await PgStore.read_reservation(u.conn, res_id, lock=False)
             await PgStore.add_outbox(u.conn, "RESERVATION", [_res_event(res)])
             await u.remember(res)
@@ -256,7 +355,8 @@ class ReservationService:
         async with self.ctx.pg.unit(idem) as u:
             if u.replay is not None:
                 return Replay(u.replay)
-            res = await PgStore.lock_active(u.conn, res_id)
+            # the shipments it holds are kept: they happen now
+            res = await PgStore.lock_active(u.conn, res_id, owner=principal.owner)
             sold = [x for x in res.lines if x.quantity > 0]
             news = await self._unreserve(u.conn, sold, sale=True)
             moves = await PgStore.add_movements(u.conn, [
@@ -283,9 +383,19 @@ class ReservationService:
                 " WHERE reservation_id = ANY($1::text[]) AND quantity > 0", ids)
             lines = [Line(r["sku"], r["location_id"], r["quantity"]) for r in rows]
             news = await self._unreserve(u.conn, lines, sale=False)
-            await u.conn.execute(
-                "UPDATE reservations SET status = 'EXPIRED', ended_at = now()"
-                " WHERE id = ANY($1::text[])", ids)
+            # the shipments they held, by (location, day taken), are given back (after the
+            # stock rows: the order every path locks stock and capacity rows in)
+            slots = await u.conn.fetch(
+                "WITH old AS (SELECT id, capacity_day, capacity_locations FROM reservations"
+                "  WHERE id = ANY($1::text[])),"
+                " upd AS (UPDATE reservations r SET status = 'EXPIRED', ended_at = now(),"
+                "  capacity_locations = '{}' FROM old WHERE r.id = old.id"
+                "  RETURNING old.capacity_day AS day, old.capacity_locations AS locs)"
+                " SELECT loc, day, count(*)::int AS n FROM upd, unnest(upd.locs) AS loc"
+                " WHERE day IS NOT NULL GROUP BY loc, day", ids)
+            if slots:
+                await PgStore.give_back_capacity(
+                    u.conn, {(r["loc"], r["day"]): r["n"] for r in slots})
             await PgStore.add_outbox(u.conn, "RESERVATION", [
                 ("", "", {"reservation_id": i, "status": "EXPIRED"}) for i in ids])
         await self.ctx.publish(news)

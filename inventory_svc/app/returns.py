@@ -116,7 +116,8 @@ class ReturnService:
 
     @staticmethod
     async def _restock(
-        conn: asyncpg.Connection, sale: SaleRef, location_id: str, items: Sequence[SkuQuantity], reason: str,
+        conn: asyncpg.Connection, sale: SaleRef, location_id: str,
+        items: Sequence[SkuQuantity], reason: str,
     ) -> tuple[list[StockLevel], list[Movement]]:
         """SELLABLE goods back on the shelf at the return location (its stock rows made if
         need be), each with its RETURN movement and STOCK_CHANGED event."""

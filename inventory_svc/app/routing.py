@@ -1,11 +1,15 @@
 """Routing use cases (DESIGN §5): the solver runs in process on cached location arrays and on
-availability read from Redis; RouteAndReserve reserves the plan through the core reservation path
-and consumes daily capacity in the same transaction."""
+availability read from Redis, in worker threads (its numba kernels release the GIL) so a long
+solve never stalls the event loop; RouteAndReserve reserves the plan through the core
+reservation path and takes a shipment of the day's capacity of each location it ships from in
+the same transaction (given back if the reservation ends without shipping: see
+ReservationService.release / expire_due). A scoped principal routes over its own locations."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -64,6 +68,18 @@ class RoutingService:
         self._network: Network | None = None
         self._network_version = -1
         self._daily_capacity = np.zeros(0, np.int64)
+        # Solves at once, each in a worker thread: a 200-line order on the event loop stalled
+        # every other call for over a second. Bounded, so routing cannot take every core.
+        self._solver_slots = asyncio.Semaphore(max(1, self.ctx.settings.routing_concurrency))
+        self._solving = 0
+        # the locations outside a scope, by scope (locations, prefixes), for this network
+        self._outside: dict[tuple[frozenset[str], tuple[str, ...]], frozenset[str]] = {}
+        self._outside_version = -1
+
+    @property
+    def solving(self) -> int:
+        """Solves running in worker threads now."""
+        return self._solving
 
     def network(self) -> Network:
         """The solver's arrays, rebuilt only when the locations changed (not per request)."""
@@ -111,20 +127,61 @@ class RoutingService:
                     matrix[i, j] = available_units(on_hand, taken, safety, channel)
         return matrix
 
+    def outside_scope(self, principal: Principal) -> frozenset[str]:
+        """The locations a scoped principal may not act at (empty for an unscoped one)."""
+        if not principal.scoped:
+            return frozenset()
+        if self._outside_version != self.ctx.locations_version:
+            self._outside.clear()
+            self._outside_version = self.ctx.locations_version
+        key = (principal.locations, principal.location_prefixes)
+        found = self._outside.get(key)
+        if found is None:
+            found = frozenset(x for x in self.ctx.locations if not principal.may_act_at(x))
+            self._outside[key] = found
+        return found
+
+    async def _solve(self, network: Network, order: rm.Order, stock: np.ndarray,
+                     capacity: np.ndarray) -> rm.RoutingResult:
+        """`solve` in a worker thread, at most routing_concurrency at once. A call given up
+        (cancelled) keeps its slot until its thread ends, so the bound holds on threads."""
+        await self._solver_slots.acquire()
+        self._solving += 1
+        task = asyncio.ensure_future(asyncio.to_thread(solve, network, order, stock, capacity))
+
+        def done(_: object) -> None:
+            self._solving -= 1
+            self._solver_slots.release()
+
+        task.add_done_callback(done)
+        return await asyncio.shield(task)
+
     async def route(self, order: rm.Order, channel: Channel, *,
                     principal: Principal = ANONYMOUS) -> rm.RoutingResult:
+        """Route over the locations the principal may act at: for a scoped one the others are
+        excluded, and the answer names none of them (exclusions, suggested pickup stores)."""
         if not self.ctx.locations:
             await self.ctx.refresh_locations()
         self.check_order(order)
         network = self.network()
+        outside = self.outside_scope(principal)
+        if outside:
+            order = replace(order, excluded=order.excluded | outside)
         stock = await self.stock_matrix(network, order, channel)
         capacity = await self.capacity_left(network)
         try:
-            return solve(network, order, stock, capacity)
+            result = await self._solve(network, order, stock, capacity)
         except rm.UnknownLocationError as exc:
             raise NotFound("location", str(order.pickup_location_id)) from exc
         except rm.RoutingInputError as exc:
             raise InvalidArgument([FieldViolation(f"order.{exc.field}", str(exc))]) from exc
+        if outside:
+            result = replace(
+                result,
+                exclusions=tuple(x for x in result.exclusions if x.location_id not in outside),
+                suggested_pickup_ids=tuple(
+                    x for x in result.suggested_pickup_ids if x not in outside))
+        return result
 
     async def route_and_reserve(
         self, order: rm.Order, channel: Channel, ttl_s: int, order_ref: str, idem: Idem | None,
@@ -135,21 +192,30 @@ class RoutingService:
                          self.ctx.settings.max_ttl_s)
         v.text("order_ref", order_ref)
         v.raise_if_any()
-        ttl = ttl_s or self.ctx.settings.default_ttl_s
+        pickup = order.pickup_location_id
+        if pickup is not None:  # a scoped principal's customers collect at its own stores
+            principal.require_locations([pickup], "pickup location")
+        ttl = self.reservations.ttl_within_quota(principal, ttl_s)
+        if replay := await self.reservations.check_holding_quotas(
+                principal, sum(x.qty for x in order.lines), idem):
+            return replay
         last: FailedPrecondition | None = None
         for attempt in range(1, self.ctx.settings.route_attempts + 1):
-            result = await self.route(order, channel)
+            result = await self.route(order, channel, principal=principal)
             if result.plan is None:
                 raise no_plan_error(order, result)
             plan = result.plan
-            used = sorted(a.location_id for a in plan.allocations)
+            # the pickup store handing over units from its own shelf ships nothing: it takes
+            # none of its shipments of the day (only transfers to it do, from where they leave)
+            used = sorted(a.location_id for a in plan.allocations if a.location_id != pickup)
 
             def answer(res: Reservation, plan: rm.Plan = plan, n: int = attempt) -> RoutedReservation:
                 return RoutedReservation(plan, order, res, n)
 
             try:
                 out: RoutedReservation | Replay = await self.reservations.reserve_routed(
-                    plan_lines(order, plan), ttl, channel, order_ref, idem, used, answer)
+                    plan_lines(order, plan), ttl, channel, order_ref, idem, used, answer,
+                    principal=principal)
                 return out
             except (InsufficientStock, CapacityTaken) as exc:
                 log.info("route attempt %d lost a race (%s); routing again", attempt, exc.message)

@@ -30,12 +30,13 @@ def q(sku: str, quantity: int) -> api.SkuQuantity:
 
 async def sell(stub: Stub, loc: str, lines: dict[str, int], order_ref: str = "",
                metadata: tuple[tuple[str, str], ...] = ()) -> api.SellResponse:
-    return await stub.Sell(api.SellRequest(  # type: ignore[no-any-return]
+    return await stub.Sell(api.SellRequest(
         location_id=loc, items=[q(s, n) for s, n in lines.items()], order_ref=order_ref),
         metadata=metadata)
 
 
-async def web_order(stub: Stub, lines: list[tuple[str, str, int]], order_ref: str) -> pb.Reservation:
+async def web_order(stub: Stub, lines: list[tuple[str, str, int]], order_ref: str
+                    ) -> pb.Reservation:
     """An online order: reserved, then committed (sold)."""
     res = (await stub.Reserve(api.ReserveRequest(lines=[
         pb.ReservationLine(sku=s, location_id=loc, quantity=n) for s, loc, n in lines],
@@ -268,7 +269,7 @@ async def test_request_names_exactly_one_sale(stub: Stub) -> None:
     ]
     for fields, bad in cases:
         err = await expect_error(stub.ReturnItems(api.ReturnItemsRequest(
-            location_id=loc, items=[q(sku, 1)], **fields)),  # type: ignore[arg-type]
+            location_id=loc, items=[q(sku, 1)], **fields)),
             grpc.StatusCode.INVALID_ARGUMENT)
         assert set(bad_fields(err)) == bad, fields
     await expect_error(stub.ReturnItems(api.ReturnItemsRequest(
