@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--target", default="127.0.0.1:50051", help="service address host:port")
     d.add_argument("--skus", type=int, default=10_000, help="number of demo SKUs")
     d.add_argument("--seed", type=int, default=7, help="random seed of the demo network")
+    d.add_argument("--api-key", default=os.environ.get("INVENTORY_DEMO_API_KEY", ""),
+                   help="an erp/admin key when the service has principals "
+                        "(default: INVENTORY_DEMO_API_KEY)")
     return p
 
 
@@ -73,8 +77,12 @@ async def _serve(settings: Settings, demo: bool) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with embedded_stores(settings) as resolved, serve(resolved) as running:
         if demo and not running.ctx.locations:
-            await load_demo(f"127.0.0.1:{running.port}", sku_count=settings.demo_skus)
-            await running.ctx.refresh_locations()
+            if resolved.tls_cert or resolved.api_keys or resolved.principals_file:
+                print("inventory-svc: --demo loads only into an open plaintext service; use "
+                      "`inventory-svc demo-load --api-key ...`", file=sys.stderr, flush=True)
+            else:
+                await load_demo(f"127.0.0.1:{running.port}", sku_count=settings.demo_skus)
+                await running.ctx.refresh_locations()
         print(f"inventory-svc serving gRPC on {resolved.host}:{running.port} "
               f"({len(running.ctx.locations)} locations); Ctrl-C to stop", flush=True)
         await stop.wait()
@@ -117,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from inventory_svc.demo import load_demo
 
-            asyncio.run(load_demo(args.target, seed=args.seed, sku_count=args.skus))
+            asyncio.run(load_demo(args.target, seed=args.seed, sku_count=args.skus,
+                                  api_key=args.api_key))
     except KeyboardInterrupt:
         return 130
     return 0

@@ -16,15 +16,18 @@ log = logging.getLogger(__name__)
 ROWS_PER_MESSAGE = 5_000
 
 
-async def load_demo(target: str, *, seed: int = 7, sku_count: int = 10_000) -> DemoNetwork:
-    """Upsert the demo locations and import their stock; safe to run again (absolute counts)."""
+async def load_demo(target: str, *, seed: int = 7, sku_count: int = 10_000,
+                    api_key: str = "") -> DemoNetwork:
+    """Upsert the demo locations and import their stock; safe to run again (absolute counts).
+    Over plaintext gRPC: a service with principals needs an erp or admin `api_key`."""
     demo = build_demo(seed, sku_count=sku_count)
     log.info("loading the demo network: %d locations, %d SKUs, %d stock rows (one transaction)",
              len(demo.locations), sku_count, len(demo.stock))
+    meta = (("x-api-key", api_key),) if api_key else ()
     async with grpc.aio.insecure_channel(target) as channel:
         stub = api_grpc.InventoryServiceStub(channel)
         await stub.UpsertLocations(api.UpsertLocationsRequest(
-            locations=[location_out(x) for x in demo.locations]))
+            locations=[location_out(x) for x in demo.locations]), metadata=meta)
 
         async def batches() -> AsyncIterator[api.ImportStockRequest]:
             rows = demo.stock
@@ -33,7 +36,7 @@ async def load_demo(target: str, *, seed: int = 7, sku_count: int = 10_000) -> D
                     api.ImportRow(sku=r.sku, location_id=r.location_id, on_hand=r.on_hand)
                     for r in rows[i:i + ROWS_PER_MESSAGE]])
 
-        result = await stub.ImportStock(batches())
+        result = await stub.ImportStock(batches(), metadata=meta)
     log.info("demo loaded: %d locations, %d stock rows (%d SKUs)", len(demo.locations),
              result.rows_received, result.skus)
     return demo

@@ -135,8 +135,13 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
         # ever waits for a JIT compile.
         await asyncio.to_thread(warm_up)
 
+        registry = load_principals(settings)
+        if registry.open:
+            log.warning("no principals configured: every caller acts as admin; serving "
+                        "%s only because it is a loopback address (or INVENTORY_ALLOW_INSECURE)",
+                        settings.host)
         admission = AdmissionInterceptor(
-            load_principals(settings), mtls=bool(settings.tls_client_ca),
+            registry, mtls=bool(settings.tls_client_ca),
             caps=ListCaps(lines=settings.max_lines, skus=settings.max_skus_per_read,
                           ids=settings.max_ids_per_read),
             max_in_flight=settings.max_concurrent_rpcs)
