@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from inventory_svc.redact import redact
 
 
 class ConfigError(ValueError):
@@ -161,8 +161,19 @@ class Settings:
             (self.redis_url, "redis_url", ("redis://", "rediss://", "unix://")),
             (self.database_url, "database_url", ("postgres://", "postgresql://")),
         ):
-            need(not url or url.startswith(schemes), name, redact(url),
+            need(not url or url.startswith(schemes), name, _scheme_only(url),
                  f"must start with {schemes}")
+
+
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]{0,31}://")
+
+
+def _scheme_only(url: str) -> str:
+    """What the error about a store URL with the wrong scheme shows: the scheme, never the rest.
+    A malformed value (a libpq `host=... password=...` string, a password with an unescaped / or
+    @) is no URL whose secret redact() could find, so none of it is printed."""
+    found = _SCHEME_RE.match(url)
+    return f"{found.group()}…" if found else "…"
 
 
 def _is_loopback(host: str) -> bool:

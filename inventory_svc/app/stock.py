@@ -11,7 +11,7 @@ import asyncpg
 from inventory_svc.app.context import Context
 from inventory_svc.app.returns import ReturnService
 from inventory_svc.domain import validation as val
-from inventory_svc.domain.errors import Aborted, FailedPrecondition, NotFound
+from inventory_svc.domain.errors import Aborted, FailedPrecondition, NotFound, quote
 from inventory_svc.domain.model import (
     Channel,
     ImportRow,
@@ -440,7 +440,7 @@ class StockService:
         after = 0
         if page_token:
             if not (page_token.startswith("m") and page_token[1:].isdigit()):
-                v.add("page_token", f"{page_token!r} is not a token this service gave out")
+                v.add("page_token", f"{quote(page_token)} is not a token this service gave out")
             else:
                 after = int(page_token[1:])
         v.raise_if_any()

@@ -22,22 +22,39 @@ def _pack(*details: object) -> list[any_pb2.Any]:
 
 # gRPC carries the status message and details in HTTP/2 trailers, which clients refuse beyond 8 KB
 # (the answer is then lost as RESOURCE_EXHAUSTED "Stream removed"): a refusal of a request with
-# hundreds of bad fields names the first MAX_ITEMS of them and how many more there are.
+# hundreds of bad fields names the first MAX_ITEMS of them and how many more there are. Limits
+# count bytes as they travel, not characters: grpc-message percent-encodes every byte outside
+# printable ASCII (a 4-byte emoji costs 12), and grpc-status-details-bin carries the whole Status
+# (the message again, and the details) in base64. With these the trailers stay under ~5 KB.
 MAX_ITEMS = 20
-MAX_MESSAGE = 1_000
-MAX_DESCRIPTION = 300
-MAX_VALUE = 64
+MAX_MESSAGE = 800  # wire bytes of grpc-message
+MAX_DESCRIPTION = 300  # wire bytes of one description
+MAX_VALUE = 64  # characters of a client's value quoted in a detail field
+MAX_DETAILS = 2_400  # bytes of the packed details, before base64; fewer items until they fit
 
 
-def _first(items: tuple[e.FieldViolation, ...]) -> list[e.FieldViolation]:
-    if len(items) <= MAX_ITEMS:
+def _first(items: tuple[e.FieldViolation, ...], n: int = MAX_ITEMS) -> list[e.FieldViolation]:
+    if len(items) <= n:
         return list(items)
-    return [*items[:MAX_ITEMS], e.FieldViolation(
-        items[MAX_ITEMS].field, f"... and {len(items) - MAX_ITEMS} more violations")]
+    return [*items[:n], e.FieldViolation(
+        _cut(items[n].field), f"... and {len(items) - n} more violations")]
+
+
+def _wire_len(text: str) -> int:
+    """Bytes of `text` percent-encoded as grpc-message (an upper bound of its UTF-8 size too)."""
+    return sum(1 if 0x20 <= b < 0x7F and b != 0x25 else 3 for b in text.encode())
 
 
 def _short(text: str, limit: int = MAX_MESSAGE) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    if _wire_len(text) <= limit:
+        return text
+    out, used = [], 3  # the "..."
+    for ch in text:
+        used += _wire_len(ch)
+        if used > limit:
+            break
+        out.append(ch)
+    return "".join(out) + "..."
 
 
 def _cut(text: str) -> str:
@@ -53,6 +70,17 @@ def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
 
 
 def to_status(err: e.DomainError) -> grpc.Status:
+    n = MAX_ITEMS
+    code, details = _parts(err, n)
+    while n > 0 and sum(d.ByteSize() for d in details) > MAX_DETAILS:
+        n //= 2
+        code, details = _parts(err, n)
+    return rpc_status.to_status(status_pb2.Status(code=code, message=_short(err.message),
+                                                  details=details))
+
+
+def _parts(err: e.DomainError, n: int) -> tuple[int, list[any_pb2.Any]]:
+    """The code and the details naming at most `n` items (violations, short lines)."""
     code: int
     details: list[any_pb2.Any] = []
     match err:
@@ -61,7 +89,7 @@ def to_status(err: e.DomainError) -> grpc.Status:
             details = _pack(error_details_pb2.BadRequest(field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
                     field=_cut(v.field), description=_short(v.description, MAX_DESCRIPTION))
-                for v in _first(err.violations)]))
+                for v in _first(err.violations, n)]))
         case e.NotFound():
             code = code_pb2.NOT_FOUND
             details = _pack(error_details_pb2.ResourceInfo(
@@ -72,15 +100,15 @@ def to_status(err: e.DomainError) -> grpc.Status:
             violations = [error_details_pb2.PreconditionFailure.Violation(
                 type=err.violation_type, subject=_cut(f"{s.sku}@{s.location_id}"),
                 description=f"requested {s.requested}, available {s.available}")
-                for s in err.shortfalls[:MAX_ITEMS]] or [error_details_pb2.PreconditionFailure.Violation(
+                for s in err.shortfalls[:max(n, 1)]] or [error_details_pb2.PreconditionFailure.Violation(
                     type=err.violation_type, subject=_cut(err.subject),
                     description=_short(err.message, MAX_DESCRIPTION))]
             details = _pack(error_details_pb2.PreconditionFailure(violations=violations))
             if err.shortfalls:
                 details += _pack(pb.InsufficientStock(lines=[
-                    pb.InsufficientStock.Line(sku=s.sku, location_id=s.location_id,
+                    pb.InsufficientStock.Line(sku=_cut(s.sku), location_id=_cut(s.location_id),
                                               requested=s.requested, available=s.available)
-                    for s in err.shortfalls[:MAX_ITEMS]]))
+                    for s in err.shortfalls[:max(n, 1)]]))
         case e.AlreadyExists():
             code = code_pb2.ALREADY_EXISTS
         case e.Aborted():
@@ -104,5 +132,4 @@ def to_status(err: e.DomainError) -> grpc.Status:
             code = code_pb2.PERMISSION_DENIED
         case _:
             code = code_pb2.INTERNAL
-    return rpc_status.to_status(status_pb2.Status(code=code, message=_short(err.message),
-                                                  details=details))
+    return code, details
