@@ -143,7 +143,7 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
         admission = AdmissionInterceptor(
             registry, mtls=bool(settings.tls_client_ca),
             caps=ListCaps(lines=settings.max_lines, skus=settings.max_skus_per_read,
-                          ids=settings.max_ids_per_read),
+                          ids=settings.max_ids_per_read, rows=settings.import_max_rows),
             max_in_flight=settings.max_concurrent_rpcs)
         if settings.metrics_port:
             prometheus_client.start_http_server(settings.metrics_port, addr=settings.metrics_host)

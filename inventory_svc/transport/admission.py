@@ -49,10 +49,15 @@ class ListCaps:
     skus: int
     ids: int
     locations: int = 10_000
+    # ImportStock's rows: a bulk load sends thousands a message (demo-load 5,000); the servicer
+    # counts them over the whole stream against import_max_rows, the message size bounds one.
+    rows: int = 2_000_000
 
     def of(self, field: str) -> int:
         if field == "skus":
             return self.skus
+        if field == "rows":
+            return self.rows
         if field in ("ids", "location_ids", "excluded_location_ids"):
             return self.ids
         if field == "locations":
@@ -195,7 +200,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                                 context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 principal = await self._principal(context, name)
                 return await self._run(principal, behavior,
-                                       _decoded(raws, decode, self.caps, context), context)
+                                       _decoded(raws, decode, self.caps), context)
 
             wrapped = grpc.stream_unary_rpc_method_handler(
                 streaming, None, handler.response_serializer)
@@ -238,21 +243,28 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             self.in_flight -= 1
 
 
-async def _decoded(raws: AsyncIterator[bytes], decode: Callable[[bytes], Message], caps: ListCaps,
-                   context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+async def _decoded(raws: AsyncIterator[bytes], decode: Callable[[bytes], Message], caps: ListCaps
+                   ) -> AsyncIterator[Any]:
+    # Raised, not aborted: the servicer reads this stream inside its own error handling, which
+    # answers a DomainError with its status (an abort here would surface there as an unexpected
+    # error, logged, and a second abort).
     async for raw in raws:
         try:
             msg = decode(raw)
             check_lists(msg, caps)
-        except (DecodeError, DomainError) as exc:
-            await _abort(context, exc)
+        except DecodeError:
+            raise _undecodable() from None
         yield msg
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
-    err = exc if isinstance(exc, DomainError) else InvalidArgument([FieldViolation(
+def _undecodable() -> InvalidArgument:
+    return InvalidArgument([FieldViolation(
         "request", "the request bytes do not decode as this method's message "
                    "(e.g. a string field that is not valid UTF-8)")])
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+    err = exc if isinstance(exc, DomainError) else _undecodable()
     await context.abort_with_status(to_status(err))  # type: ignore[attr-defined]
 
 
