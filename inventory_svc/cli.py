@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from inventory_svc.config import ConfigError, Settings
+from inventory_svc.redact import RedactingFilter, redact
 
 DESCRIPTION = """\
 Real-time omnichannel inventory and order-routing service.
@@ -36,6 +37,7 @@ def _configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLogFormatter() if settings.log_format == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())  # no store password in any log line
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
 
 
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: getattr(args, k, None) for k in ("port", "host", "data_dir")}
         settings = Settings.from_env(**overrides)
     except ConfigError as exc:
-        print(f"inventory-svc: configuration error: {exc}", file=sys.stderr)
+        print(f"inventory-svc: configuration error: {redact(str(exc))}", file=sys.stderr)
         return 2
     _configure_logging(settings)
     try:

@@ -10,7 +10,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 
-
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable and the value."""
 

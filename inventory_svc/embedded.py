@@ -45,6 +45,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -84,8 +85,9 @@ _PASSWORD_BYTES = 32  # secrets.token_urlsafe(32): 256 random bits, 43 URL-safe 
 # a Valkey config line and a SQL literal without any quoting; and not too short to guess.
 _PASSWORD_RE = re.compile(r"[A-Za-z0-9._~-]{16,}")
 _SCRAM_ITERATIONS = 4096  # Postgres' default scram_iterations
-# An orphaned durable cluster (its data directory is gone) is deleted only after this long: a data
-# directory that was moved (mv .data .data.old) gets its cluster back when started within a day.
+# An orphaned durable cluster (its data directory is gone) outside the temp directory is deleted
+# only after this long: a data directory that was moved (mv .data .data.old, or a renamed
+# checkout) gets its cluster back when started within a day.
 _ORPHAN_GRACE_S = 24 * 3600.0
 _STAGING_GRACE_S = 3600.0
 
@@ -1096,9 +1098,12 @@ def _cluster_in_use(cluster: Path, record: dict[str, Any]) -> bool:
 def _collect_garbage(clusters: Path) -> None:
     """Delete clusters whose data directory is gone (``rm -rf`` of a test's temporary directory).
 
-    A durable cluster is deleted only once it has been seen orphaned for _ORPHAN_GRACE_S.
+    At once if the cluster is not durable or its data directory was under the temp directory
+    (scratch by nature: tests, and gone at reboot anyway); else once it has been seen orphaned
+    for _ORPHAN_GRACE_S.
     """
     now = time.time()
+    scratch = os.path.realpath(tempfile.gettempdir())
     with os.scandir(clusters) as entries:
         candidates = [entry for entry in entries if entry.is_dir(follow_symlinks=False)]
     for entry in candidates:
@@ -1111,7 +1116,8 @@ def _collect_garbage(clusters: Path) -> None:
             try:
                 record = json.loads((path / "owner.json").read_text())
                 in_use = _cluster_in_use(path, record)
-                durable = bool(record["durable"])
+                data_dir = os.path.realpath(record["data_dir"])
+                durable = bool(record["durable"]) and os.path.commonpath([data_dir, scratch]) != scratch
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # keep what we cannot make sense of
             marker = path / "orphaned-since"
@@ -1313,7 +1319,7 @@ class EmbeddedPostgres(_ChildServer):
                 if not _CLUSTER_NAME.fullmatch(target.parent.name):
                     raise EmbeddedServerError(f"{link} points at {target}, not a cluster of ours")
                 _ensure_home(user)
-                self._own_data_dir()
+                self._own_data_dir(user)
                 self._adopt_cluster(user, target.parent)
                 return target.parent
             # else: linked elsewhere by hand; used in place like a directory
@@ -1321,7 +1327,7 @@ class EmbeddedPostgres(_ChildServer):
             clusters = _ensure_home(user)
             _collect_garbage(clusters)
             cluster = clusters / secrets.token_hex(16)
-            self._own_data_dir()
+            self._own_data_dir(user)
             # The link first: from now on the collector sees the cluster as in use.
             os.symlink(cluster / "pgdata", link)
             self._adopt_cluster(user, cluster)
@@ -1333,10 +1339,10 @@ class EmbeddedPostgres(_ChildServer):
         os.chmod(self.data_dir, 0o700)
         return self.data_dir
 
-    def _own_data_dir(self) -> None:
-        # Only our log, password and the link live here now; the system user needs no access.
-        st = self.data_dir.stat()
-        if st.st_uid != os.geteuid():
+    def _own_data_dir(self, user: pwd.struct_passwd) -> None:
+        # Only our log, password and the link live here: the system user needs no access, and
+        # must not own the directory where root opens files (say, left so by a failed initdb).
+        if self.data_dir.stat().st_uid == user.pw_uid:
             os.chown(self.data_dir, os.geteuid(), os.getegid())
         os.chmod(self.data_dir, 0o700)
 

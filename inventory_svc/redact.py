@@ -13,13 +13,14 @@ __all__ = ["RedactingFilter", "redact"]
 
 MASK = "***"
 
-# scheme://[user]:SECRET@ -- the secret may itself hold '@' or '/' when the URL was written without
-# percent-encoding it, so it runs (lazily) up to the '@' after which the authority has no more '@'
-# before the path, query, fragment, whitespace or end of text. Nothing is redacted without an '@'.
+# scheme://[user]:SECRET@ -- a password written without percent-encoding may itself hold '@' or
+# '/', and which '@' ends it is then ambiguous: the secret runs to the last '@' before the next
+# blank or the next "://" (another URL). When in doubt this hides too much (the host of a URL
+# with '@' in its query), never too little. Nothing is redacted without an '@'.
 _USERINFO_SECRET = re.compile(
     r"(?P<prefix>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/?#@]*:)"
-    r"(?P<secret>[^\s]*?)"
-    r"(?P<at>@)(?=[^\s@/?#]*(?:[/?#\s]|$))"
+    r"(?P<secret>(?:(?!://)\S)*)"
+    r"(?P<at>@)"
 )
 
 

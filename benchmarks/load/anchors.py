@@ -187,6 +187,10 @@ class RedisEvalsha(Scenario):
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         url = urlparse(self.params["redis_url"])
         reader, writer = await asyncio.open_connection(url.hostname or "127.0.0.1", url.port or 6379)
+        if url.password:  # the embedded Valkey has a generated password
+            args = ("AUTH", url.username, url.password) if url.username else ("AUTH", url.password)
+            writer.write(_resp(*args))
+            await reader.readline()
         db = (url.path or "/0").strip("/") or "0"
         if db != "0":
             writer.write(_resp("SELECT", db))

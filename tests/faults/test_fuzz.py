@@ -1,6 +1,8 @@
 """Input fuzzing of every RPC: ≥ 10k generated malformed or extreme messages (empty, oversized,
-negative, NaN/inf coordinates, unicode, duplicate lines, unknown ids and enums): no crash, never
-INTERNAL or UNKNOWN, and every refusal names its field (DESIGN §4)."""
+negative, NaN/inf coordinates, unicode, duplicate lines, unknown ids and enums), and malformed
+bytes sent raw (truncated or garbled protobuf, invalid UTF-8 and lone surrogates in string fields,
+strings up to ~100 KB, lists past their caps): no crash, never INTERNAL or UNKNOWN, and every
+refusal names its field (DESIGN §4) — `request` for bytes that do not decode."""
 
 from __future__ import annotations
 
@@ -12,12 +14,15 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import routing_service_pb2 as rp
 from inventory.v1 import routing_service_pb2_grpc as rp_grpc
+from inventory_svc.transport.admission import ListCaps
 from tests.conftest import Stores
 from tests.faults.harness import check_all, make_world, own_site, running, site_settings
 from tests.grpc_helpers import details
@@ -179,21 +184,175 @@ def requests(g: Gen) -> list[tuple[str, Callable[[Any, Any], Any], Any]]:
     ]
 
 
+# ---- raw bytes ------------------------------------------------------------------------------------
+# Not UTF-8, or UTF-8 of what no string may hold: CESU-8 surrogates (U+D800, U+DFFF), a stray
+# continuation byte, an overlong "/", a truncated sequence, bytes that never occur in UTF-8.
+BAD_UTF8 = [b"\xed\xa0\x80", b"\xed\xbf\xbf", b"a\x80b", b"\xc0\xaf", b"\xe2\x28\xa1", b"\xc3",
+            b"\xff\xfe", b"ok\xf0\x9f\xa6"]
+SERVICES = {"RouteOrder": "/inventory.v1.RoutingService/",
+            "RouteAndReserve": "/inventory.v1.RoutingService/"}
+STRING, MESSAGE = FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def delimited(number: int, payload: bytes) -> bytes:
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def fields_of(desc: Descriptor, kind: int) -> list[FieldDescriptor]:
+    return [f for f in desc.fields if f.type == kind
+            and not (kind == MESSAGE and f.message_type.GetOptions().map_entry)]
+
+
+def bad_string(r: random.Random, desc: Descriptor) -> bytes:
+    """A string field of the message, or of a message inside it, holding bad UTF-8: appended
+    (a repeated field gains an element, a singular one is overwritten: the last one counts)."""
+    bad = r.choice(BAD_UTF8)
+    nested = [(m, s) for m in fields_of(desc, MESSAGE)
+              for s in fields_of(m.message_type, STRING)]
+    top = fields_of(desc, STRING)
+    if nested and (not top or r.random() < 0.5):
+        m, f = r.choice(nested)
+        return delimited(m.number, delimited(f.number, bad))
+    return delimited(r.choice(top).number, bad)
+
+
+def huge_string(r: random.Random, msg: Message) -> Message:
+    """The message with one string field (its own, or its first element's) ~10-100 KB long."""
+    out = type(msg)()
+    out.CopyFrom(msg)
+    value = r.choice(["x", "\u00e9", "\U0001F984", "a b"]) * r.choice([2_500, 25_000])
+    targets: list[tuple[Message, FieldDescriptor]] = [(out, f) for f in fields_of(out.DESCRIPTOR,
+                                                                                  STRING)]
+    for m in fields_of(out.DESCRIPTOR, MESSAGE):
+        inner = getattr(out, m.name)
+        if m.is_repeated:
+            first = inner[0] if len(inner) else inner.add()
+            targets += [(first, f) for f in fields_of(m.message_type, STRING)]
+        else:
+            targets += [(inner, f) for f in fields_of(m.message_type, STRING)]
+    holder, f = r.choice(targets)
+    if f.is_repeated:
+        getattr(holder, f.name).append(value)
+    else:
+        setattr(holder, f.name, value)
+    return out
+
+
+def long_lists(msg: Message, caps: ListCaps) -> tuple[Message, set[str]] | None:
+    """The message with every list it has (its own, and its order's) one past its cap, and the
+    names the refusal may give; None when it has no list with a cap worth sending."""
+    out = type(msg)()
+    out.CopyFrom(msg)
+    names: set[str] = set()
+    holders: list[tuple[Message, str]] = [(out, "")]
+    if out.DESCRIPTOR.fields_by_name.get("order"):
+        holders.append((out.order, "order."))  # type: ignore[attr-defined]
+    for holder, prefix in holders:
+        for f in holder.DESCRIPTOR.fields:
+            n = caps.of(f.name) + 1
+            if not f.is_repeated or n > 20_000:
+                continue
+            items = getattr(holder, f.name)
+            del items[:]
+            if f.type == STRING:
+                items.extend(f"v{i}" for i in range(n))
+            else:
+                for _ in range(n):
+                    items.add()
+            names.add(prefix + f.name)
+    return (out, names) if names else None
+
+
+def mutate(r: random.Random, request: Any, caps: ListCaps) -> tuple[str, list[bytes], set[str]]:
+    """(what was done, the raw messages to send, the fields a RESOURCE_EXHAUSTED must name, if
+    it must be one)."""
+    stream = isinstance(request, list)
+    msgs: list[Message] = list(request) if stream else [request]
+    if not msgs:
+        msgs = [api.ImportStockRequest()]
+    i = r.randrange(len(msgs))
+    body = msgs[i].SerializeToString()
+    how = r.choice(["truncate", "flip", "garbage", "bad-utf8", "bad-utf8", "huge", "lists"])
+    must: set[str] = set()
+    if how == "truncate" and len(body) > 1:
+        body = body[:r.randrange(1, len(body))]
+    elif how == "flip" and body:
+        buf = bytearray(body)
+        for _ in range(r.randint(1, 4)):
+            buf[r.randrange(len(buf))] = r.randrange(256)
+        body = bytes(buf)
+    elif how == "bad-utf8":
+        body += bad_string(r, msgs[i].DESCRIPTOR)
+    elif how == "huge":
+        body = huge_string(r, msgs[i]).SerializeToString()
+    elif how == "lists" and (made := long_lists(msgs[i], caps)) is not None:
+        body, must = made[0].SerializeToString(), made[1]
+    else:
+        how = "garbage"
+        body = r.randbytes(r.randint(1, 64))
+    raws = [m.SerializeToString() for m in msgs]
+    raws[i] = body
+    return how, raws, must
+
+
 def root_fields(request: Any) -> set[str]:
     msg = request[0] if isinstance(request, list) and request else request
-    if isinstance(msg, list):
-        return {"rows"}
+    if isinstance(msg, list):  # an empty ImportStock stream (raw mutations send one message)
+        return set(api.ImportStockRequest.DESCRIPTOR.fields_by_name)
     return {f.name for f in msg.DESCRIPTOR.fields}
 
 
+def judge(err: grpc.aio.AioRpcError, where: str, roots: set[str], must: set[str],
+          problems: list[str]) -> None:
+    """A refusal must be one a client may see, arrive whole, and name what it refuses."""
+    code = err.code()
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        problems.append(where)
+        return
+    if must and code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        problems.append(f"lists over their caps not refused as such: {where}")
+        return
+    try:
+        found = details(err)
+    except (ValueError, AssertionError) as exc:  # the answer did not arrive whole
+        problems.append(f"{exc}: {where}")
+        return
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        fields = [v.field for d in found if isinstance(d, error_details_pb2.BadRequest)
+                  for v in d.field_violations]
+        if not fields or any(f.split("[")[0].split(".")[0] not in roots for f in fields):
+            problems.append(f"refusal without its field ({fields}): {where}")
+    elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        subjects = [v.subject for d in found if isinstance(d, error_details_pb2.QuotaFailure)
+                    for v in d.violations]
+        if not all(subjects) or not subjects or (must and not set(subjects) <= must):
+            problems.append(f"limit without its field ({subjects}): {where}")
+    elif not (err.details() or ""):
+        problems.append(f"refusal without a message: {where}")
+
+
 async def test_fuzz_every_rpc(stores: Stores, soak: bool) -> None:
-    total = 100_000 if soak else 10_000
+    total = 100_000 if soak else 8_000
+    raw_total = 20_000 if soak else 2_000
     rng = random.Random(11)
     async with own_site(stores) as site, running(site_settings(stores, site)) as (svc, stub, ch):
         w = await make_world(stub, locations=2, skus=3, on_hand=50)
         stub.route = rp_grpc.RoutingServiceStub(ch)  # type: ignore[attr-defined]
         g = Gen(rng, w.skus, w.locations)
+        caps = ListCaps(lines=svc.settings.max_lines, skus=svc.settings.max_skus_per_read,
+                        ids=svc.settings.max_ids_per_read, rows=svc.settings.import_max_rows)
         codes: Counter[str] = Counter()
+        raw_codes: Counter[str] = Counter()
         problems: list[str] = []
         sent = 0
 
@@ -205,37 +364,37 @@ async def test_fuzz_every_rpc(stores: Stores, soak: bool) -> None:
                     g.res_ids.append(out.reservation.id)
                 return
             except grpc.aio.AioRpcError as err:
-                code = err.code()
-                codes[code.name] += 1
-                where = f"{name}({str(request)[:200]!r}) -> {code.name}: {err.details()}"
-                if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-                    problems.append(where)
-                    return
-                try:
-                    found = details(err)
-                except (ValueError, AssertionError) as exc:  # the answer did not arrive whole
-                    problems.append(f"{exc}: {where}")
-                    return
-                if code is grpc.StatusCode.INVALID_ARGUMENT:
-                    fields = [v.field for d in found if isinstance(d, error_details_pb2.BadRequest)
-                              for v in d.field_violations]
-                    roots = root_fields(request)
-                    if not fields or any(f.split("[")[0].split(".")[0] not in roots
-                                         for f in fields):
-                        problems.append(f"refusal without its field ({fields}): {where}")
-                elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    subjects = [v.subject for d in found if isinstance(d, error_details_pb2.QuotaFailure)
-                                for v in d.violations]
-                    if not all(subjects) or not subjects:
-                        problems.append(f"limit without its field: {where}")
-                elif not (err.details() or ""):
-                    problems.append(f"refusal without a message: {where}")
+                codes[err.code().name] += 1
+                where = f"{name}({str(request)[:200]!r}) -> {err.code().name}: {err.details()}"
+                judge(err, where, root_fields(request), set(), problems)
+
+        async def raw(name: str, request: Any) -> None:
+            how, bodies, must = mutate(rng, request, caps)
+            path = SERVICES.get(name, "/inventory.v1.InventoryService/") + name
+            try:
+                if name == "ImportStock":
+                    await ch.stream_unary(path, None, None)(iter(bodies), timeout=30)
+                else:
+                    await ch.unary_unary(path, None, None)(bodies[0], timeout=30)
+                raw_codes[f"{how}:OK"] += 1  # the mutation left a message that decodes
+                if must:
+                    problems.append(f"{name} {how}: lists over their caps accepted")
+            except grpc.aio.AioRpcError as err:
+                raw_codes[f"{how}:{err.code().name}"] += 1
+                where = (f"{name} {how}({b''.join(bodies)[:120]!r}) -> {err.code().name}: "
+                         f"{err.details()}")
+                judge(err, where, root_fields(request) | {"request"}, must, problems)
 
         while sent < total:
             batch = [x for _ in range(4) for x in requests(g)]
             sent += len(batch)
             await asyncio.gather(*(one(*x) for x in batch))
+        raw_sent = 0
+        while raw_sent < raw_total:
+            batch = [x for _ in range(2) for x in requests(g)]
+            raw_sent += len(batch)
+            await asyncio.gather(*(raw(name, request) for name, _, request in batch))
         assert not problems, f"{len(problems)} bad answers, e.g. {problems[:5]}"
         await check_all(svc.ctx.pg.pool, svc.ctx.redis.client, w.skus)
-        print(f"fuzz: {sent} messages over 19 RPCs: {dict(codes)}")
+        print(f"fuzz: {sent} messages over 19 RPCs: {dict(codes)}; {raw_sent} raw: "
+              f"{dict(sorted(raw_codes.items()))}")

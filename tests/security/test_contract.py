@@ -6,10 +6,12 @@ trailers; a SHIP order needs its destination; an oversized message is RESOURCE_E
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable
 
 import asyncpg
 import grpc
+import pytest
 import pytest_asyncio
 
 from inventory.v1 import common_pb2 as pb
@@ -116,7 +118,7 @@ async def test_deadline_with_outcome_unknown_is_deadline_exceeded_and_retry_find
 
 # ---- (b) undecodable bytes ------------------------------------------------------------------------
 async def test_undecodable_bytes_are_invalid_argument_and_change_nothing(
-        stub: Stub, channel: grpc.aio.Channel) -> None:
+        stub: Stub, channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture) -> None:
     w = await make_world(stub, locations=1, skus=1)
     sku, loc = w.skus[0].encode(), w.locations[0].encode()
     valid = field(1, line_bytes(sku, loc)) + field(5, uid("k").encode())
@@ -154,6 +156,8 @@ async def test_undecodable_bytes_are_invalid_argument_and_change_nothing(
     # and the same bytes, made valid, are served: it was the encoding that was refused
     await raw_call(channel, INVENTORY + "Reserve")(valid + field(4, b"ok"), timeout=10)
     assert await reserved(stub, w.skus[0]) == [1]
+    # a client's bad bytes are no error of the service's: nothing logged as one
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # ---- (c) huge values, small answers ---------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The embedded stores keep other local users out: passwords, private files, untouched parents.
 
-Real servers, real data directories. Each test here fails on the embedded stores as they were
-before (trust auth, no Valkey password, 0644 files, parents chmod'ed o+x for the Postgres user).
+Real servers, real data directories. Each store test here fails on the embedded stores as they
+were before (trust auth, no Valkey password, 0644 files, parents chmod'ed o+x for the Postgres
+user); the last ones cover the redaction of the URLs that now carry passwords.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from inventory_svc import embedded
 from inventory_svc.embedded import (
@@ -222,6 +225,7 @@ def test_postgres_restart_on_the_same_data_dir_keeps_the_password(
 ) -> None:
     first = track(EmbeddedPostgres(data_dir, durable=True))
     url = first.start()
+    assert urlsplit(url).password == (data_dir / "postgres.password").read_text()
     pg_fetch(url, "CREATE TABLE kept (x int)")
     pg_fetch(url, "INSERT INTO kept VALUES (7)")
     first.restart()
@@ -305,6 +309,7 @@ def test_no_directory_above_a_data_dir_changes_mode(data_dir: Path, track: Any) 
     valkey = track(EmbeddedRedis(base / "redis", durable=True))
     pg_fetch(postgres.start(), "SELECT 1")
     assert redis.Redis.from_url(valkey.start(), socket_timeout=5).ping()
+    assert ancestor_modes(base / "pg") == before
     if IS_ROOT:
         # The system user cannot search a/ (0700): the cluster lives in its own home instead.
         assert postgres.pgdata.is_relative_to(PG_SYSTEM_HOME / "clusters")
@@ -341,30 +346,37 @@ def test_a_private_copy_of_the_binaries_when_the_install_is_out_of_reach(
 
 
 @root_only
-def test_clusters_of_deleted_data_dirs_are_collected(data_dir: Path, track: Any) -> None:
+def test_clusters_of_deleted_data_dirs_are_collected(
+    data_dir: Path, track: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def home_cluster(name: str, durable: bool) -> Path:
+        (data_dir / name).mkdir()
         server = track(EmbeddedPostgres(private_tree(data_dir / name) / "pg", durable=durable))
         server.start()
         server.stop()
-        cluster = server.pgdata.parent
+        cluster: Path = server.pgdata.parent
         assert cluster.parent == PG_SYSTEM_HOME / "clusters"
         return cluster
 
-    (data_dir / "gone").mkdir()
-    (data_dir / "gone-durable").mkdir()
     gone = home_cluster("gone", durable=False)
     gone_durable = home_cluster("gone-durable", durable=True)
     kept = home_cluster("kept", durable=False)
     try:
         shutil.rmtree(data_dir / "gone")
         shutil.rmtree(data_dir / "gone-durable")
+        # As if these data directories had not been under the temp directory: durable data there
+        # gets a grace period (a moved data dir gets its cluster back by starting again).
+        monkeypatch.setattr(tempfile, "tempdir", "/nonexistent-tmp")
         home_cluster("next", durable=False)  # a new cluster collects the orphans
         assert not gone.exists()
         assert kept.is_dir()  # its data directory is still there
-        # Durable data gets a grace period (a moved data dir gets it back by starting again).
         assert (gone_durable / "orphaned-since").is_file()
-        record = json.loads((gone_durable / "owner.json").read_text())
-        assert record["durable"] is True
+        assert json.loads((gone_durable / "owner.json").read_text())["durable"] is True
+        # Under the temp directory, as they really are, durable or not: scratch, collected at once.
+        monkeypatch.undo()
+        home_cluster("next-again", durable=False)
+        assert not gone_durable.exists()
+        assert kept.is_dir()
     finally:
         shutil.rmtree(gone_durable, ignore_errors=True)
 
@@ -417,22 +429,30 @@ def test_valkey_refuses_clients_without_the_password(data_dir: Path, track: Any)
     password = (data_dir / "redis" / "valkey.password").read_text()
     assert url == f"redis://:{password}@127.0.0.1:{server.port}/0" and len(password) >= 40
 
-    with pytest.raises(redis.AuthenticationError):  # NOAUTH, or HELLO refused under RESP3
-        redis.Redis(port=server.port, socket_timeout=5).get("k")
-    with pytest.raises(redis.AuthenticationError, match=r"WRONGPASS|invalid"):
-        redis.Redis(port=server.port, password="wrong-" + password, socket_timeout=5).ping()
+    # RESP2, so that the server's own refusal comes back (under RESP3 redis-py's HELLO is refused
+    # first); no retries, which would only repeat it with backoff.
+    def client(**kwargs: Any) -> redis.Redis:
+        return redis.Redis(port=server.port, socket_timeout=5, retry=Retry(NoBackoff(), 0),
+                           protocol=2, **kwargs)
+
+    with pytest.raises(redis.AuthenticationError, match="Authentication required"):  # NOAUTH
+        client().get("k")
+    with pytest.raises(redis.AuthenticationError, match="invalid username-password"):  # WRONGPASS
+        client(password="wrong-" + password).ping()
+    assert client(password=password).ping()
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
         raw.sendall(b"*2\r\n$4\r\nKEYS\r\n$1\r\n*\r\n")
         assert raw.recv(100).startswith(b"-NOAUTH")
 
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    assert client.ping()
-    config: dict[bytes, bytes] = client.config_get("*")  # type: ignore[assignment]
+    authed = redis.Redis.from_url(url, socket_timeout=5)
+    assert authed.ping()
+    config = cast(dict[str, str], authed.config_get("*"))
     assert config["protected-mode"] == "yes"
     assert config["bind"] == "127.0.0.1"
     assert config["requirepass"] == password
     assert password not in cmdline(server.pid)
     server.stop()
+    assert password not in server.log_path.read_text()
 
 
 def test_valkey_files_are_private_and_restart_keeps_the_password(
@@ -496,7 +516,10 @@ def test_valkey_tightens_the_files_of_an_older_version(data_dir: Path, track: An
          "INVENTORY_REDIS_URL=redis://:***@127.0.0.1:1/0 is bad"),
         # nothing to hide
         ("postgresql://postgres@127.0.0.1:5432/db", "postgresql://postgres@127.0.0.1:5432/db"),
-        ("redis://127.0.0.1:6379/0 and mail me at a:b@c", "redis://127.0.0.1:6379/0 and mail me at a:b@c"),
+        ("redis://127.0.0.1:6379/0 and mail me at a:b@c",
+         "redis://127.0.0.1:6379/0 and mail me at a:b@c"),
+        # ambiguous: hide too much rather than too little
+        ("postgresql://u:pw@h/db?note=a@b", "postgresql://u:***@b"),
         ("no url here", "no url here"),
     ],
 )

@@ -210,7 +210,7 @@ async def test_tls_client_is_served_and_a_plaintext_client_is_not(
     port = tls_service.running.port
     async with tls_channel(pki, port) as ch:
         stub = api_grpc.InventoryServiceStub(ch)
-        loc, sku = await world(stub)  # an API key over TLS
+        _, sku = await world(stub)  # an API key over TLS
         got = await stub.GetAvailability(api.GetAvailabilityRequest(skus=[sku]),
                                          metadata=(("x-api-key", "k-tls-reader"),))
         assert got.items[0].total_on_hand == 7
