@@ -63,7 +63,10 @@ class Settings:
     health_port: int = 0  # a plaintext, health-only listener (kubelet probes); 0: none
     # Admission (docs/SECURITY.md): limits that hold before a request is decoded or worked on.
     max_message_bytes: int = 4 * 1024 * 1024
-    max_streams_per_connection: int = 100
+    # A client opening more streams than this before it has read the server's HTTP/2 settings
+    # has the rest refused (REFUSED_STREAM: UNAVAILABLE): a cap, but above any burst of a
+    # legitimate client.
+    max_streams_per_connection: int = 1_000
     max_connection_idle_s: float = 300.0
     max_connection_age_s: float = 1800.0
     max_connection_age_grace_s: float = 30.0

@@ -72,11 +72,6 @@ class ReservationService:
     async def close(self) -> None:
         await self.group.close()
 
-    def _ttl(self, field: str, ttl_s: int, v: val.Violations) -> int:
-        s = self.ctx.settings
-        val.validate_ttl(v, field, ttl_s, s.min_ttl_s, s.max_ttl_s)
-        return ttl_s or s.default_ttl_s
-
     def ttl_within_quota(self, principal: Principal, ttl_s: int) -> int:
         """The TTL of a (valid) request under the principal's max_ttl_s: asking for more is
         RESOURCE_EXHAUSTED; asking for none (0) gets the default, clamped to it."""
@@ -166,6 +161,10 @@ class ReservationService:
         v.raise_if_any()
         principal.require_locations([location_id])  # before telling whether it exists
         loc = await self.ctx.known_location(location_id)
+        if loc.type is LocationType.WAREHOUSE or not loc.active:
+            # about to refuse: not on a cache that may be behind another replica's change
+            await self.ctx.refresh_locations()
+            loc = self.ctx.location(location_id)
         # Walk-in sales happen at active stores: a warehouse has no shelf customers buy from.
         # Refused before any hold (Postgres refuses an inactive location too, but after one).
         if loc.type is LocationType.WAREHOUSE:

@@ -48,7 +48,7 @@ async def _reserved(erp: Client, owner: Client, qty: int = 3) -> tuple[str, str,
 def _not_found_view(err: grpc.aio.AioRpcError, res_id: str) -> tuple[object, ...]:
     """What a NOT_FOUND tells, with the id asked for taken out: it must not depend on whether
     the reservation exists."""
-    return (err.code(), err.details().replace(res_id, "<id>"),
+    return (err.code(), (err.details() or "").replace(res_id, "<id>"),
             tuple(str(d).replace(res_id, "<id>") for d in details(err)))
 
 
