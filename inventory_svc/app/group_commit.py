@@ -32,7 +32,13 @@ import asyncpg
 from prometheus_client import Histogram
 
 from inventory_svc.app.context import Context
-from inventory_svc.domain.errors import Aborted, DomainError, InsufficientStock, Unavailable
+from inventory_svc.domain.errors import (
+    Aborted,
+    DeadlineExceeded,
+    DomainError,
+    InsufficientStock,
+    Unavailable,
+)
 from inventory_svc.domain.model import Channel, Line, Reservation, ReservationStatus, StockLevel
 from inventory_svc.domain.rules import LockedStock, StockKey, check_can_take, check_capacity
 from inventory_svc.storage.pg import NewReservation, PgStore
@@ -52,6 +58,14 @@ GROUP_SIZE = Histogram("inventory_group_commit_calls", "Reservations per group c
 Answer = Any  # what the call returns (a Reservation, or `answer_of` it), a Replay, or an error
 
 
+@dataclass(slots=True)
+class Progress:
+    """How far a call got: once `sent`, its commit may have happened, so a call that gives up
+    after that cannot say "nothing was confirmed" (UNAVAILABLE) but "outcome unknown"."""
+
+    sent: bool = False
+
+
 @dataclass(eq=False, slots=True)
 class _Call:
     """One reservation call waiting for, or in, a group."""
@@ -68,6 +82,7 @@ class _Call:
     answer_of: Callable[[Reservation], Any] | None  # what the call returns for its reservation
     answer: asyncio.Future[Answer]
     owner: str  # the principal that makes the reservation
+    progress: Progress
     committed: list[StockLevel] = field(default_factory=list)  # its rows after the commit
     seen: list[StockLevel] = field(default_factory=list)  # the levels by which it was refused
 
@@ -109,6 +124,7 @@ class GroupCommitter:
         self, res_id: str, lines: Sequence[Line], channel: Channel, order_ref: str, ttl_s: int,
         idem: Idem | None, hold: Hold, deadline: float, shipping_from: Sequence[str] = (),
         answer_of: Callable[[Reservation], Any] | None = None, *, owner: str = "",
+        progress: Progress | None = None,
     ) -> Any:
         """Commit a held reservation with whatever other calls are going; its hold is forgotten
         or given back in Redis before it returns (or by its group, if the call gave up). Returns
@@ -116,7 +132,8 @@ class GroupCommitter:
         to `owner` and holds a shipment of the day at each of `shipping_from` (given back when
         it no longer holds units there: see ReservationService.release and expire_due)."""
         call = _Call(res_id, lines, channel, order_ref, ttl_s, idem, hold, deadline,
-                     shipping_from, answer_of, asyncio.get_running_loop().create_future(), owner)
+                     shipping_from, answer_of, asyncio.get_running_loop().create_future(), owner,
+                     progress or Progress())
         self._queue.append(call)
         self._start_groups()
         try:
@@ -154,6 +171,7 @@ class GroupCommitter:
                     rest.append(call)
                     continue
                 group.append(call)
+                call.progress.sent = True
                 if call.idem:
                     keys.add(call.idem.key)
             self._queue = rest
@@ -194,7 +212,12 @@ class GroupCommitter:
             else:
                 log.exception("group commit of %d reservations failed", len(group))
                 why = f"the commit failed: {exc!r}; retry"
-            kind = Aborted if isinstance(exc, Aborted) else Unavailable
+            kind: type[DomainError] = Aborted if isinstance(exc, Aborted) else Unavailable
+            if sent and kind is Unavailable:
+                # the COMMIT itself failed or timed out: it may have happened
+                kind, why = DeadlineExceeded, (
+                    "postgres did not confirm the commit: its outcome is unknown; retry with "
+                    "the same idempotency_key to learn it")
             # A failure during the commit itself leaves the outcome unknown: the hold records
             # stay, and the reconciler settles them by what Postgres says.
             try:

@@ -15,9 +15,10 @@ from typing import Any
 import asyncpg
 
 from inventory_svc.app.context import Context
-from inventory_svc.app.group_commit import GroupCommitter, reservation_event
+from inventory_svc.app.group_commit import GroupCommitter, Progress, reservation_event
 from inventory_svc.domain import validation as val
 from inventory_svc.domain.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     InsufficientStock,
     ResourceExhausted,
@@ -194,6 +195,7 @@ class ReservationService:
         # flight; the call itself gives up after hold_timeout_s, so no commit comes later.
         res_id = new_reservation_id()
         timeout_s = self.ctx.settings.hold_timeout_s
+        progress = Progress()
         try:
             async with asyncio.timeout(timeout_s) as deadline:
                 hold = await self._hold(lines, channel, idem, res_id)
@@ -204,9 +206,14 @@ class ReservationService:
                     assert when is not None
                     return await self.group.reserve(res_id, lines, channel, order_ref, ttl, idem,
                                                     hold, when, shipping_from, answer,
-                                                    owner=owner)
-                out = await self._sell(res_id, hold, lines, channel, order_ref, idem, owner)
+                                                    owner=owner, progress=progress)
+                out = await self._sell(res_id, hold, lines, channel, order_ref, idem, owner,
+                                       progress)
         except TimeoutError as exc:
+            if progress.sent:
+                raise DeadlineExceeded(
+                    f"postgres did not confirm the commit within {timeout_s:g}s: its outcome is "
+                    "unknown; retry with the same idempotency_key to learn it") from exc
             raise Unavailable(f"postgres did not commit within {timeout_s:g}s; retry") from exc
         if isinstance(out, Replay):
             return out
@@ -230,7 +237,7 @@ class ReservationService:
 
     async def _sell(
         self, res_id: str, hold: Hold, lines: Sequence[Line], channel: Channel, order_ref: str,
-        idem: Idem | None, owner: str,
+        idem: Idem | None, owner: str, progress: Progress,
     ) -> tuple[Settled, list[StockLevel]] | Replay:
         """A POS sale of held lines, in its own transaction: the result and the committed
         levels."""
@@ -261,7 +268,7 @@ class ReservationService:
                 result = Settled(res, tuple(moves))
                 await PgStore.add_outbox(u.conn, "RESERVATION", [_res_event(res)])
                 await u.remember(result)
-                sent_commit = True  # from here on a failure may come after the commit
+                sent_commit = progress.sent = True  # from here a failure may follow the commit
         except BaseException:
             # Give back only what Postgres surely did not take. A failure during the commit
             # itself leaves the outcome unknown: the record stays, and the reconciler settles it
