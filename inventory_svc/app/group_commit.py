@@ -171,7 +171,6 @@ class GroupCommitter:
                     rest.append(call)
                     continue
                 group.append(call)
-                call.progress.sent = True
                 if call.idem:
                     keys.add(call.idem.key)
             self._queue = rest
@@ -204,6 +203,8 @@ class GroupCommitter:
                 async with self.ctx.pg.unit(None) as unit:  # keys: claimed for all at once
                     answers = await self._decide(unit.conn, group)
                     sent = True  # from here on a failure may come after the commit
+                    for c in group:
+                        c.progress.sent = True
         except BaseException as exc:  # every call of the group hears it; nothing escapes
             if isinstance(exc, TimeoutError):
                 why = "postgres did not commit in time; retry"

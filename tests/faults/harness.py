@@ -237,8 +237,10 @@ async def make_world(stub: Stub, *, locations: int = 2, skus: int = 3, on_hand: 
 
 # ---- load that logs acknowledgements --------------------------------------------------------------
 # Business refusals (short stock) and "retry, nothing was confirmed": nothing else, ever.
+# DEADLINE_EXCEEDED: cut while its COMMIT was in flight, the outcome is unknown (not an ack)
 ALLOWED_DURING_FAULTS = {
     grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
