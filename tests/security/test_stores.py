@@ -29,7 +29,6 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from inventory_svc import embedded
 from inventory_svc.embedded import (
     PG_SYSTEM_HOME,
     PG_SYSTEM_USER,
@@ -37,6 +36,8 @@ from inventory_svc.embedded import (
     EmbeddedRedis,
     postgres_bin_dir,
 )
+from inventory_svc.embedded import postgres as embedded_postgres
+from inventory_svc.embedded.pg_system import _ensure_system_user
 from inventory_svc.redact import RedactingFilter, redact
 
 pytestmark = pytest.mark.skipif(
@@ -265,7 +266,7 @@ def test_postgres_upgrades_a_trust_cluster_made_by_an_older_version(
     # initdb --auth=trust, no password file, a log readable by all.
     spawn: dict[str, Any] = {}
     if IS_ROOT:
-        user = embedded._ensure_system_user(PG_SYSTEM_USER)
+        user = _ensure_system_user(PG_SYSTEM_USER)
         os.chown(data_dir, user.pw_uid, user.pw_gid)
         spawn = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
     bin_dir = postgres_bin_dir()
@@ -335,7 +336,7 @@ def test_a_private_copy_of_the_binaries_when_the_install_is_out_of_reach(
     libs = shipped.parent.parent / "embedded_postgres.libs"  # libpq of initdb, found via RPATH
     if libs.is_dir():
         shutil.copytree(libs, site / libs.name, symlinks=True)
-    monkeypatch.setattr(embedded, "postgres_bin_dir", lambda: install / "bin")
+    monkeypatch.setattr(embedded_postgres, "postgres_bin_dir", lambda: install / "bin")
     before = ancestor_modes(install / "bin" / "postgres")
     server = track(EmbeddedPostgres(data_dir / "pg", durable=False))
     pg_fetch(server.start(), "SELECT 1")
