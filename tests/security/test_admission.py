@@ -209,3 +209,39 @@ async def test_a_principal_over_its_rate_is_told_when_to_retry(stores: Stores,
         assert retry and retry[0].retry_delay.ToTimedelta().total_seconds() > 0
         for _ in range(10):  # one principal's rate is its own
             await calm.call(calm.inv.ListLocations, request)
+
+
+async def _left_ready(ch: grpc.aio.Channel) -> grpc.ChannelConnectivity:
+    """Waits (bounded by the hang guard) until a READY channel's connection goes away."""
+    state = ch.get_state()
+    assert state == grpc.ChannelConnectivity.READY, state
+    async with asyncio.timeout(HANG_GUARD_S):
+        while state == grpc.ChannelConnectivity.READY:
+            await ch.wait_for_state_change(state)
+            state = ch.get_state()
+    return state
+
+
+async def test_an_idle_connection_is_closed_by_the_service(stores: Stores, tmp_path: Path) -> None:
+    """An idle client holds no connection for long: the service closes it (max idle), and the
+    client reconnects on its next call (so clients also spread over replicas)."""
+    async with service_with(stores, tmp_path, [Entry("r", "reader", "k-r")],
+                            max_connection_idle_s=0.5) as svc, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}", options=OWN_CONNECTION) as ch:
+        reader = Client(ch, "k-r")
+        await reader.call(reader.inv.ListLocations, api.ListLocationsRequest(ids=["x"]))
+        assert await _left_ready(ch) != grpc.ChannelConnectivity.READY
+        await reader.call(reader.inv.ListLocations, api.ListLocationsRequest(ids=["x"]))
+
+
+async def test_a_client_pinging_too_often_is_sent_away(stores: Stores, tmp_path: Path) -> None:
+    """Keepalive enforcement: pings every 50 ms with no calls get the connection closed
+    (GOAWAY too_many_pings) instead of costing the service work forever."""
+    pinging = [*OWN_CONNECTION, ("grpc.keepalive_time_ms", 50),
+               ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.max_pings_without_data", 0)]
+    async with service_with(stores, tmp_path, [Entry("r", "reader", "k-r")]) as svc, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}", options=pinging) as ch:
+        reader = Client(ch, "k-r")
+        await reader.call(reader.inv.ListLocations, api.ListLocationsRequest(ids=["x"]))
+        assert await _left_ready(ch) != grpc.ChannelConnectivity.READY
