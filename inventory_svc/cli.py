@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from inventory_svc.config import ConfigError, Settings
+from inventory_svc.cpus import usable_cpus
 from inventory_svc.redact import RedactingFilter, redact
 
 DESCRIPTION = """\
@@ -27,16 +28,18 @@ class JsonLogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": self.formatTime(record), "level": record.levelname,
-                 "logger": record.name, "msg": record.getMessage()}
+                 "logger": record.name, "pid": record.process, "msg": record.getMessage()}
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
-def _configure_logging(settings: Settings) -> None:
+def _configure_logging(settings: Settings, worker: int | None = None) -> None:
     handler = logging.StreamHandler()
+    # the workers of `serve --workers N` share the supervisor's stderr: each line names its own
+    tag = "" if worker is None else f"[worker {worker} pid {os.getpid()}] "
     handler.setFormatter(JsonLogFormatter() if settings.log_format == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())  # no store password in any log line
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
 
@@ -46,13 +49,21 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("serve", help="run the gRPC service (embedded stores unless URLs are set)",
-                       description="Run the gRPC service until SIGTERM or Ctrl-C.")
+                       description="Run the gRPC service until SIGTERM or Ctrl-C: --workers "
+                                   "processes on the one port (default: one per usable CPU), "
+                                   "the embedded stores started once for all of them.")
     s.add_argument("--port", type=int, help="gRPC port (default: INVENTORY_PORT or 50051)")
     s.add_argument("--host", help="bind address (default: INVENTORY_HOST or 127.0.0.1)")
     s.add_argument("--data-dir", type=Path,
                    help="where embedded Redis/Postgres keep their data (default: .data)")
     s.add_argument("--demo", action="store_true",
                    help="load the demo network (Polish cities, 10k SKUs) if no locations exist")
+    s.add_argument("--workers", type=int,
+                   help="serving processes sharing the port (default: INVENTORY_WORKERS, or 0: "
+                        "one per CPU this process may use, cgroup quota included)")
+    # set by the supervisor on the workers it starts (inventory_svc/workers.py)
+    s.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
     m = sub.add_parser("migrate", help="apply database migrations and exit",
                        description="Apply pending Postgres migrations (safe to run concurrently).")
     m.add_argument("--data-dir", type=Path, help="embedded Postgres data dir when no URL is set")
@@ -67,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def demo_refusal(settings: Settings) -> str | None:
+    """Why `--demo` cannot load into this service, if it cannot."""
+    if settings.tls_cert or settings.api_keys or settings.principals_file:
+        return ("inventory-svc: --demo loads only into an open plaintext service; use "
+                "`inventory-svc demo-load --api-key ...`")
+    return None
+
+
 async def _serve(settings: Settings, demo: bool) -> None:
     import signal
 
@@ -79,9 +98,8 @@ async def _serve(settings: Settings, demo: bool) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with embedded_stores(settings) as resolved, serve(resolved) as running:
         if demo and not running.ctx.locations:
-            if resolved.tls_cert or resolved.api_keys or resolved.principals_file:
-                print("inventory-svc: --demo loads only into an open plaintext service; use "
-                      "`inventory-svc demo-load --api-key ...`", file=sys.stderr, flush=True)
+            if (refusal := demo_refusal(resolved)) is not None:
+                print(refusal, file=sys.stderr, flush=True)
             else:
                 await load_demo(f"127.0.0.1:{running.port}", sku_count=settings.demo_skus)
                 await running.ctx.refresh_locations()
@@ -89,6 +107,24 @@ async def _serve(settings: Settings, demo: bool) -> None:
               f"({len(running.ctx.locations)} locations); Ctrl-C to stop", flush=True)
         await stop.wait()
         print("inventory-svc: shutting down", flush=True)
+
+
+async def _serve_worker(settings: Settings, index: int, supervisor: int) -> None:
+    """One of `serve --workers N`'s processes: the stores are the supervisor's, the background
+    work runs while this worker leads (app/background.py), the demo is the supervisor's."""
+    import signal
+
+    from inventory_svc.app.background import leader_lock
+    from inventory_svc.server import serve
+    from inventory_svc.workers import leader_group, ready_line
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with serve(settings, background_lock=leader_lock(leader_group(supervisor))) as running:
+        print(ready_line(index, settings.host, running.port), flush=True)
+        await stop.wait()
 
 
 async def _migrate(settings: Settings) -> None:
@@ -107,13 +143,18 @@ async def _migrate(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        overrides = {k: getattr(args, k, None) for k in ("port", "host", "data_dir")}
+        overrides = {k: getattr(args, k, None) for k in ("port", "host", "data_dir", "workers")}
         settings = Settings.from_env(**overrides)
     except ConfigError as exc:
         print(f"inventory-svc: configuration error: {redact(str(exc))}", file=sys.stderr)
         return 2
-    _configure_logging(settings)
+    _configure_logging(settings, getattr(args, "worker", None))
     try:
+        if args.command == "serve" and args.worker is None and (
+                workers := settings.workers or usable_cpus()) > 1:
+            from inventory_svc.workers import supervise
+
+            return asyncio.run(supervise(settings, workers, demo=args.demo))
         if args.command == "serve":
             try:
                 import uvloop
@@ -121,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                 uvloop.install()
             except ImportError:
                 pass
-            asyncio.run(_serve(settings, args.demo))
+            if args.worker is not None:
+                asyncio.run(_serve_worker(settings, args.worker, args.supervisor or os.getppid()))
+            else:
+                asyncio.run(_serve(settings, args.demo))
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))
         else:

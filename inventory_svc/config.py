@@ -22,6 +22,9 @@ class Settings:
     data_dir: Path = Path(".data")
     host: str = "127.0.0.1"
     port: int = 50051
+    # Serving processes on the port (SO_REUSEPORT), each with its own event loop and pools;
+    # 0: one per CPU this process may use (affinity and cgroup quota, inventory_svc/cpus.py).
+    workers: int = 0
     metrics_port: int = 0  # 0: no metrics HTTP endpoint
     metrics_host: str = "127.0.0.1"  # metrics have their own bind address, loopback by default
     default_ttl_s: int = 900
@@ -75,6 +78,9 @@ class Settings:
     import_max_bytes: int = 512 * 1024 * 1024
     import_timeout_s: float = 600.0
     routing_concurrency: int = 2  # solver runs at once, each in a worker thread
+    # Overload: when the event loop runs more than this far behind, new calls are refused at
+    # once (RESOURCE_EXHAUSTED + RetryInfo) instead of queueing; 0 turns shedding off.
+    queue_budget_ms: float = 50.0
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one JSON object per line
     demo_skus: int = 10_000  # size of the network `serve --demo` loads
@@ -108,6 +114,8 @@ class Settings:
                 raise ConfigError(f"INVENTORY_{name.upper()}={value!r}: {rule}")
 
         need(0 < self.port < 65536 or self.port == 0, "port", self.port, "must be a TCP port")
+        need(self.workers >= 0, "workers", self.workers,
+             "must be >= 0 (0: one per usable CPU)")
         need(1 <= self.min_ttl_s <= self.default_ttl_s <= self.max_ttl_s, "default_ttl_s",
              self.default_ttl_s, "need 1 <= MIN_TTL_S <= DEFAULT_TTL_S <= MAX_TTL_S")
         need(self.max_lines >= 1, "max_lines", self.max_lines, "must be >= 1")
@@ -135,6 +143,7 @@ class Settings:
         for name in ("max_message_bytes", "max_streams_per_connection", "max_ids_per_read",
                      "import_max_rows", "import_max_bytes", "routing_concurrency"):
             need(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        need(self.queue_budget_ms >= 0, "queue_budget_ms", self.queue_budget_ms, "must be >= 0")
         for name in ("max_connection_idle_s", "max_connection_age_s",
                      "max_connection_age_grace_s", "import_timeout_s"):
             need(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")

@@ -33,7 +33,7 @@ from inventory_svc.config import Settings
 from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis
 from inventory_svc.storage.pg import PgStore
 from inventory_svc.storage.redis_stock import RedisStock
-from inventory_svc.transport.admission import AdmissionInterceptor, ListCaps
+from inventory_svc.transport.admission import AdmissionInterceptor, ListCaps, LoopLag
 from inventory_svc.transport.interceptors import MetricsInterceptor
 from inventory_svc.transport.inventory_servicer import InventoryServicer
 from inventory_svc.transport.principals import load_principals
@@ -97,7 +97,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.so_reuseport", 0),
+        # Several workers (serve --workers N) share the port and the kernel spreads new
+        # connections over them; one process alone must not silently share a port.
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ]
 
 
@@ -116,8 +118,11 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 @contextlib.asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[Running]:
-    """Run the service until the block exits, then shut it down in order."""
+async def serve(settings: Settings, *, background_lock: int | None = None
+                ) -> AsyncIterator[Running]:
+    """Run the service until the block exits, then shut it down in order. With
+    `background_lock` the sweeper and reconciler run only while this process holds that advisory
+    lock (one leader among the workers of `serve --workers N`: app/background.py)."""
     settings.validate()  # e.g. refuses a non-loopback address with neither TLS nor principals
     pg = await PgStore.connect(settings.database_url, min_size=settings.pg_pool_min,
                                max_size=settings.pg_pool_max, timeout_s=settings.pg_timeout_s)
@@ -140,8 +145,10 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
             log.warning("no principals configured: every caller acts as admin; serving "
                         "%s only because it is a loopback address (or INVENTORY_ALLOW_INSECURE)",
                         settings.host)
+        loop_lag = LoopLag()
         admission = AdmissionInterceptor(
-            registry, mtls=bool(settings.tls_client_ca),
+            registry, mtls=bool(settings.tls_client_ca), loop_lag=loop_lag,
+            queue_budget_s=settings.queue_budget_ms / 1000,
             caps=ListCaps(lines=settings.max_lines, skus=settings.max_skus_per_read,
                           ids=settings.max_ids_per_read, rows=settings.import_max_rows),
             max_in_flight=settings.max_concurrent_rpcs)
@@ -172,7 +179,9 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
             await probes.start()
         await server.start()
 
-        background = asyncio.create_task(run_background(ctx, reservations, reconciler))
+        background = asyncio.create_task(
+            run_background(ctx, reservations, reconciler, lock=background_lock))
+        lag_watch = asyncio.create_task(loop_lag.run())
         # What start-up built (modules, compiled kernels, the location cache) lives as long as
         # the process: out of the cyclic collector's sight, its full collections stay short.
         gc.freeze()
@@ -189,8 +198,11 @@ async def serve(settings: Settings) -> AsyncIterator[Running]:
                 await probes.stop(0)
             await reservations.close()
             background.cancel()
+            lag_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await background
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag_watch
     finally:
         await redis.close()
         await pg.close()

@@ -24,12 +24,23 @@ default itself (durable embedded Valkey + PostgreSQL, `inventory-svc serve --dem
 find-max (default): per scenario a saturated closed-loop step (--concurrency users) gives the
 maximum; open-loop steps at --fractions of it follow (the 70 % step is where p99 is judged).
 Writes benchmarks/out/<timestamp>/{result.json,report.md,*.png} (or --out).
+
+--peer also starts the Postgres-only peer (benchmarks/peer: the same protos, one conditional
+UPDATE per Reserve) on its own database of the same Postgres, loads it by the same calls, and
+measures ours and the peer in alternating rounds (--rounds, 3 by default with --peer); the
+report gives every figure as the median over the rounds and as ratios ours / peer and to echo.
+The peer runs availability, reserve, cart, flash-sale and flash-hot; other scenarios run on ours.
+--store-latency postgres=1ms,redis=0.2ms puts a latency proxy between each service and its stores
+(one-way delay, added each way: 1ms is a 2 ms longer round trip); the report names the profile.
+Both need the stack the harness starts (no --target).
 """
 
 EPILOG = f"""scenarios: {", ".join(ALL_SCENARIOS)}
 examples:
   inventory-bench                                   # everything, a few minutes
   inventory-bench --scenarios reserve,route --profile reserve,route
+  inventory-bench --peer --scenarios reserve,flash-sale,flash-hot,cart,availability --fractions 0.7
+  inventory-bench --peer --store-latency postgres=1ms,redis=0.2ms --scenarios reserve,flash-hot
   inventory-bench --target 127.0.0.1:50051 --database-url postgresql://postgres@127.0.0.1:5432/inventory \\
       --mode open --rate 500 --scenarios mixed --no-anchors
 """
@@ -90,6 +101,18 @@ def parser() -> argparse.ArgumentParser:
     a("--idle-wait", type=float, default=d.idle_wait_s,
       help="before each step wait up to S seconds for other work on the box to calm down")
     a("--poisson", action="store_true", help="open loop: Poisson arrivals, not evenly spaced")
+    a("--peer", action="store_true",
+      help="measure the Postgres-only peer too, in alternating rounds (harness's own stack)")
+    a("--rounds", type=int, default=d.rounds,
+      help="rounds of every scenario, medians reported (default: 3 with --peer, else 1)")
+    a("--peer-pool", type=int, default=d.peer_pool,
+      help="the peer's Postgres connections per worker (default %(default)s)")
+    a("--peer-workers", type=int, default=d.peer_workers,
+      help="the peer's processes (default: as many as `inventory-svc serve` runs)")
+    a("--peer-outbox", action="store_true",
+      help="the peer also writes the RESERVATION outbox events ours writes")
+    a("--store-latency", default=d.store_latency, metavar="PROFILE",
+      help="one-way delay to the stores, e.g. postgres=1ms,redis=0.2ms (default: localhost)")
     a("--profile", default="", help="scenarios whose saturated step py-spy samples in the service")
     a("--out", type=Path, help="output directory (default benchmarks/out/<timestamp>)")
     a("--data-dir", type=Path, help="data of the embedded servers (default: a temporary dir)")
@@ -114,8 +137,10 @@ def config_from(args: argparse.Namespace, argv: list[str]) -> BenchConfig:
         flash_duration_s=args.flash_duration, max_outstanding=args.max_outstanding,
         noise_retries=args.noise_retries, noise_threshold_pct=args.noise_threshold,
         idle_wait_s=args.idle_wait, settle_s=args.settle,
-        poisson=args.poisson, profile=_csv(args.profile), out_dir=args.out, data_dir=args.data_dir,
-        progress=not args.quiet, uvloop=not args.no_uvloop,
+        poisson=args.poisson, peer=args.peer, rounds=args.rounds, peer_pool=args.peer_pool,
+        peer_workers=args.peer_workers, peer_outbox=args.peer_outbox,
+        store_latency=args.store_latency, profile=_csv(args.profile), out_dir=args.out,
+        data_dir=args.data_dir, progress=not args.quiet, uvloop=not args.no_uvloop,
         command=shlex.join(["inventory-bench", *argv]))
 
 
@@ -134,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     print((out / "report.md").read_text())
     print(f"written: {out / 'result.json'}, {out / 'report.md'}"
           + "".join(f", {out / p}" for p in result.get("plots", [])))
-    return 1 if result["invariants"].get("ok") is False else 0
+    peer_ok = result.get("peer", {}).get("invariants", {}).get("ok")
+    return 1 if result["invariants"].get("ok") is False or peer_ok is False else 0
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ class Plan:
     max_outstanding: int = 1000  # open loop, per worker
     poisson: bool = False
     params: dict[str, Any] = field(default_factory=dict)
+    target: str = ""  # the service this phase drives ("": the pool's own target)
 
 
 def _cpu_s() -> float:
@@ -87,6 +88,7 @@ async def _worker(wid: int, init: dict[str, Any], cmd_q: Any, out_q: Any) -> Non
             if plan is None:
                 return
             try:
+                env.target = plan.target or init["target"]
                 scenario = registry[plan.scenario](env, plan.params)
                 await scenario.setup()
                 try:

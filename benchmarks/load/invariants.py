@@ -29,8 +29,10 @@ LEFT JOIN held h ON h.sku = s.sku AND h.location_id = s.location_id
 async def check(database_url: str, *, redis_url: str | None = None,
                 redis_skus: Sequence[str] = (), flash: Sequence[tuple[str, str]] = (),
                 flash_units: int = 0, flash_ok: int | None = None,
+                flash_runs: Sequence[dict[str, Any]] = (),
                 settle_s: float = 5.0) -> dict[str, Any]:
-    """Check I1-I3 over every stock row (I4 for `redis_skus`, the flash sale if given)."""
+    """Check I1-I3 over every stock row (I4 for `redis_skus`, the flash sale if given, and each
+    of `flash_runs`: {"label", "hot": [(sku, location)], "units_each", "ok_answers"})."""
     import asyncpg
 
     conn = await asyncpg.connect(database_url)
@@ -54,18 +56,14 @@ async def check(database_url: str, *, redis_url: str | None = None,
     }
     by_key = {(r["sku"], r["location_id"]): r for r in rows}
     if flash:
-        reserved = sum(by_key[k]["reserved"] for k in flash if k in by_key)
-        on_hand = sum(by_key[k]["on_hand"] for k in flash if k in by_key)
-        expected = flash_units * len(flash)
-        out["flash_sale"] = {
-            "units_on_sale": expected, "on_hand": on_hand, "reserved": reserved,
-            "ok_answers": flash_ok,
-            # never more OKs than units held, never more held than on hand, nothing lost
-            "ok": reserved <= on_hand == expected and (flash_ok is None or flash_ok <= reserved),
-            # the expected outcome when demand exceeds supply: every unit sold, each to one OK
-            "exact": flash_ok == reserved == on_hand,
-        }
+        out["flash_sale"] = _flash(by_key, flash, flash_units, flash_ok)
         out["ok"] = out["ok"] and out["flash_sale"]["ok"]
+    if flash_runs:
+        out["flash_sales"] = [
+            {"label": run.get("label", ""), **_flash(by_key, [tuple(x) for x in run["hot"]],
+                                                     run["units_each"], run.get("ok_answers"))}
+            for run in flash_runs]
+        out["ok"] = out["ok"] and all(f["ok"] for f in out["flash_sales"])
     if redis_url and redis_skus:
         first = await _redis_vs_pg(redis_url, redis_skus, by_key)
         if first["differs"] and settle_s > 0:
@@ -79,6 +77,22 @@ async def check(database_url: str, *, redis_url: str | None = None,
             first["persisting_examples"] = again.get("redis", {}).get("examples", [])
         out["redis"] = first
     return out
+
+
+def _flash(by_key: dict[tuple[str, str], Any], hot: Sequence[tuple[str, str]], units_each: int,
+           ok_answers: int | None) -> dict[str, Any]:
+    """One flash sale: units reserved = units put on sale = OK answers."""
+    reserved = sum(by_key[k]["reserved"] for k in hot if k in by_key)
+    on_hand = sum(by_key[k]["on_hand"] for k in hot if k in by_key)
+    expected = units_each * len(hot)
+    return {
+        "units_on_sale": expected, "on_hand": on_hand, "reserved": reserved,
+        "ok_answers": ok_answers,
+        # never more OKs than units held, never more held than on hand, nothing lost
+        "ok": reserved <= on_hand == expected and (ok_answers is None or ok_answers <= reserved),
+        # the expected outcome when demand exceeds supply: every unit sold, each to one OK
+        "exact": ok_answers == reserved == on_hand,
+    }
 
 
 async def _redis_vs_pg(url: str, skus: Sequence[str],

@@ -73,12 +73,16 @@ def evaluate(result: dict[str, Any]) -> dict[str, Any]:
     inv = result.get("invariants") or {}
     out: dict[str, Any] = {"throughput": throughput, "p99_at_70pct": latency,
                            "invariants_ok": inv.get("ok")}
-    if "flash-sale" in scen:
-        fs = inv.get("flash_sale") or {}
-        p99 = scen["flash-sale"]["steps"][0]["rpcs"].get("Reserve", {}).get("p99_ms")
-        out["flash_sale"] = {"oversold": 0 if fs.get("ok") else None, "exact": fs.get("exact"),
-                             "p99_ms": p99, "pass": bool(fs.get("ok")) and p99 is not None
-                             and p99 <= P99_TARGET_MS}
+    for name in ("flash-sale", "flash-hot"):
+        if name not in scen:
+            continue
+        fs = inv.get("flash_sale") or {} if name == "flash-sale" else {}
+        if runs := [f for f in inv.get("flash_sales", []) if f["label"].startswith(name + " ")]:
+            fs = {"ok": all(f["ok"] for f in runs), "exact": all(f["exact"] for f in runs)}
+        p99 = scen[name]["steps"][0]["rpcs"].get("Reserve", {}).get("p99_ms")
+        out[name.replace("-", "_")] = {
+            "oversold": 0 if fs.get("ok") else None, "exact": fs.get("exact"), "p99_ms": p99,
+            "pass": bool(fs.get("ok")) and p99 is not None and p99 <= P99_TARGET_MS}
     return out
 
 
@@ -130,6 +134,59 @@ def step_table(s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def versus_section(result: dict[str, Any]) -> list[str]:
+    """Ours against the Postgres-only peer: medians over the rounds, ratios, the proxy's cost."""
+    v = result.get("versus")
+    if not v:
+        return []
+    systems = v["systems"]
+    peer = "peer" in systems
+    out = [f"## Ours vs the Postgres-only peer — profile `{v['profile']}`, medians of "
+           f"{v['rounds']} rounds" if peer else
+           f"## Medians of {v['rounds']} rounds — profile `{v['profile']}`", ""]
+    if peer:
+        p = result.get("peer", {})
+        out += [f"Peer: benchmarks/peer ({p.get('workers')} workers x {p.get('pool_size')} "
+                f"connections{', outbox' if p.get('outbox') else ''}), database "
+                f"`{p.get('database')}` on the same Postgres; rounds alternate which system goes "
+                f"first. Echo max {_f(v.get('echo_per_s'), 0)}/s. Ratio = ours / peer (higher "
+                "is better for throughput, lower for latency and CPU).", ""]
+    head = "| scenario | figure | ours |" + (" peer | ours ÷ peer | target |" if peer else "") \
+        + " ours ÷ echo |" + (" peer ÷ echo |" if peer else "") + " rounds |"
+    out += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in v["rows"]:
+        nd = 0 if r["better"] == "higher" or r["metric"] == "units sold" else 2
+        cells = [r["scenario"], r["metric"], _f(r.get("ours"), nd)]
+        if peer:
+            verdict = ""
+            if "target" in r:
+                verdict = f"≥ {r['target']:g}: {'pass' if r['pass'] else 'miss'}"
+            cells += [_f(r.get("peer"), nd), _ratio(r.get("ratio")), verdict]
+        cells.append(_ratio(r.get("ours_to_echo")))
+        if peer:
+            cells.append(_ratio(r.get("peer_to_echo")))
+        rounds = "; ".join(", ".join(_f(x, nd) for x in r["rounds"].get(sy, [])) for sy in systems)
+        cells.append(rounds)
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    if v.get("proxy"):
+        out += ["Latency proxy at each saturated step (its CPU is not counted as the system's; "
+                "late p99: how much later than due the 99th percentile chunk left, 25 µs buckets):",
+                "", "| scenario | system | round | proxy CPU % of a core | proxy CPU ms/op "
+                "| chunks per op | late p99 µs |", "|---|---|---|---|---|---|---|"]
+        for x in v["proxy"]:
+            chunks = ", ".join(f"{k} {c}" for k, c in x["chunks_per_op"].items() if c is not None)
+            late = ", ".join(f"{k} {c:g}" for k, c in x["late_p99_us"].items() if c is not None)
+            out.append(f"| {x['scenario']} | {x['system']} | {x['round']} | {x['cpu_pct']:.1f} | "
+                       f"{_f(x['cpu_ms_per_op'], 3)} | {chunks or '—'} | {late or '—'} |")
+        out.append("")
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     m, t = result["meta"], result.get("targets", {})
     mc = m["machine"]
@@ -144,19 +201,32 @@ def markdown(result: dict[str, Any]) -> str:
            f"per step after {cfg['warmup_s']:g} s warm-up; Zipf s={cfg['knobs']['zipf_s']} over "
            f"{m.get('universe', {}).get('skus')} SKUs; routing over "
            f"{m.get('universe', {}).get('route_locations')} locations; run {m.get('elapsed_s')} s.",
-           ""]
+           "",
+           f"Store latency profile: **{m.get('profile', 'localhost')}**"
+           + (" (one-way delay added each way between each service and its store by a latency "
+              "proxy)" if m.get("profile", "localhost") != "localhost" else "")
+           + f"; {m.get('rounds', 1)} round(s)"
+           + (f"; Postgres-only peer at {m['peer']['target']}" if m.get("peer") else "") + ".",
+           "", *versus_section(result)]
     if result["anchors"]:
         out += ["## Anchors (same run, same box)", ""]
         for name, a in result["anchors"].items():
             out += [f"### {name}: max {a['max_ops_per_s']:,.0f} ops/s "
                     f"({', '.join(f'{k} {v:,.0f}/s' for k, v in a['max_rpc_per_s'].items())})", ""]
             out += [*step_table(a), ""]
+    peer = result.get("peer", {}).get("scenarios", {})
     for name, s in result["scenarios"].items():
-        out += [f"## Scenario `{name}`: max {s['max_ops_per_s']:,.0f} operations/s", ""]
-        out += [*step_table(s), ""]
-        if s["steps"] and (po := s["steps"][0].get("per_op")):
-            out += [f"Store work per operation in the first step (background tasks included): "
-                    f"{per_op_text(po)}.", ""]
+        for who, summary in (("", s), ("peer: ", peer.get(name))):
+            if summary is None:
+                continue
+            rd = f" (round {summary['reported_round']}, the median)" \
+                if "reported_round" in summary and len(summary["max_ops_per_s_by_round"]) > 1 else ""
+            out += [f"## {who.capitalize()}Scenario `{name}`: max {summary['max_ops_per_s']:,.0f} "
+                    f"operations/s{rd}", ""]
+            out += [*step_table(summary), ""]
+            if summary["steps"] and (po := summary["steps"][0].get("per_op")):
+                out += [f"Store work per operation in the first step (background tasks included): "
+                        f"{per_op_text(po)}.", ""]
     if t.get("throughput"):
         out += ["## Throughput against the anchors", "",
                 "| RPC | measured by | max OK/s | echo max/s | ratio to echo | target | verdict "
@@ -199,6 +269,7 @@ def markdown(result: dict[str, Any]) -> str:
         if fs := inv.get("flash_sale"):
             out.append(f"Flash sale: {fs['units_on_sale']} units on sale, {fs['reserved']} reserved, "
                        f"{fs['ok_answers']} OK answers (exact: {fs['exact']}).")
+        out += flash_lines(inv)
         if rd := inv.get("redis"):
             out.append(f"Redis vs Postgres (I4, informational): {rd['rows_compared']:,} rows compared, "
                        f"{rd['differs']} differ, {rd['more_available_than_pg']} show more available "
@@ -206,9 +277,21 @@ def markdown(result: dict[str, Any]) -> str:
                        + (f"; {rd['persisting']} still differ {rd['persisting_after_s']:g} s later"
                           if "persisting" in rd else "") + ".")
     out.append("")
+    if pinv := result.get("peer", {}).get("invariants"):
+        out += ["## Invariant check of the peer's database", "",
+                f"**{'PASS' if pinv['ok'] else 'FAIL'}** — {pinv['stock_rows']:,} stock rows, "
+                f"{pinv['movements']:,} ledger rows, reservations {pinv['reservations']}: "
+                f"oversold (I1) {pinv['oversold']}, reserved ≠ Σ ACTIVE lines (I2) "
+                f"{pinv['reserved_mismatch']}, on_hand ≠ Σ ledger (I3) {pinv['ledger_mismatch']}.",
+                *flash_lines(pinv), ""]
     for name, s in result["scenarios"].items():
         out += profile_section(name, s)
     return "\n".join(out) + "\n"
+
+
+def flash_lines(inv: dict[str, Any]) -> list[str]:
+    return [f"{f['label']}: {f['units_on_sale']} units on sale, {f['reserved']} reserved, "
+            f"{f['ok_answers']} OK answers (exact: {f['exact']})." for f in inv.get("flash_sales", [])]
 
 
 def profile_section(name: str, s: dict[str, Any]) -> list[str]:

@@ -1,9 +1,12 @@
 """One benchmark run, start to end: the programmatic entry `run_bench(BenchConfig) -> result`.
 
-Order: start the stack (or take the address) and the echo server → discover the network, restock
-→ spawn the workers → anchors (echo, EVALSHA, Postgres tx) → scenarios (find-max: a saturated
+Order: start the stack (or take the address; with --peer the Postgres-only peer too, with
+--store-latency a latency proxy in front of the stores) and the echo server → discover the
+network, load the peer the same way, restock → spawn the workers → anchors (echo, EVALSHA,
+Postgres tx) → rounds of the scenarios, ours and the peer alternating (find-max: a saturated
 closed-loop step gives the maximum, then open-loop steps at fractions of it; the 70 % step is what
-the p99 target reads) → flash sale → invariant check → result.json and plots.
+the p99 target reads; flash sales on fresh SKUs) → invariant checks (ours, the peer's) →
+medians and ratios → result.json and plots.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.load import anchors, invariants, probes, profile, stack
+from benchmarks.load import anchors, invariants, latency_proxy, probes, profile, stack
 from benchmarks.load.generator import Plan, WorkerPool
+from benchmarks.load.latency_proxy import ProxyProcess
 from benchmarks.load.scenarios import SCENARIOS, Knobs
 from benchmarks.load.stats import PhaseStats, summarize_rpc
 
@@ -70,6 +74,15 @@ class BenchConfig:
     idle_wait_s: float = 0.0  # before each step, wait up to this long for other work to calm down
     settle_s: float = 2.0  # pause after a saturated step, so its backlog does not leak into the next
     poisson: bool = False
+    # the Postgres-only peer (benchmarks/peer), measured in the same run in alternating rounds
+    peer: bool = False
+    rounds: int = 0  # rounds of every scenario; 0: 3 with the peer, else 1 (medians over rounds)
+    peer_pool: int = 16  # the peer's Postgres connections per worker
+    peer_workers: int = 0  # the peer's processes; 0: as many as `inventory-svc serve` runs
+    peer_outbox: bool = False  # the peer also writes the RESERVATION outbox events ours writes
+    # one-way delay added each way between each service and its stores ("postgres=1ms,
+    # redis=0.2ms"; "": localhost), by a latency proxy (benchmarks/load/latency_proxy.py)
+    store_latency: str = ""
     profile: list[str] = field(default_factory=list)  # scenarios whose saturated step py-spy samples
     out_dir: Path | None = None
     data_dir: Path | None = None
@@ -93,15 +106,28 @@ def _machine() -> dict[str, Any]:
 
 
 class _Run:
+    """Runs steps on the worker pool against the system measured now (`system`: "ours" or
+    "peer"), with that system's store probe, profile target and share of the proxy."""
+
     def __init__(self, cfg: BenchConfig, pool: WorkerPool, sampler: stack.CpuSampler, out: Path,
-                 pids: dict[str, int], probe: probes.StoreProbe) -> None:
+                 pids: dict[str, int], probe: probes.StoreProbe, *,
+                 targets: dict[str, str] | None = None,
+                 system_probes: dict[str, probes.StoreProbe] | None = None,
+                 proxy: ProxyProcess | None = None) -> None:
         self.cfg, self.pool, self.sampler, self.out, self.pids = cfg, pool, sampler, out, pids
         self.probe = probe
+        self.targets = targets or {}
+        self.system_probes = system_probes or {}
+        self.proxy = proxy
+        self.system = "ours"
 
     def plan(self, label: str, scenario: str, mode: str, **kw: Any) -> Plan:
         c = self.cfg
         base: dict[str, Any] = dict(duration_s=c.duration_s, warmup_s=c.warmup_s, drain_s=c.drain_s,
-                                    max_outstanding=c.max_outstanding, poisson=c.poisson)
+                                    max_outstanding=c.max_outstanding, poisson=c.poisson,
+                                    target=self.targets.get(self.system, ""))
+        if self.system != "ours":
+            label = f"{self.system}: {label}"
         base.update(kw)
         return Plan(label=label, scenario=scenario, mode=mode, **base)
 
@@ -135,16 +161,23 @@ class _Run:
     def _phase_once(self, plan: Plan, profile_as: str | None) -> dict[str, Any]:
         waited = self._wait_idle() if self.cfg.idle_wait_s > 0 else 0.0
         prof = None
-        raw = self.out / f"profile-{profile_as}.txt"
-        if profile_as and "service" in self.pids:
-            prof = profile.start(self.pids["service"], raw, plan.warmup_s + plan.duration_s)
-        stores0 = self.probe.snapshot()
+        own = "service" if self.system == "ours" else self.system  # the process to profile
+        prefix = "" if self.system == "ours" else f"{self.system}-"
+        raw = self.out / f"profile-{prefix}{profile_as}.txt"
+        if profile_as and own in self.pids:
+            prof = profile.start(self.pids[own], raw, plan.warmup_s + plan.duration_s)
+        probe = self.system_probes.get(self.system, self.probe)
+        stores0 = probe.snapshot()
+        proxy0 = self.proxy.stats() if self.proxy else None
         cpu0, t0 = self.sampler.snapshot(), time.monotonic()
         stats = self.pool.run(plan)
         wall = time.monotonic() - t0
         cpu1 = self.sampler.snapshot()
         out = summarize_phase(plan, stats)
-        out["per_op"] = probes.per_op(stores0, self.probe.snapshot(), stats.all_ops)
+        out["system"] = self.system
+        out["per_op"] = probes.per_op(stores0, probe.snapshot(), stats.all_ops)
+        if self.proxy is not None and proxy0 is not None:
+            out["proxy"] = latency_proxy.stats_delta(proxy0, self.proxy.stats(), stats.all_ops, wall)
         used = {k: 100 * (cpu1[k] - cpu0[k]) / wall for k in cpu1 if k in cpu0}
         box = used.pop("_box_busy", 0.0)
         out["steal_pct"] = round(used.pop("_steal", 0.0), 1)
@@ -217,34 +250,79 @@ def scenario_summary(scenario: str, rpcs: tuple[str, ...], steps: list[dict[str,
             "at_70pct": at70[0] if at70 else None}
 
 
-def _run_flash(run: _Run, target: str, run_id: str, warehouses: list[str]) -> dict[str, Any]:
+FLASH_SCENARIOS = ("flash-sale", "flash-hot")
+# what the Postgres-only peer implements (benchmarks/peer): the others run on ours only
+PEER_SCENARIOS = ("availability", "reserve", "cart", *FLASH_SCENARIOS)
+
+
+def _run_flash(run: _Run, name: str, target: str, tag: str,
+               warehouses: list[str]) -> dict[str, Any]:
+    """A flash sale on fresh hot SKUs: `flash-sale` spreads the units over --flash-skus SKUs,
+    `flash-hot` puts them all on one."""
     c = run.cfg
+    n_skus, units = (c.flash_skus, c.flash_units) if name == "flash-sale" \
+        else (1, c.flash_skus * c.flash_units)
     where = "WH-WAW" if "WH-WAW" in warehouses else warehouses[0]
-    hot = asyncio.run(stack.setup_flash(target, run_id, where, c.flash_skus, c.flash_units))
-    phase = run.phase(run.plan("flash-sale", "flash-sale", "closed", users=c.flash_users,
+    hot = asyncio.run(stack.setup_flash(target, tag, where, n_skus, units))
+    phase = run.phase(run.plan(name, name, "closed", users=c.flash_users,
                                think_s=c.flash_think_s, ramp_s=1.0, warmup_s=0.0,
                                drain_s=max(c.drain_s, 10.0),  # count every attempt, cancel none
                                duration_s=c.flash_duration_s, params={"flash": hot}),
-                      profile_as="flash-sale" if "flash-sale" in c.profile else None, retry=False)
+                      profile_as=name if name in c.profile else None, retry=False)
     phase["fraction"] = None
     res = phase["rpcs"].get("Reserve", {})
-    out = scenario_summary("flash-sale", ("Reserve",), [phase])
-    out.update(hot=hot, units_each=c.flash_units, users=c.flash_users, think_s=c.flash_think_s,
+    out = scenario_summary(name, ("Reserve",), [phase])
+    out.update(hot=hot, units_each=units, users=c.flash_users, think_s=c.flash_think_s,
                reserve_ok=res.get("ok", 0), reserve_errors=res.get("errors", {}))
     return out
 
 
+def _measure(run: _Run, name: str, target: str, tag: str, warehouses: list[str]) -> dict[str, Any]:
+    """One scenario on the system `run` measures now."""
+    cfg = run.cfg
+    rpcs = SCENARIOS[name].rpcs
+    if name in FLASH_SCENARIOS:
+        return _run_flash(run, name, target, tag, warehouses)
+    if cfg.mode == "find-max":
+        return run.find_max(name, {}, rpcs)
+    kw: dict[str, Any] = {"users": cfg.concurrency} if cfg.mode == "closed" else {"rate": cfg.rate}
+    plan = run.plan(f"{name} {cfg.mode}", name, cfg.mode, **kw)
+    step = run.phase(plan, profile_as=name if name in cfg.profile else None)
+    step["fraction"] = None
+    return scenario_summary(name, rpcs, [step])
+
+
+def _median_round(summaries: list[dict[str, Any]]) -> int:
+    """The round whose maximum is the median of the rounds' (the lower middle one)."""
+    order = sorted(range(len(summaries)), key=lambda i: summaries[i]["max_ops_per_s"])
+    return order[(len(order) - 1) // 2]
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Run the benchmark; write result.json (and PNG plots) into cfg.out_dir; return the result."""
+    """Run the benchmark; write result.json (and PNG plots) into cfg.out_dir; return the result.
+
+    With `peer`, ours and the Postgres-only peer are measured in alternating rounds (ours first
+    in odd rounds, the peer first in even ones), scenario by scenario; every figure's median
+    over the rounds goes into result["versus"] with its ratio ours / peer."""
+    from benchmarks.load import versus
+
     unknown = [s for s in cfg.scenarios if s not in ALL_SCENARIOS]
     if unknown:
         raise ValueError(f"unknown scenario(s) {unknown}; choose from {ALL_SCENARIOS}")
+    delays = latency_proxy.parse_profile(cfg.store_latency)
+    if cfg.target is not None and (cfg.peer or delays):
+        raise ValueError("--peer and --store-latency need the stack the harness starts itself "
+                         "(no --target)")
+    rounds = cfg.rounds if cfg.rounds > 0 else (3 if cfg.peer else 1)
     started = dt.datetime.now(dt.UTC)
     out = cfg.out_dir or Path("benchmarks/out") / started.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     run_id = f"b{secrets.token_hex(3)}"
     meta: dict[str, Any] = {"date": started.isoformat(timespec="seconds"), "command": cfg.command,
-            "run_id": run_id, "machine": _machine(), "config": _config_dict(cfg)}
+            "run_id": run_id, "machine": _machine(), "config": _config_dict(cfg),
+            "profile": latency_proxy.profile_label(delays),
+            "store_latency_one_way_ms": {k: v * 1e3 for k, v in delays.items()},
+            "rounds": rounds}
     result: dict[str, Any] = {"meta": meta, "anchors": {}, "scenarios": {}}
     local: stack.LocalStack | None = None
     echo_proc = None
@@ -253,11 +331,20 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         db: str | None
         redis: str | None
         if cfg.target is None:
-            local = stack.LocalStack(skus=cfg.skus, log_dir=out, data_dir=cfg.data_dir)
+            local = stack.LocalStack(
+                skus=cfg.skus, log_dir=out, data_dir=cfg.data_dir, latency=delays,
+                peer=stack.PeerOptions(pool_size=cfg.peer_pool, workers=cfg.peer_workers,
+                                       outbox=cfg.peer_outbox) if cfg.peer else None)
             local.start()
             target, db, redis = local.target, local.database_url, local.redis_url
         else:
             target, db, redis = cfg.target, cfg.database_url, cfg.redis_url
+        systems = {"ours": target}
+        if local is not None and local.peer_target:
+            systems["peer"] = local.peer_target
+            meta["peer"] = {"target": local.peer_target, "workers": local.peer_workers,
+                            "pool_size": cfg.peer_pool, "outbox": cfg.peer_outbox,
+                            "database": stack.PEER_DATABASE}
         pids = local.pids() if local else {}
         echo_target = None
         if cfg.anchors:
@@ -270,17 +357,29 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                             "stores": len(universe.stores),
                             "route_locations": len(universe.warehouses) + len(universe.stores)
                             - len(universe.route_excluded)}
+        if "peer" in systems:
+            # the same data by the same calls our service loaded it with (`serve --demo`)
+            from inventory_svc.demo import load_demo
+
+            asyncio.run(load_demo(systems["peer"], sku_count=cfg.skus))
         if cfg.restock:
-            meta["restocked_rows"] = asyncio.run(stack.restock(
-                target, universe, warehouse_units=cfg.warehouse_units, store_units=cfg.store_units,
-                key=f"{run_id}-restock"))
+            for system, addr in systems.items():
+                rows = asyncio.run(stack.restock(
+                    addr, universe, warehouse_units=cfg.warehouse_units,
+                    store_units=cfg.store_units, key=f"{run_id}-restock-{system}"))
+                meta["restocked_rows"] = rows
         if cfg.unlimited_capacity if cfg.unlimited_capacity is not None else local is not None:
             asyncio.run(stack.unlimited_capacity(target))
             meta["unlimited_capacity"] = True
         pool = WorkerPool(cfg.workers, {
             "run_id": run_id, "seed": cfg.seed, "universe": universe, "knobs": cfg.knobs,
             "target": target, "channels": cfg.channels, "uvloop": cfg.uvloop}, progress=cfg.progress)
-        run = _Run(cfg, pool, stack.CpuSampler(pids), out, pids, probes.StoreProbe(redis, db))
+        system_probes = {"ours": probes.StoreProbe(redis, db)}
+        if "peer" in systems and local is not None:
+            system_probes["peer"] = probes.StoreProbe(None, local.peer_database_url)
+        run = _Run(cfg, pool, stack.CpuSampler(pids), out, pids, system_probes["ours"],
+                   targets=systems, system_probes=system_probes,
+                   proxy=local.proxy if local else None)
         if echo_target:
             result["anchors"]["echo"] = run.find_max(
                 "echo", {"echo_target": echo_target, "payload": anchors.echo_payload()}, ("Echo",))
@@ -303,30 +402,55 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                         users=cfg.pg_anchor_users, params=params))])
             finally:
                 asyncio.run(anchors.cleanup_pg_anchor(params))
-        for name in cfg.scenarios:
-            rpcs = SCENARIOS[name].rpcs
-            if name == "flash-sale":
-                result["scenarios"][name] = _run_flash(run, target, run_id, universe.warehouses)
-            elif cfg.mode == "find-max":
-                result["scenarios"][name] = run.find_max(name, {}, rpcs)
-            else:
-                kw: dict[str, Any] = {"users": cfg.concurrency} if cfg.mode == "closed" \
-                    else {"rate": cfg.rate}
-                plan = run.plan(f"{name} {cfg.mode}", name, cfg.mode, **kw)
-                step = run.phase(plan, profile_as=name if name in cfg.profile else None)
-                step["fraction"] = None
-                result["scenarios"][name] = scenario_summary(name, rpcs, [step])
+        per_round: list[dict[str, Any]] = []
+        for r in range(rounds):
+            order = list(systems) if r % 2 == 0 else list(reversed(systems))
+            got: dict[str, dict[str, Any]] = {s: {} for s in systems}
+            for name in cfg.scenarios:
+                for system in order:
+                    if system != "ours" and name not in PEER_SCENARIOS:
+                        continue
+                    run.system = system
+                    got[system][name] = _measure(run, name, systems[system],
+                                                 f"{run_id}-{system}-{name}-r{r + 1}",
+                                                 universe.warehouses)
+            run.system = "ours"
+            per_round.append({"round": r + 1, "order": order, **got})
+        reported: dict[str, dict[str, Any]] = {s: {} for s in systems}
+        for system in systems:
+            for name in cfg.scenarios:
+                runs = [rd[system][name] for rd in per_round if name in rd[system]]
+                if not runs:
+                    continue
+                i = _median_round(runs)
+                reported[system][name] = dict(
+                    runs[i], reported_round=i + 1,
+                    max_ops_per_s_by_round=[x["max_ops_per_s"] for x in runs])
+        result["scenarios"] = reported["ours"]
+        if rounds > 1 or len(systems) > 1:
+            result["rounds"] = per_round
+        if "peer" in systems:
+            result["peer"] = {**meta["peer"], "scenarios": reported["peer"]}
         pool.close()
         pool = None
+        flash_runs = {system: [{"label": f"{name} round {rd['round']}", "hot": rd[system][name]["hot"],
+                                "units_each": rd[system][name]["units_each"],
+                                "ok_answers": rd[system][name]["reserve_ok"]}
+                               for rd in per_round for name in FLASH_SCENARIOS
+                               if name in rd[system]]
+                      for system in systems}
         if db:
-            fl = result["scenarios"].get("flash-sale")
+            hot_skus = [sku for f in flash_runs["ours"] for sku, _ in f["hot"]]
             result["invariants"] = asyncio.run(invariants.check(
-                db, redis_url=redis,
-                redis_skus=universe.skus + [s for s, _ in (fl["hot"] if fl else [])],
-                flash=[tuple(x) for x in fl["hot"]] if fl else (), flash_units=cfg.flash_units,
-                flash_ok=fl["reserve_ok"] if fl else None))
+                db, redis_url=redis, redis_skus=universe.skus + hot_skus,
+                flash_runs=flash_runs["ours"]))
         else:
             result["invariants"] = {"ok": None, "skipped": "no --database-url"}
+        if "peer" in systems and local is not None:
+            result["peer"]["invariants"] = asyncio.run(invariants.check(
+                local.peer_database_url, flash_runs=flash_runs["peer"]))
+        if len(systems) > 1 or rounds > 1:
+            result["versus"] = versus.compare(result, per_round, list(systems))
     finally:
         if pool is not None:
             pool.close()

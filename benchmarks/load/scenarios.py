@@ -288,5 +288,12 @@ class FlashSale(Scenario):
             ttl_seconds=e.knobs.flash_ttl_s, channel=pb.CHANNEL_APP, idempotency_key=e.key("f")), t0)
 
 
+class FlashHot(FlashSale):
+    """The flash sale's other shape: every unit on one hot SKU (all attempts on one row)."""
+
+    name = "flash-hot"
+
+
 SCENARIOS: dict[str, type[Scenario]] = {
-    c.name: c for c in (Availability, Browse, ReserveOnly, Cart, Route, Pos, Mixed, FlashSale)}
+    c.name: c for c in (Availability, Browse, ReserveOnly, Cart, Route, Pos, Mixed, FlashSale,
+                        FlashHot)}

@@ -1,7 +1,9 @@
 """What the harness runs against: the embedded default it starts itself (durable embedded Valkey +
 PostgreSQL, `inventory-svc serve --demo` as a subprocess given their URLs) or any running address;
-the echo anchor's server; CPU accounting of those processes; and the set-up over the service's own
-API (discover the network, restock, flash-sale SKUs)."""
+with --peer the Postgres-only peer (benchmarks/peer) on its own database of the same Postgres;
+with --store-latency a latency proxy between each service and its stores; the echo anchor's
+server; CPU accounting of those processes; and the set-up over the service's own API (discover
+the network, restock, flash-sale SKUs)."""
 
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 
 from benchmarks.load.clients import CHANNEL_OPTIONS
+from benchmarks.load.latency_proxy import ProxyProcess
 from benchmarks.load.scenarios import Universe
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
@@ -84,20 +89,83 @@ def start_echo(log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"127.0.0.1:{port}"
 
 
-class LocalStack:
-    """The embedded default, started by the harness so it can reach Redis and Postgres directly."""
+PEER_DATABASE = "inventory_peer"
 
-    def __init__(self, *, skus: int, log_dir: Path, data_dir: Path | None = None) -> None:
+
+def port_of(url: str) -> int:
+    port = urlsplit(url).port
+    if port is None:
+        raise ValueError(f"no port in {url.split('@')[-1]!r}")
+    return port
+
+
+def with_port(url: str, port: int) -> str:
+    """The URL with another port on the same host (the latency proxy's)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit(":", 1)[0] + f":{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def with_database(url: str, database: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
+
+
+async def fresh_database(url: str, database: str) -> None:
+    """Drop and create `database` on the server of `url` (the peer's: empty at every run)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await conn.close()
+
+
+def default_workers() -> int:
+    """What `inventory-svc serve` runs by default: one worker per CPU this process may use."""
+    try:
+        from inventory_svc.cpus import usable_cpus
+
+        return int(usable_cpus())
+    except ImportError:  # a tree without `serve --workers`
+        return 1
+
+
+@dataclass(frozen=True)
+class PeerOptions:
+    """How the Postgres-only peer runs (benchmarks/peer)."""
+
+    pool_size: int = 16  # Postgres connections per worker
+    workers: int = 0  # processes on its port; 0: as many as our service runs by default
+    outbox: bool = False  # also write the RESERVATION outbox events ours writes
+
+
+class LocalStack:
+    """The embedded default, started by the harness so it can reach Redis and Postgres directly;
+    with `peer`, the Postgres-only peer beside it; with `latency` ({"postgres": s, "redis": s},
+    one-way), the services reach their stores through a latency proxy (the harness itself, for
+    set-up and checks, does not)."""
+
+    def __init__(self, *, skus: int, log_dir: Path, data_dir: Path | None = None,
+                 latency: dict[str, float] | None = None, peer: PeerOptions | None = None) -> None:
         self.skus = skus
         self.log_dir = log_dir
         self._own_dir = data_dir is None
         # Not under pytest's tmp tree or the repo: the unprivileged postgres user must reach it.
         self.data_dir = Path(tempfile.mkdtemp(prefix="inventory-bench-")) if data_dir is None \
             else data_dir
+        self.latency = {k: v for k, v in (latency or {}).items() if v > 0}
+        self.peer_options = peer
         self.redis: Any = None
         self.pg: Any = None
         self.service: subprocess.Popen[bytes] | None = None
         self.target = ""
+        self.proxy: ProxyProcess | None = None
+        self.peer: subprocess.Popen[bytes] | None = None
+        self.peer_target = ""
+        self.peer_database_url = ""  # direct, for the invariant check
+        self.peer_workers = 0
 
     def start(self) -> None:
         from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -105,16 +173,50 @@ class LocalStack:
         self.redis = EmbeddedRedis(self.data_dir / "redis", durable=True)
         self.pg = EmbeddedPostgres(self.data_dir / "postgres", durable=True)
         redis_url, database_url = self.redis.start(), self.pg.start(timeout=60)
+        routes: dict[str, tuple[str, int, float]] = {}
+        if "redis" in self.latency:
+            routes["ours-redis"] = ("127.0.0.1", port_of(redis_url), self.latency["redis"])
+        if "postgres" in self.latency:
+            routes["ours-postgres"] = ("127.0.0.1", port_of(database_url), self.latency["postgres"])
+            if self.peer_options is not None:
+                routes["peer-postgres"] = routes["ours-postgres"]
+        if routes:
+            self.proxy = ProxyProcess(routes, self.log_dir / "proxy.log")
         port = free_port()
         env = {k: v for k, v in os.environ.items()
                if k not in ("INVENTORY_PORT", "INVENTORY_HOST", "INVENTORY_DATA_DIR")}
-        env.update(INVENTORY_REDIS_URL=redis_url, INVENTORY_DATABASE_URL=database_url,
+        env.update(INVENTORY_REDIS_URL=self._via("ours-redis", redis_url),
+                   INVENTORY_DATABASE_URL=self._via("ours-postgres", database_url),
                    INVENTORY_DEMO_SKUS=str(self.skus))
         self.service = start_logged(
             [sys.executable, "-m", "inventory_svc.cli", "serve", "--port", str(port),
              "--data-dir", str(self.data_dir / "svc"), "--demo"],
             "serving gRPC", self.log_dir / "service.log", env=env)
         self.target = f"127.0.0.1:{port}"
+        if self.peer_options is not None:
+            self._start_peer(database_url, self.peer_options)
+
+    def _via(self, route: str, url: str) -> str:
+        """The URL a service uses for a store: the proxy's port when the route has a delay."""
+        return with_port(url, self.proxy.ports[route]) if self.proxy and route in self.proxy.ports \
+            else url
+
+    def _start_peer(self, database_url: str, opts: PeerOptions) -> None:
+        import asyncio
+
+        asyncio.run(fresh_database(database_url, PEER_DATABASE))
+        self.peer_database_url = with_database(database_url, PEER_DATABASE)
+        self.peer_workers = opts.workers or default_workers()
+        port = free_port()
+        # the URL (with its password) goes by environment, not on a command line ps shows
+        env = dict(os.environ, INVENTORY_PEER_DATABASE_URL=self._via(
+            "peer-postgres", self.peer_database_url))
+        self.peer = start_logged(
+            [sys.executable, "-m", "benchmarks.peer", "--port", str(port),
+             "--pool-size", str(opts.pool_size), "--workers", str(self.peer_workers),
+             *(["--outbox"] if opts.outbox else [])],
+            "peer ready", self.log_dir / "peer.log", env=env)
+        self.peer_target = f"127.0.0.1:{port}"
 
     @property
     def redis_url(self) -> str:
@@ -126,15 +228,21 @@ class LocalStack:
 
     def pids(self) -> dict[str, int]:
         out = {}
-        if self.service is not None and self.service.poll() is None:
-            out["service"] = self.service.pid
+        for name, proc in (("service", self.service), ("peer", self.peer)):
+            if proc is not None and proc.poll() is None:
+                out[name] = proc.pid
+        if self.proxy is not None:
+            out["proxy"] = self.proxy.pid
         for name, server in (("redis", self.redis), ("postgres", self.pg)):
             if server is not None and server.pid is not None:
                 out[name] = server.pid
         return out
 
     def stop(self) -> None:
+        stop_process(self.peer)
         stop_process(self.service)
+        if self.proxy is not None:
+            self.proxy.stop()
         for server in (self.pg, self.redis):
             if server is not None:
                 with contextlib.suppress(Exception):

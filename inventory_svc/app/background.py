@@ -1,10 +1,20 @@
 """Background work every replica runs, coordinated only through Postgres (DESIGN §2):
-the expiry sweeper, the Redis reconciler and the location cache refresh."""
+the expiry sweeper, the Redis reconciler and the location cache refresh.
+
+The sweeper and the reconciler are safe with any number of replicas (SKIP LOCKED, advisory
+locks, compare-and-set), so running them in every process is correct but wasteful. The workers
+of one `serve --workers N` elect one of them to run both (`lead`): the one holding a session-level
+advisory lock on a connection of its own. When the leader dies its session ends, the lock goes
+with it and another worker takes it within LEAD_RETRY_S. The location refresh keeps each
+process's own cache, so every process runs it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -14,6 +24,7 @@ import asyncpg
 
 from inventory_svc.app.context import Context
 from inventory_svc.app.reservations import ReservationService
+from inventory_svc.config import Settings
 from inventory_svc.domain.errors import DomainError
 from inventory_svc.domain.model import StockLevel
 from inventory_svc.storage.pg import STOCK_SELECT, PgStore, levels_by_sku
@@ -30,6 +41,9 @@ RECONCILE_PAGE = 50
 
 
 ORPHAN_MARGIN_S = 0.5  # beyond hold_timeout_s, for clocks and scheduling
+# A follower asks for the leader's lock this often, and the leader checks its lock connection
+# this often: a dead leader is replaced within about this long.
+LEAD_RETRY_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,15 +330,99 @@ async def every(interval_s: float, name: str, step: Callable[[], Awaitable[objec
 
 
 async def run_background(ctx: Context, reservations: ReservationService,
-                         reconciler: Reconciler) -> None:
-    """The replica's background tasks, owned by one TaskGroup; cancel it to stop them all."""
+                         reconciler: Reconciler, *, lock: int | None = None) -> None:
+    """The replica's background tasks, owned by one TaskGroup; cancel it to stop them all.
+    With `lock` (an advisory key shared by sibling workers) the sweeper and the reconciler run
+    only while this process leads (see `lead`)."""
 
     async def sweep() -> None:
         # Drain everything that is due, a batch per transaction.
         while await reservations.expire_due() >= ctx.settings.sweep_batch:
             pass
 
+    async def shared() -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(every(ctx.settings.sweep_interval_s, "expiry sweeper", sweep))
+            tg.create_task(run_reconciler(ctx, reconciler))
+
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(every(ctx.settings.sweep_interval_s, "expiry sweeper", sweep))
-        tg.create_task(run_reconciler(ctx, reconciler))
+        tg.create_task(shared() if lock is None else lead(ctx.settings, lock, shared))
         tg.create_task(every(5.0, "location refresh", ctx.refresh_locations))
+
+
+def leader_lock(group: str) -> int:
+    """The advisory key the workers of one supervisor (`group`) compete for."""
+    return advisory_key(f"inventory:background-leader:{group}")
+
+
+async def lead(settings: Settings, lock: int, work: Callable[[], Awaitable[None]], *,
+               retry_s: float = LEAD_RETRY_S) -> None:
+    """Run `work` whenever this process holds the session-level advisory lock `lock`; try for
+    it every `retry_s` otherwise. The lock lives on a connection of its own (a pool recycles its
+    connections, and a busy pool must not keep the leader from proving it is alive); when that
+    connection is lost or stops answering, `work` is cancelled before the next try: whoever
+    holds the lock now (its session ended with ours) is the only leader. Until then two may run
+    at once for up to `retry_s`, which the background tasks tolerate (see the module doc).
+    The connection's application_name, "inventory-svc background pid P", tells in
+    pg_stat_activity (joined with pg_locks) which process leads."""
+    name = f"inventory-svc background pid {os.getpid()}"
+    conn: asyncpg.Connection | None = None
+    try:
+        while True:
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await asyncpg.connect(
+                        settings.database_url, timeout=settings.pg_timeout_s,
+                        server_settings={"application_name": name})
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock,
+                                       timeout=settings.pg_timeout_s):
+                    log.info("%s leads the background work (sweeper, reconciler)", name)
+                    why = await _while_alive(conn, work, retry_s, settings.pg_timeout_s)
+                    log.warning("%s stopped its background work: %s", name, why)
+                    conn.terminate()  # our session, and with it the lock, ends for sure
+                    conn = None
+            except Exception as exc:  # Postgres down, refusing, slow: try again later
+                log.warning("%s: background leadership: %r", name, exc)
+                if conn is not None:
+                    conn.terminate()
+                    conn = None
+            await asyncio.sleep(retry_s)
+    finally:
+        if conn is not None:
+            conn.terminate()  # the server ends the session: the lock is free for another worker
+
+
+async def _while_alive(conn: asyncpg.Connection, work: Callable[[], Awaitable[None]],
+                       check_s: float, timeout_s: float) -> str:
+    """Run `work` until `conn` closes or fails a check (one every `check_s`), then cancel it;
+    return why it stopped."""
+    lost = asyncio.Event()
+
+    def on_close(_: object) -> None:
+        lost.set()
+
+    conn.add_termination_listener(on_close)
+    task = asyncio.ensure_future(work())
+    why = "the work ended"
+    try:
+        while not task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), check_s)
+            if lost.is_set():
+                why = "its lock connection closed"
+                break
+            if task.done():
+                break
+            try:
+                await conn.fetchval("SELECT 1", timeout=timeout_s)
+            except (OSError, TimeoutError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError) as exc:
+                why = f"its lock connection failed a check ({exc!r})"
+                break
+    finally:
+        conn.remove_termination_listener(on_close)
+        task.cancel()
+        await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background work failed", exc_info=task.exception())
+    return why

@@ -10,6 +10,7 @@ and every list in it is checked against its cap before any use case sees it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -19,6 +20,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+from prometheus_client import Counter
 
 from inventory_svc.domain.errors import (
     DomainError,
@@ -32,6 +34,7 @@ from inventory_svc.domain.principal import ANONYMOUS, Principal
 from inventory_svc.transport.errors import to_status
 from inventory_svc.transport.principals import Registry
 
+SHED = Counter("inventory_shed_total", "calls refused at once because the service is overloaded")
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and tooling
 _CURRENT: ContextVar[Principal] = ContextVar("inventory_principal", default=ANONYMOUS)
 
@@ -79,6 +82,28 @@ def check_lists(msg: Message, caps: ListCaps, prefix: str = "") -> None:
                     subject=f"{prefix}{fd.name}")
 
 
+class LoopLag:
+    """How far behind the event loop runs: the time a call that arrives now waits before it is
+    worked on. A tick is scheduled every `interval_s`; the lag is how late the last tick ran, or
+    how overdue the next one is, whichever is larger (so a loop stuck right now shows it before
+    the tick gets to run)."""
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self._late = 0.0
+        self._due = math.inf
+
+    def lag(self) -> float:
+        now = time.monotonic()
+        return max(self._late, now - self._due) if self._due != math.inf else 0.0
+
+    async def run(self) -> None:
+        while True:
+            self._due = time.monotonic() + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            self._late = max(0.0, time.monotonic() - self._due)
+
+
 class _Bucket:
     """A token bucket: `rate` calls a second on average, `size` at once."""
 
@@ -104,12 +129,19 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
     certificate (mTLS) whose identity maps to a principal."""
 
     def __init__(self, registry: Registry, *, mtls: bool, caps: ListCaps,
-                 max_in_flight: int) -> None:
+                 max_in_flight: int, loop_lag: LoopLag | None = None,
+                 queue_budget_s: float = 0.0) -> None:
         self.registry = registry
         self.mtls = mtls
         self.caps = caps
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        # Overload: a call that would wait longer than the budget before it is even looked at
+        # is answered RESOURCE_EXHAUSTED at once (with when to retry), so the calls accepted
+        # keep their latency instead of everyone queueing for seconds.
+        self.loop_lag = loop_lag
+        self.queue_budget_s = queue_budget_s
+        self.shed = 0
         self._buckets: dict[str, _Bucket] = {}
         self._wrapped: dict[tuple[str, int], Any] = {}
         self._refusals: dict[tuple[str, str, float], Any] = {}
@@ -120,6 +152,15 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         if handler is None or method.startswith(OPEN_SERVICES):
             return handler
         name = method.rsplit("/", 1)[-1]
+        if self.queue_budget_s and self.loop_lag is not None:
+            lag = self.loop_lag.lag()
+            if lag > self.queue_budget_s:
+                self.shed += 1
+                SHED.inc()
+                return self._refuse(ResourceExhausted(
+                    "the service is overloaded: calls wait longer than its queue budget of "
+                    f"{self.queue_budget_s * 1000:g} ms; retry", subject="service/queue_budget",
+                    retry_after_s=min(1.0, math.ceil(lag * 10) / 10)))
         who: Principal | None = ANONYMOUS
         if not self.registry.open:
             key = _key_of(details.invocation_metadata)

@@ -132,13 +132,15 @@ def site_settings(stores: Stores, site: Site, **overrides: object) -> Any:
 
 # ---- a service as a process of its own ----------------------------------------------------------
 class ServiceProcess:
-    """`python -m inventory_svc.cli serve` against given stores; kill -9 or SIGTERM it."""
+    """`python -m inventory_svc.cli serve` against given stores; kill -9 or SIGTERM it. One
+    process unless `workers=N` is given (then a supervisor and N workers: `workers()`)."""
 
     def __init__(self, redis_url: str, database_url: str, log_dir: Path, **settings: object) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
         env.update(INVENTORY_REDIS_URL=redis_url, INVENTORY_DATABASE_URL=database_url,
                    INVENTORY_PORT="0", INVENTORY_LOG_LEVEL="WARNING", INVENTORY_MIN_TTL_S="1",
-                   PYTHONPATH=str(REPO))
+                   INVENTORY_QUEUE_BUDGET_MS="0",  # no shedding on a busy CI box
+                   INVENTORY_WORKERS="1", PYTHONPATH=str(REPO))
         for name, value in settings.items():
             env["INVENTORY_" + name.upper()] = str(value)
         self.env = env
@@ -171,6 +173,15 @@ class ServiceProcess:
 
     def log_tail(self, n: int = 40) -> str:
         return "".join(self._lines[-n:])
+
+    def workers(self) -> dict[int, int]:
+        """Worker index -> pid of its latest start ("worker I pid P serving on ...")."""
+        found: dict[int, int] = {}
+        for line in list(self._lines):
+            words = line.split()
+            if line.startswith("worker ") and words[2:3] == ["pid"] and "serving" in words:
+                found[int(words[1])] = int(words[3])
+        return found
 
     @property
     def target(self) -> str:
