@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from inventory_svc.config import Settings
-from inventory_svc.embedded.process import _pdeathsig_preexec
+from inventory_svc.embedded.process import pdeathsig_preexec
 
 log = logging.getLogger(__name__)
 STOP_MARGIN_S = 15.0  # beyond the drain, for closing pools and flushing
@@ -181,7 +181,7 @@ class Supervisor:
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                     # its own process group: Ctrl-C reaches the supervisor only, which stops the
                     # workers in order; PDEATHSIG: no worker outlives a supervisor killed with -9
-                    preexec_fn=_pdeathsig_preexec(), process_group=0)
+                    preexec_fn=pdeathsig_preexec(), process_group=0)
             except OSError as exc:  # out of processes or memory: as if it died at once
                 log.error("worker %d could not be started: %s", slot.index, exc)
                 if not slot.first.done():

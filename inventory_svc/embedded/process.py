@@ -159,7 +159,7 @@ def _libc_prctl() -> Any:
         return _prctl
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
+def pdeathsig_preexec() -> Callable[[], None] | None:
     """A preexec_fn that makes the child get SIGKILL when the thread that forked it dies.
 
     CPython runs setgroups/setregid/setreuid (Popen's extra_groups/group/user) *before* preexec_fn,
@@ -201,7 +201,7 @@ class _Spawner:
             # A process group of its own: Ctrl-C in a terminal reaches only the service, which
             # drains its calls and then stops the servers in order (PDEATHSIG still covers -9).
             return subprocess.Popen(
-                list(args), preexec_fn=_pdeathsig_preexec(), process_group=0, **kwargs)
+                list(args), preexec_fn=pdeathsig_preexec(), process_group=0, **kwargs)
 
         if threading.current_thread() is threading.main_thread():
             return launch()
