@@ -1,13 +1,17 @@
-"""Smoke test of the load harness (`inventory-bench`): its programmatic entry starts the embedded
+"""Smoke tests of the load harness (`inventory-bench`): its programmatic entry starts the embedded
 default itself (tiny demo network), drives two scenarios for ~2 s each from a spawned worker
-process, and writes a result with per-RPC statistics and a passing invariant check. No timings are
-asserted: this is a benchmark's plumbing, not a benchmark."""
+process, and writes a result with per-RPC statistics and a passing invariant check; with --peer
+and --store-latency it measures ours and the Postgres-only peer behind the latency proxy. No
+timings are asserted: this is a benchmark's plumbing, not a benchmark."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+
+from benchmarks.load import cli
 from benchmarks.load.runner import BenchConfig, run_bench
 
 
@@ -32,3 +36,58 @@ def test_harness_runs_two_scenarios_and_checks_invariants(tmp_path: Path) -> Non
     assert inv["ok"] is True, inv
     assert inv["oversold"] == inv["ledger_mismatch"] == inv["reserved_mismatch"] == 0
     assert inv["stock_rows"] > 0
+
+
+def test_harness_measures_ours_against_the_peer_through_a_latency_proxy(tmp_path: Path) -> None:
+    """`inventory-bench --peer --store-latency ...` end to end on a tiny configuration: both
+    systems in alternating rounds behind the latency proxy, medians and ratios in the result
+    and the report, the profile named, the proxy's CPU measured, both databases checked."""
+    out = tmp_path / "out"
+    profile = "postgres=1ms,redis=0.2ms"
+    code = cli.main([
+        "--peer", "--store-latency", profile, "--rounds", "2",
+        "--scenarios", "reserve,cart,flash-sale,availability", "--mode", "closed",
+        "--concurrency", "4", "--duration", "1.5", "--warmup", "0.5", "--workers", "1",
+        "--channels", "1", "--skus", "100", "--no-anchors", "--quiet", "--out", str(out),
+        "--peer-workers", "1", "--peer-pool", "4", "--flash-users", "30", "--flash-skus", "2",
+        "--flash-units", "5", "--flash-think", "0.2", "--flash-duration", "1.5"])
+    assert code == 0
+
+    result = json.loads((out / "result.json").read_text())
+    assert result["meta"]["profile"] == profile
+    assert result["meta"]["store_latency_one_way_ms"] == {"postgres": 1.0, "redis": 0.2}
+    assert [rd["order"] for rd in result["rounds"]] == [["ours", "peer"], ["peer", "ours"]]
+    v = result["versus"]
+    assert (v["systems"], v["rounds"], v["profile"]) == (["ours", "peer"], 2, profile)
+    rows = {(r["scenario"], r["metric"]): r for r in v["rows"]}
+    for key in (("reserve", "Reserve max OK/s"), ("cart", "sessions/s"),
+                ("flash-sale", "Reserve attempts/s"), ("availability", "GetAvailability max OK/s"),
+                ("reserve", "server CPU ms per call")):
+        row = rows[key]
+        assert len(row["rounds"]["ours"]) == len(row["rounds"]["peer"]) == 2, row
+        assert row["ours"] > 0 and row["peer"] > 0, row
+        assert row["ratio"] == pytest.approx(row["ours"] / row["peer"])
+    assert rows[("reserve", "Reserve max OK/s")]["target"] == 2.0  # the network profile's
+
+    for rd in result["rounds"]:
+        for system, routes in (("ours", ("ours-redis", "ours-postgres")), ("peer", ("peer-postgres",))):
+            for name, s in rd[system].items():
+                step = s["steps"][0]
+                assert step["system"] == system
+                assert step["proxy"]["cpu_pct"] >= 0, step["proxy"]
+                for route in routes:  # each system reached its stores through the proxy
+                    assert step["proxy"]["routes"][route]["chunks_up"] > 0, (name, route)
+                errors = {code for r in step["rpcs"].values() for code in r["errors"]}
+                assert errors <= ({"FAILED_PRECONDITION"} if name == "flash-sale" else set()), \
+                    (system, name, step["rpcs"])
+
+    for inv in (result["invariants"], result["peer"]["invariants"]):
+        assert inv["ok"] is True, inv
+        assert inv["oversold"] == inv["ledger_mismatch"] == inv["reserved_mismatch"] == 0
+        assert len(inv["flash_sales"]) == 2 and all(f["exact"] for f in inv["flash_sales"]), inv
+
+    report = (out / "report.md").read_text()
+    assert f"Ours vs the Postgres-only peer — profile `{profile}`" in report
+    assert "| ours ÷ peer |" in report and "| peer ÷ echo |" in report
+    assert "Latency proxy at each saturated step" in report
+    assert "Invariant check of the peer's database" in report

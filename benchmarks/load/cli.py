@@ -108,7 +108,8 @@ def parser() -> argparse.ArgumentParser:
     a("--peer-pool", type=int, default=d.peer_pool,
       help="the peer's Postgres connections per worker (default %(default)s)")
     a("--peer-workers", type=int, default=d.peer_workers,
-      help="the peer's processes (default: as many as `inventory-svc serve` runs)")
+      help="the peer's processes; 0: as many as `inventory-svc serve` runs (default "
+           "%(default)s: on a 2-core box one serves as much as two)")
     a("--peer-outbox", action="store_true",
       help="the peer also writes the RESERVATION outbox events ours writes")
     a("--store-latency", default=d.store_latency, metavar="PROFILE",

@@ -175,12 +175,15 @@ def versus_section(result: dict[str, Any]) -> list[str]:
     out.append("")
     if v.get("proxy"):
         out += ["Latency proxy at each saturated step (its CPU is not counted as the system's; "
-                "late p99: how much later than due the 99th percentile chunk left, 25 µs buckets):",
+                "late: how much later than due the median and the 99th percentile chunk left, 25 µs buckets; "
+                "routes the step did not use are left out):",
                 "", "| scenario | system | round | proxy CPU % of a core | proxy CPU ms/op "
-                "| chunks per op | late p99 µs |", "|---|---|---|---|---|---|---|"]
+                "| chunks per op | late p50 / p99 µs |", "|---|---|---|---|---|---|---|"]
         for x in v["proxy"]:
-            chunks = ", ".join(f"{k} {c}" for k, c in x["chunks_per_op"].items() if c is not None)
-            late = ", ".join(f"{k} {c:g}" for k, c in x["late_p99_us"].items() if c is not None)
+            used = [k for k, c in x["chunks_per_op"].items() if c is not None and c >= 0.5]
+            chunks = ", ".join(f"{k} {x['chunks_per_op'][k]}" for k in used)
+            late = ", ".join(f"{k} {x['late_p50_us'].get(k) or 0:g} / {x['late_p99_us'].get(k) or 0:g}"
+                             for k in used)
             out.append(f"| {x['scenario']} | {x['system']} | {x['round']} | {x['cpu_pct']:.1f} | "
                        f"{_f(x['cpu_ms_per_op'], 3)} | {chunks or '—'} | {late or '—'} |")
         out.append("")

@@ -78,7 +78,10 @@ class BenchConfig:
     peer: bool = False
     rounds: int = 0  # rounds of every scenario; 0: 3 with the peer, else 1 (medians over rounds)
     peer_pool: int = 16  # the peer's Postgres connections per worker
-    peer_workers: int = 0  # the peer's processes; 0: as many as `inventory-svc serve` runs
+    # the peer's processes (0: as many as `inventory-svc serve` runs). 1: on the 2-core box one
+    # process served as much as two (the box saturates first; a second adds connections and
+    # switches); raise it on a bigger box
+    peer_workers: int = 1
     peer_outbox: bool = False  # the peer also writes the RESERVATION outbox events ours writes
     # one-way delay added each way between each service and its stores ("postgres=1ms,
     # redis=0.2ms"; "": localhost), by a latency proxy (benchmarks/load/latency_proxy.py)

@@ -137,7 +137,7 @@ class PeerOptions:
     """How the Postgres-only peer runs (benchmarks/peer)."""
 
     pool_size: int = 16  # Postgres connections per worker
-    workers: int = 0  # processes on its port; 0: as many as our service runs by default
+    workers: int = 1  # processes on its port; 0: as many as our service runs by default
     outbox: bool = False  # also write the RESERVATION outbox events ours writes
 
 

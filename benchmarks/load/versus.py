@@ -100,6 +100,8 @@ def compare(result: dict[str, Any], per_round: list[dict[str, Any]],
                 if px:
                     proxy.append({"scenario": name, "system": system, "round": rd["round"],
                                   "cpu_pct": px["cpu_pct"], "cpu_ms_per_op": px["cpu_ms_per_op"],
+                                  "late_p50_us": {k: v.get("late_p50_us")
+                                                  for k, v in px["routes"].items()},
                                   "late_p99_us": {k: v.get("late_p99_us")
                                                   for k, v in px["routes"].items()},
                                   "chunks_per_op": {k: v.get("chunks_per_op")

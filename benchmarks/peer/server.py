@@ -49,13 +49,13 @@ async def _guarded(call: Awaitable[bytes], context: Any) -> bytes:
     raise AssertionError("unreachable: abort raises")
 
 
-def _unary(fn: Callable[[bytes], Awaitable[bytes]]) -> grpc.RpcMethodHandler:
+def _unary(fn: Callable[[bytes], Awaitable[bytes]]) -> grpc.RpcMethodHandler[bytes, bytes]:
     async def handle(raw: bytes, context: Any) -> bytes:
         return await _guarded(fn(raw), context)
     return grpc.unary_unary_rpc_method_handler(handle)
 
 
-def handlers(peer: Peer) -> grpc.GenericRpcHandler:
+def handlers(peer: Peer) -> grpc.GenericRpcHandler[bytes, bytes]:
     async def import_stock(requests: AsyncIterator[bytes], context: Any) -> bytes:
         return await _guarded(peer.import_stock([m async for m in requests]), context)
 

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -42,6 +42,7 @@ from inventory_svc.domain.validation import (
 from inventory_svc.transport import convert as cv
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # our service's defaults (inventory_svc/config.py), so both refuse and default alike
 DEFAULT_TTL_S, MIN_TTL_S, MAX_TTL_S = 900, 1, 86_400
@@ -168,7 +169,7 @@ class Peer:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def _run(self, fn: Callable[[Conn], Awaitable[bytes]]) -> bytes:
+    async def _run(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """Run fn on a pooled connection. After a refusal or a statement the server refused,
         the connection is idle (out of any transaction) and goes back; after anything else (a
         call cancelled mid-statement, a broken socket) its state is in doubt: it is replaced."""
@@ -396,13 +397,13 @@ class Peer:
     # ---- the sweeper ---------------------------------------------------------------------------
     async def expire_due(self, batch: int = SWEEP_BATCH) -> int:
         """One batch of due reservations expired, their units given back; how many."""
-        async def run(c: Conn) -> bytes:
+        async def run(c: Conn) -> int:
             async with c.conn.transaction():
                 ids = [w["id"] for w in await c.conn.fetch(sql.EXPIRE_DUE, batch)]
                 if ids:
                     await c.conn.execute(sql.UNRESERVE, ids)
-            return len(ids).to_bytes(4, "big")
-        return int.from_bytes(await self._run(run), "big")
+            return len(ids)
+        return await self._run(run)
 
     async def sweep_forever(self, interval_s: float) -> None:
         while True:
