@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,6 +284,34 @@ class CpuSampler:
 # set-up over the service's own API
 
 
+_RETRY_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.ABORTED)
+
+
+async def retrying(call: Callable[[], Awaitable[Any]], *, budget_s: float = 120.0) -> Any:
+    """A set-up call, again while the service says "later" (shedding load, a store briefly
+    away, a conflict): after its RetryInfo delay, else a growing pause, for up to budget_s."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    deadline = time.monotonic() + budget_s
+    pause = 0.1
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in _RETRY_CODES or time.monotonic() > deadline:
+                raise
+            wait = pause
+            status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+            for detail in status.details if status else ():
+                info = error_details_pb2.RetryInfo()
+                if detail.Unpack(info):
+                    wait = max(wait, info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+            await asyncio.sleep(wait)
+            pause = min(2.0, pause * 2)
+
+
 @contextlib.asynccontextmanager
 async def _stub(target: str) -> AsyncIterator[Any]:  # an aio stub (the stubs type the sync API)
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as ch:
@@ -307,14 +335,17 @@ async def discover(target: str, n_skus: int, *, locations: int, seed: int) -> Un
     SKUs are the demo's SKU-000001..n; their popularity order is a seeded shuffle. Routing is
     restricted to `locations` locations (every warehouse, then stores by id) via exclusions."""
     async with _stub(target) as stub:
-        locs = list((await stub.ListLocations(api.ListLocationsRequest())).locations)
+        locs = list((await retrying(
+            lambda: stub.ListLocations(api.ListLocationsRequest()))).locations)
         warehouses = sorted(x.id for x in locs if x.type == pb.LOCATION_TYPE_WAREHOUSE)
         stores = sorted(x.id for x in locs if x.type == pb.LOCATION_TYPE_STORE)
         active = {x.id for x in locs}
         sku_locs: dict[str, list[str]] = {}
         names = [f"SKU-{i:06d}" for i in range(1, n_skus + 1)]
         for i in range(0, len(names), 500):
-            resp = await stub.GetAvailability(api.GetAvailabilityRequest(skus=names[i:i + 500]))
+            batch = names[i:i + 500]
+            resp = await retrying(lambda b=batch: stub.GetAvailability(  # type: ignore[misc]
+                api.GetAvailabilityRequest(skus=b)))
             for item in resp.items:
                 where = sorted(lv.location_id for lv in item.levels if lv.location_id in active)
                 if where:
@@ -349,7 +380,7 @@ async def restock(target: str, u: Universe, *, warehouse_units: int, store_units
                                          reason="inventory-bench restock")
 
     async with _stub(target) as stub:
-        await stub.ImportStock(batches(), timeout=600)
+        await retrying(lambda: stub.ImportStock(batches(), timeout=600))
     return len(rows)
 
 
@@ -357,10 +388,11 @@ async def unlimited_capacity(target: str) -> None:
     """Daily shipment capacity 0 (= unlimited) everywhere, so thousands of routed orders a minute
     keep the solver's problem the same size all run (stores have 20-200 shipments a day)."""
     async with _stub(target) as stub:
-        locs = list((await stub.ListLocations(api.ListLocationsRequest(include_inactive=True))).locations)
+        locs = list((await retrying(lambda: stub.ListLocations(
+            api.ListLocationsRequest(include_inactive=True)))).locations)
         for x in locs:
             x.daily_capacity = 0
-        await stub.UpsertLocations(api.UpsertLocationsRequest(locations=locs))
+        await retrying(lambda: stub.UpsertLocations(api.UpsertLocationsRequest(locations=locs)))
 
 
 async def setup_flash(target: str, run_id: str, location: str, n_skus: int,
@@ -369,6 +401,7 @@ async def setup_flash(target: str, run_id: str, location: str, n_skus: int,
     hot = [(f"FLASH-{run_id}-{k}", location) for k in range(n_skus)]
     async with _stub(target) as stub:
         for sku, loc in hot:
-            await stub.SetStock(api.SetStockRequest(sku=sku, location_id=loc, on_hand=units,
-                                                    reason="flash sale", idempotency_key=f"{sku}-set"))
+            request = api.SetStockRequest(sku=sku, location_id=loc, on_hand=units,
+                                          reason="flash sale", idempotency_key=f"{sku}-set")
+            await retrying(lambda r=request: stub.SetStock(r))  # type: ignore[misc]
     return hot
