@@ -173,6 +173,13 @@ def versus_section(result: dict[str, Any]) -> list[str]:
         cells.append(rounds)
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
+    cfg = result["meta"]["config"]
+    if any(r["scenario"].startswith("flash") for r in v["rows"]) and cfg.get("flash_think_s"):
+        offered = cfg["flash_users"] / cfg["flash_think_s"]
+        out += [f"A flash sale offers at most {cfg['flash_users']} users / {cfg['flash_think_s']:g} s "
+                f"think ≈ {offered:,.0f} attempts/s: a system that keeps up with that is not "
+                "saturated, and its ratio of attempts/s is capped near 1 (--flash-think offers "
+                "more).", ""]
     if v.get("proxy"):
         out += ["Latency proxy at each saturated step (its CPU is not counted as the system's; "
                 "late: how much later than due the median and the 99th percentile chunk left, 25 µs buckets; "
