@@ -360,14 +360,19 @@ class EmbeddedPostgres(_ChildServer):
             if exc.sqlstate != "3D000":  # anything but invalid_catalog_name (no such database)
                 raise EmbeddedServerError(f"postgres refused a connection: {exc}") from exc
         try:
+            # CREATE DATABASE copies a template and syncs it: on a busy machine it takes longer
+            # than a probe, so it may use all the time start() has left, and a cut is retried
+            # (a database it did create meanwhile is "duplicate", which is fine)
             _pg_session(
                 self._port,
                 PG_SUPERUSER,
                 self.password,
                 "postgres",
                 [f"CREATE DATABASE {_quote_ident(self.database)}"],
-                timeout,
+                max(timeout, deadline - time.monotonic()),
             )
+        except OSError:
+            return False
         except _PgError as exc:
             if exc.sqlstate != "42P04":  # duplicate_database: someone else created it meanwhile
                 raise EmbeddedServerError(
