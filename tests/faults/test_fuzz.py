@@ -26,6 +26,7 @@ from inventory_svc.transport.admission import ListCaps
 from tests.conftest import Stores
 from tests.faults.harness import check_all, make_world, own_site, running, site_settings
 from tests.grpc_helpers import details
+from tests.wire import delimited
 
 INT64 = (-(2**63), 2**63 - 1)
 INT32 = (-(2**31), 2**31 - 1)
@@ -192,19 +193,6 @@ BAD_UTF8 = [b"\xed\xa0\x80", b"\xed\xbf\xbf", b"a\x80b", b"\xc0\xaf", b"\xe2\x28
 SERVICES = {"RouteOrder": "/inventory.v1.RoutingService/",
             "RouteAndReserve": "/inventory.v1.RoutingService/"}
 STRING, MESSAGE = FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def delimited(number: int, payload: bytes) -> bytes:
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def fields_of(desc: Descriptor, kind: int) -> list[FieldDescriptor]:

@@ -24,6 +24,7 @@ from tests.conftest import Stores, World, make_world, settings_for, uid
 from tests.faults.harness import eventually, own_site, port_of, running, site_settings, with_port
 from tests.faults.tcp_proxy import TcpProxy
 from tests.grpc_helpers import bad_fields, details, expect_error
+from tests.wire import delimited, varint
 
 Stub = api_grpc.InventoryServiceStub
 INVENTORY = "/inventory.v1.InventoryService/"
@@ -32,18 +33,7 @@ SURROGATE = b"\xed\xa0\x80"  # U+D800 as CESU-8: no valid UTF-8 holds a lone sur
 
 
 # ---- raw protobuf ---------------------------------------------------------------------------------
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (string, bytes, message) on the wire."""
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
+field = delimited
 
 
 def raw_call(channel: grpc.aio.Channel, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
