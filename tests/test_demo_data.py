@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections import Counter, defaultdict
 
 import pytest
@@ -129,9 +128,6 @@ def test_small_networks_and_bad_sizes() -> None:
         build_demo(sku_count=0)
 
 
-def test_build_is_fast_and_immutable(demo: DemoNetwork) -> None:
-    started = time.perf_counter()
-    build_demo(11)
-    assert time.perf_counter() - started < 3.0
+def test_build_is_immutable(demo: DemoNetwork) -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         demo.locations[0].active = False  # type: ignore[misc]

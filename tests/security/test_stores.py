@@ -134,28 +134,47 @@ def private_tree(top: Path) -> Path:
     return middle
 
 
-def interpreter_for(user: pwd.struct_passwd) -> str | None:
-    """A Python that user can run (ours may sit under a 0700 /root), or None."""
-    for candidate in (os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"):
+def run_as(user: pwd.struct_passwd, script: str, argv: list[str]) -> tuple[int, str, str]:
+    """Runs `script` as `user` in a forked child (no interpreter of the user's own needed):
+    its exit status, stdout and stderr."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the user, run, never return into pytest
+        status = 1
         try:
-            probe = subprocess.run(
-                [candidate, "-I", "-S", "-c", "import json, socket, struct"],
-                user=user.pw_uid, group=user.pw_gid, extra_groups=[], cwd="/",
-                capture_output=True, timeout=60, check=False,
-            )
-        except OSError:  # missing, or not executable by user
-            continue
-        if probe.returncode == 0:
-            return candidate
-    return None
+            os.close(out_r)
+            os.close(err_r)
+            # pytest has replaced sys.stdout/stderr: write to the pipes themselves
+            sys.stdout = os.fdopen(out_w, "w")
+            sys.stderr = os.fdopen(err_w, "w")
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            os.chdir("/")
+            sys.argv = ["intruder", *argv]
+            exec(compile(script, "intruder", "exec"), {"__name__": "__main__"})
+            sys.stdout.flush()
+            status = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+    os.close(out_w)
+    os.close(err_w)
+    with os.fdopen(out_r) as out, os.fdopen(err_r) as err:
+        stdout, stderr = out.read(), err.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), stdout, stderr
 
 
 def cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
-# A local attacker, run as 'nobody': stdlib only, started with -I -S so that it needs nothing but
-# the interpreter binary. It reports what it could do as JSON.
+# A local attacker, run as another user: stdlib only. It reports what it could do as JSON.
 INTRUDER = r"""
 import json, os, socket, struct, sys
 pg_port, redis_port, paths = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
@@ -384,36 +403,27 @@ def test_clusters_of_deleted_data_dirs_are_collected(
 
 @root_only
 def test_another_local_user_gets_nothing(data_dir: Path, track: Any) -> None:
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("no user 'nobody' to play the other local user")
-    python = interpreter_for(nobody)
-    if python is None:
-        pytest.skip("no Python interpreter that user 'nobody' may run")
+    intruder = _ensure_system_user("inventory-intruder")  # a local user with no business here
     postgres = track(EmbeddedPostgres(data_dir / "pg", durable=False))
     valkey = track(EmbeddedRedis(data_dir / "redis", durable=True))
     postgres.start()
     valkey.start()
     secrets = [postgres.password_path, postgres.log_path, valkey.password_path, valkey.log_path]
-    # Let nobody search the data directories (never done by the stores), so that what stops it
+    # Let the intruder search the data directories (never done by the stores), so that what stops it
     # below is the mode of each file, not just that of the directory above.
     dirs = [data_dir, data_dir / "pg", data_dir / "redis"]
     modes = {path: path.stat().st_mode for path in dirs}
     for path in dirs:
         os.chmod(path, 0o711)
     try:
-        result = subprocess.run(
-            [python, "-I", "-S", "-c", INTRUDER, str(postgres.port),
-             str(valkey.port), *map(str, [*secrets, data_dir / "redis", postgres.pgdata])],
-            user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[], cwd="/",
-            capture_output=True, timeout=60, check=False,
-        )
+        code, stdout, stderr = run_as(intruder, INTRUDER, [
+            str(postgres.port), str(valkey.port),
+            *map(str, [*secrets, data_dir / "redis", postgres.pgdata])])
     finally:
         for path, mode in modes.items():
             os.chmod(path, stat.S_IMODE(mode))
-    assert result.returncode == 0, result.stderr.decode()
-    report = json.loads(result.stdout)
+    assert code == 0, stderr
+    report = json.loads(stdout)
     for path in [*secrets, data_dir / "redis", postgres.pgdata]:
         assert report[str(path)] == "PermissionError", (path, report[str(path)][:80])
     assert report["pg"] == ["R", 10]  # AuthenticationSASL: the password is required
