@@ -31,6 +31,9 @@ from inventory_svc.config import Settings
 from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis
 from inventory_svc.server import Running, serve
 
+# data_dir and track, for the tests that start embedded servers of their own
+pytest_plugins = ["tests.embedded_fixtures"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", default=False,

@@ -6,17 +6,15 @@ import asyncio
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import pytest
@@ -31,7 +29,6 @@ pytestmark = pytest.mark.skipif(
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 15.0
 
-S = TypeVar("S", EmbeddedRedis, EmbeddedPostgres)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = DEADLINE) -> bool:
@@ -88,30 +85,6 @@ def rds(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=5)
 
 
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    """A fresh directory for server data.
-
-    Not tmp_path: any pytest session starting on the machine resets /tmp/pytest-of-<user> to 0700,
-    which cuts the unprivileged postgres user (tests run as root) off from its data mid-test.
-    """
-    path = Path(tempfile.mkdtemp(prefix="inventory-embedded-test-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def track(data_dir: Path) -> Iterator[Callable[[S], S]]:
-    """Register servers to be killed at teardown (before data_dir is removed), even on failure."""
-    servers: list[EmbeddedRedis | EmbeddedPostgres] = []
-
-    def add(server: S) -> S:
-        servers.append(server)
-        return server
-
-    yield add
-    for server in servers:
-        server.kill()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,9 +18,8 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -47,29 +46,8 @@ pytestmark = pytest.mark.skipif(
 IS_ROOT = os.geteuid() == 0
 root_only = pytest.mark.skipif(not IS_ROOT, reason="the Postgres system user exists only as root")
 
-S = TypeVar("S", EmbeddedRedis, EmbeddedPostgres)
 
 
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    """A fresh directory (mkdtemp: 0700, under /tmp) removed at the end."""
-    path = Path(tempfile.mkdtemp(prefix="inventory-security-test-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def track() -> Iterator[Callable[[S], S]]:
-    """Register servers to be killed at teardown, even when the test fails."""
-    servers: list[EmbeddedRedis | EmbeddedPostgres] = []
-
-    def add(server: S) -> S:
-        servers.append(server)
-        return server
-
-    yield add
-    for server in servers:
-        server.kill()
 
 
 # ------------------------------------------------------------------------------------------------
