@@ -44,9 +44,10 @@ class Settings:
     pg_pool_min: int = 2
     pg_pool_max: int = 20
     pg_timeout_s: float = 5.0
-    # Reserve calls committed together in one transaction (app/group_commit.py): at most this
-    # many a group; one group in Postgres at a time, another (up to this many lanes) when every
-    # group there has been there for stall_ms.
+    # Reserve calls committed together in one transaction (app/group_commit.py), and Commit /
+    # Release calls likewise (app/group_settle.py): at most this many a group; one group of each
+    # in Postgres at a time, another (up to this many lanes each) when every group there has been
+    # there for stall_ms.
     group_commit_max: int = 64
     group_commit_lanes: int = 4
     group_commit_stall_ms: float = 20.0
@@ -130,8 +131,10 @@ class Settings:
              "need 1 <= PG_POOL_MIN <= PG_POOL_MAX")
         need(self.group_commit_max >= 1, "group_commit_max", self.group_commit_max,
              "must be >= 1")
-        need(1 <= self.group_commit_lanes < self.pg_pool_max, "group_commit_lanes",
-             self.group_commit_lanes, "need 1 <= GROUP_COMMIT_LANES < PG_POOL_MAX")
+        need(1 <= self.group_commit_lanes and 2 * self.group_commit_lanes < self.pg_pool_max,
+             "group_commit_lanes", self.group_commit_lanes,
+             "need 1 <= GROUP_COMMIT_LANES and 2 x GROUP_COMMIT_LANES < PG_POOL_MAX (lanes of"
+             " reservations and of commits/releases each take a connection)")
         need(self.group_commit_stall_ms > 0, "group_commit_stall_ms", self.group_commit_stall_ms,
              "must be > 0")
         need(self.log_format in ("text", "json"), "log_format", self.log_format,

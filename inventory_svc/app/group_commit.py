@@ -10,27 +10,23 @@ answer; the others commit. The gain is in the fixed costs: one BEGIN/COMMIT, one
 lock statement, one write statement and one Redis round trip for the group instead of for each
 call.
 
-A group goes to Postgres as soon as no other is there; while one is, arriving calls queue and go
-together in the next. At low load a group is one call; under load, groups grow with it. Measured
-(benchmarks/RESULTS.md): one group at a time served 1.6x the Reserve calls of four at a time, at
-40 % less CPU a call, because four lanes made groups of 1.6 calls and made them queue for each
-other's row locks. A second group (up to `lanes`) goes only when every group in Postgres has been
-there for `stall_s`: one that waits on a row lock (a bulk import holding it, say) does not hold up
-the calls behind it for longer than that.
+How groups form is batching.Lanes. Measured (benchmarks/RESULTS.md): one group at a time served
+1.6x the Reserve calls of four at a time, at 40 % less CPU a call, because four lanes made groups
+of 1.6 calls and made them queue for each other's row locks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
 from prometheus_client import Histogram
 
+from inventory_svc.app.batching import Lanes
 from inventory_svc.app.context import Context
 from inventory_svc.domain.errors import (
     Aborted,
@@ -91,34 +87,15 @@ def reservation_event(res: Reservation) -> dict[str, object]:
     return {"reservation_id": res.id, "status": res.status.value, "order_ref": res.order_ref}
 
 
-class GroupCommitter:
+class GroupCommitter(Lanes[_Call]):
     def __init__(self, ctx: Context, *, max_group: int, lanes: int, stall_s: float) -> None:
+        super().__init__(max_group=max_group, lanes=lanes, stall_s=stall_s, name="group commit")
         self.ctx = ctx
-        self.max_group = max_group
-        self.lanes = lanes
-        self.stall_s = stall_s
-        self._queue: list[_Call] = []
-        self._groups: dict[asyncio.Task[None], float] = {}  # a group in flight: its start
-        self._stall_timer: asyncio.TimerHandle | None = None
-        self._calls_in_flight = 0
-        self.groups = 0  # committed groups, the calls in them and the largest, for metrics
-        self.calls = 0
-        self.largest = 0
 
-    @property
-    def queued(self) -> int:
-        """Calls waiting for a group."""
-        return len(self._queue)
-
-    @property
-    def in_flight(self) -> int:
-        """Groups in Postgres."""
-        return len(self._groups)
-
-    @property
-    def calls_in_flight(self) -> int:
-        """Calls in the groups in Postgres."""
-        return self._calls_in_flight
+    def conflicts(self, call: _Call) -> Iterable[str]:
+        # two calls with one key go in different groups: the second must see the first's
+        # answer, which its group's advisory lock would not keep from it
+        return (call.idem.key,) if call.idem else ()
 
     async def reserve(
         self, res_id: str, lines: Sequence[Line], channel: Channel, order_ref: str, ttl_s: int,
@@ -134,13 +111,11 @@ class GroupCommitter:
         call = _Call(res_id, lines, channel, order_ref, ttl_s, idem, hold, deadline,
                      shipping_from, answer_of, asyncio.get_running_loop().create_future(), owner,
                      progress or Progress())
-        self._queue.append(call)
-        self._start_groups()
+        self.submit(call)
         try:
             out = await asyncio.shield(call.answer)
         except asyncio.CancelledError:
-            if call in self._queue:  # never sent: Postgres surely did not take it
-                self._queue.remove(call)
+            if self.withdraw(call):  # never sent: Postgres surely did not take it
                 await self.ctx.give_back(hold)
             # sent: its group ends it in Redis, by what Postgres did
             raise
@@ -148,54 +123,7 @@ class GroupCommitter:
             raise out
         return out
 
-    async def close(self) -> None:
-        """Let the groups in flight finish (their calls were sent to Postgres)."""
-        if self._stall_timer is not None:
-            self._stall_timer.cancel()
-        while self._groups:
-            await asyncio.gather(*self._groups, return_exceptions=True)
-        if self.groups:
-            log.info("group commit: %d calls in %d groups, %.2f a group, the largest %d",
-                     self.calls, self.groups, self.calls / self.groups, self.largest)
-
-    def _start_groups(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._queue and self._lane_free(loop.time()):
-            group: list[_Call] = []
-            keys: set[str] = set()
-            rest: list[_Call] = []
-            for call in self._queue:
-                # two calls with one key go in different groups: the second must see the
-                # first's answer, which its group's advisory lock would not keep from it
-                if len(group) >= self.max_group or (call.idem and call.idem.key in keys):
-                    rest.append(call)
-                    continue
-                group.append(call)
-                if call.idem:
-                    keys.add(call.idem.key)
-            self._queue = rest
-            task = asyncio.create_task(self._run(group))
-            self._groups[task] = loop.time()
-            self._calls_in_flight += len(group)
-            task.add_done_callback(functools.partial(self._group_done, len(group)))
-        if self._queue and len(self._groups) < self.lanes and self._stall_timer is None:
-            self._stall_timer = loop.call_at(max(self._groups.values()) + self.stall_s,
-                                             self._stalled)
-
-    def _lane_free(self, now: float) -> bool:
-        return not self._groups or (len(self._groups) < self.lanes and all(
-            now - started >= self.stall_s for started in self._groups.values()))
-
-    def _stalled(self) -> None:
-        self._stall_timer = None
-        self._start_groups()
-
-    def _group_done(self, size: int, task: asyncio.Task[None]) -> None:
-        del self._groups[task]
-        self._calls_in_flight -= size
-        self._start_groups()
-
-    async def _run(self, group: list[_Call]) -> None:
+    async def run_group(self, group: list[_Call]) -> None:
         sent = False
         answers: list[Answer]
         try:
@@ -228,9 +156,7 @@ class GroupCommitter:
                 for c in group:
                     _answer(c, kind(why))
             return
-        self.groups += 1
-        self.calls += len(group)
-        self.largest = max(self.largest, len(group))
+        self.counted(len(group))
         GROUP_SIZE.observe(len(group))
         # Refused calls' Redis first shows the state that refused them, as any read after the
         # answer must; held units become committed levels or are given back; one round trip.

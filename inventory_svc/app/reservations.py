@@ -9,13 +9,14 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
 
 from inventory_svc.app.context import Context
 from inventory_svc.app.group_commit import GroupCommitter, Progress, reservation_event
+from inventory_svc.app.group_settle import SettleCommitter, Settled
 from inventory_svc.domain import validation as val
 from inventory_svc.domain.errors import (
     DeadlineExceeded,
@@ -29,7 +30,6 @@ from inventory_svc.domain.model import (
     Channel,
     Line,
     LocationType,
-    Movement,
     MovementKind,
     Reservation,
     ReservationStatus,
@@ -43,14 +43,6 @@ from inventory_svc.storage.pg_base import Idem, Replay
 from inventory_svc.storage.redis_stock import Hold
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Settled:
-    """A reservation that ended in a sale, with its ledger rows."""
-
-    reservation: Reservation
-    movements: tuple[Movement, ...]
 
 
 def new_reservation_id() -> str:
@@ -69,9 +61,13 @@ class ReservationService:
         self.group = GroupCommitter(ctx, max_group=s.group_commit_max,
                                     lanes=s.group_commit_lanes,
                                     stall_s=s.group_commit_stall_ms / 1000)
+        self.ends = SettleCommitter(ctx, max_group=s.group_commit_max,
+                                    lanes=s.group_commit_lanes,
+                                    stall_s=s.group_commit_stall_ms / 1000)
 
     async def close(self) -> None:
         await self.group.close()
+        await self.ends.close()
 
     def ttl_within_quota(self, principal: Principal, ttl_s: int) -> int:
         """The TTL of a (valid) request under the principal's max_ttl_s: asking for more is
@@ -322,6 +318,10 @@ class ReservationService:
         if lines:
             val.validate_lines(v, "lines", lines, self.ctx.settings.max_lines)
         v.raise_if_any()
+        if not lines:  # the whole reservation: with whatever other ends are going
+            out = await self.ends.end(res_id, sale=False, idem=idem, owner=principal.owner)
+            assert not isinstance(out, Settled)
+            return out
         async with self.ctx.pg.unit(idem) as u:
             if u.replay is not None:
                 return Replay(u.replay)
@@ -355,28 +355,14 @@ class ReservationService:
 
     async def commit(self, res_id: str, idem: Idem | None, *,
                      principal: Principal = ANONYMOUS) -> Settled | Replay:
+        """Sell what a reservation holds (its shipments are kept: they happen now), with
+        whatever other ends are going (group_settle)."""
         v = val.Violations()
         self._check_id(res_id, v)
         v.raise_if_any()
-        async with self.ctx.pg.unit(idem) as u:
-            if u.replay is not None:
-                return Replay(u.replay)
-            # the shipments it holds are kept: they happen now
-            res = await PgStore.lock_active(u.conn, res_id, owner=principal.owner)
-            sold = [x for x in res.lines if x.quantity > 0]
-            news = await self._unreserve(u.conn, sold, sale=True)
-            moves = await PgStore.add_movements(u.conn, [
-                MovementDraft(x.sku, x.location_id, -x.quantity, MovementKind.SALE, "commit",
-                              res_id, res.order_ref) for x in sold],
-                [{(n.sku, n.location_id): n.on_hand for n in news}[(x.sku, x.location_id)]
-                 for x in sold])
-            await PgStore.end_reservation(u.conn, res_id, ReservationStatus.COMMITTED)
-            res = await PgStore.read_reservation(u.conn, res_id, lock=False)
-            await PgStore.add_outbox(u.conn, "RESERVATION", [_res_event(res)])
-            result = Settled(res, tuple(moves))
-            await u.remember(result)
-        await self.ctx.publish(news)
-        return result
+        out = await self.ends.end(res_id, sale=True, idem=idem, owner=principal.owner)
+        assert not isinstance(out, Reservation)
+        return out
 
     async def expire_due(self) -> int:
         """Expire reservations past their Postgres `expires_at`; safe with N sweepers."""

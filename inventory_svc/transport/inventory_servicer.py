@@ -13,7 +13,8 @@ from google.protobuf.message import Message
 
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
-from inventory_svc.app.reservations import ReservationService, Settled
+from inventory_svc.app.group_settle import Settled
+from inventory_svc.app.reservations import ReservationService
 from inventory_svc.app.returns import ReturnResult
 from inventory_svc.app.stock import (
     ImportResult,

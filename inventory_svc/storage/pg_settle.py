@@ -1,0 +1,154 @@
+"""Statements of grouped Commit and Release (app/group_settle): a group of reservations is
+locked in one statement, and everything it writes but the idempotency answers goes in one more.
+
+Locks are taken in the order every path takes them: reservations (by id), then stock rows (by
+sku, location), then capacity rows (by location, day). A group therefore never deadlocks with
+another group, with a single call or with the expiry sweeper.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+
+import asyncpg
+
+from inventory_svc.domain.errors import Aborted
+from inventory_svc.domain.model import Channel, Line, Movement, MovementKind, Reservation
+from inventory_svc.domain.model import ReservationStatus as Status
+from inventory_svc.domain.rules import StockKey
+from inventory_svc.storage.pg import MovementDraft
+from inventory_svc.storage.pg_base import to_ms
+
+
+@dataclass(frozen=True, slots=True)
+class LockedReservation:
+    """A reservation locked for its end, as it was before: the statuses it may end from are
+    the caller's to judge (`due`: past its expiry by Postgres' clock)."""
+
+    reservation: Reservation
+    owner: str
+    due: bool
+    capacity_day: date | None
+    capacity_locations: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """A reservation that ends now: its new status and its outbox event."""
+
+    id: str
+    status: Status
+    event: dict[str, object]
+
+
+async def lock_reservations(
+    conn: asyncpg.Connection, ids: Sequence[str]
+) -> tuple[dict[str, LockedReservation], datetime]:
+    """Lock the reservations with these ids in id order, with their lines (one statement); the
+    ids not found are absent. Also the transaction's `now()`: the ended_at of what ends."""
+    rows = await conn.fetch(
+        "SELECT r.id, r.status, r.channel, r.order_ref, r.created_at, r.expires_at,"
+        " r.ended_at, r.owner, r.capacity_day, r.capacity_locations,"
+        " r.expires_at <= now() AS due, now() AS now, l.sku, l.location_id, l.quantity"
+        " FROM reservations r LEFT JOIN reservation_lines l ON l.reservation_id = r.id"
+        " WHERE r.id = ANY($1::text[])"
+        " ORDER BY r.id, l.sku, l.location_id FOR UPDATE OF r",
+        sorted(set(ids)),
+    )
+    now: datetime | None = rows[0]["now"] if rows else None
+    if now is None:
+        now = await conn.fetchval("SELECT now()")
+    found: dict[str, LockedReservation] = {}
+    lines: dict[str, list[Line]] = {}
+    for r in rows:
+        lines.setdefault(r["id"], [])
+        if r["sku"] is not None:
+            lines[r["id"]].append(Line(r["sku"], r["location_id"], r["quantity"]))
+    for r in rows:
+        if r["id"] in found:
+            continue
+        res = Reservation(
+            id=r["id"], status=Status(r["status"]), channel=Channel(r["channel"]),
+            order_ref=r["order_ref"], lines=tuple(lines[r["id"]]),
+            created_at_ms=to_ms(r["created_at"]), expires_at_ms=to_ms(r["expires_at"]),
+            ended_at_ms=to_ms(r["ended_at"]))
+        found[r["id"]] = LockedReservation(res, r["owner"], r["due"], r["capacity_day"],
+                                           tuple(r["capacity_locations"] or ()))
+    assert now is not None
+    return found, now
+
+
+async def write_settlements(
+    conn: asyncpg.Connection, levels: Sequence[tuple[StockKey, int, int]],
+    sales: Sequence[tuple[MovementDraft, int]], endings: Sequence[Ending],
+) -> tuple[dict[StockKey, tuple[int, int]], list[Movement]]:
+    """One statement: the locked stock rows' new (on_hand, reserved), the SALE ledger rows
+    (with their on_hand after), the reservations' ends (a released one gives up its shipments'
+    record; the caller gave the shipments back) and their outbox events. Returns each stock
+    row's (version, seq) and the ledger rows written."""
+    rows = await conn.fetch(
+        "WITH st AS (UPDATE stock s SET on_hand = c.on_hand, reserved = c.reserved,"
+        "  version = s.version + CASE WHEN s.on_hand <> c.on_hand THEN 1 ELSE 0 END"
+        "  FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])"
+        "   AS c(sku, location_id, on_hand, reserved)"
+        "  WHERE s.sku = c.sku AND s.location_id = c.location_id"
+        "  RETURNING s.sku, s.location_id, s.version, s.seq),"
+        " mv AS (INSERT INTO movements (sku, location_id, delta, kind, reason, on_hand_after,"
+        "  reservation_id, order_ref) SELECT * FROM unnest($5::text[], $6::text[],"
+        "  $7::bigint[], $8::text[], $9::text[], $10::bigint[], $11::text[], $12::text[])"
+        "  RETURNING *),"
+        " en AS (UPDATE reservations r SET status = e.status, ended_at = now(),"
+        "  capacity_locations = CASE WHEN e.status = 'RELEASED' THEN '{}'::text[]"
+        "   ELSE r.capacity_locations END"
+        "  FROM unnest($13::text[], $14::text[]) AS e(id, status) WHERE r.id = e.id),"
+        " ob AS (INSERT INTO outbox (kind, payload)"
+        "  SELECT 'RESERVATION', e.payload FROM unnest($15::jsonb[])"
+        "   WITH ORDINALITY AS e(payload, i) ORDER BY e.i)"
+        " SELECT false AS ledger, sku, location_id, version, seq, NULL::bigint AS id,"
+        "  NULL::bigint AS delta, NULL::text AS kind, NULL::text AS reason,"
+        "  NULL::bigint AS on_hand_after, NULL::text AS reservation_id, NULL::text AS order_ref,"
+        "  NULL::timestamptz AS created_at FROM st"
+        " UNION ALL SELECT true, sku, location_id, NULL, NULL, id, delta, kind, reason,"
+        "  on_hand_after, reservation_id, order_ref, created_at FROM mv",
+        [k[0] for k, _, _ in levels], [k[1] for k, _, _ in levels],
+        [on_hand for _, on_hand, _ in levels], [reserved for _, _, reserved in levels],
+        [d.sku for d, _ in sales], [d.location_id for d, _ in sales],
+        [d.delta for d, _ in sales], [d.kind.value for d, _ in sales],
+        [d.reason for d, _ in sales], [after for _, after in sales],
+        [d.reservation_id for d, _ in sales], [d.order_ref for d, _ in sales],
+        [e.id for e in endings], [e.status.value for e in endings],
+        [json.dumps(e.event) for e in endings],
+    )
+    versions: dict[StockKey, tuple[int, int]] = {}
+    moves: list[Movement] = []
+    for r in rows:
+        if not r["ledger"]:
+            versions[(r["sku"], r["location_id"])] = (r["version"], r["seq"])
+            continue
+        moves.append(Movement(
+            id=r["id"], sku=r["sku"], location_id=r["location_id"], delta=r["delta"],
+            kind=MovementKind(r["kind"]), reason=r["reason"],
+            on_hand_after=r["on_hand_after"], reservation_id=r["reservation_id"],
+            order_ref=r["order_ref"], created_at_ms=to_ms(r["created_at"])))
+    moves.sort(key=lambda m: m.id)
+    return versions, moves
+
+
+async def store_answers(
+    conn: asyncpg.Connection, records: Sequence[tuple[str, str, bytes, bytes]]
+) -> None:
+    """The idempotency rows (key, method, request hash, answer) of the group's keyed calls."""
+    if not records:
+        return
+    try:
+        await conn.execute(
+            "INSERT INTO idempotency (key, method, request_hash, response)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[])",
+            [r[0] for r in records], [r[1] for r in records], [r[2] for r in records],
+            [r[3] for r in records])
+    except asyncpg.UniqueViolationError as exc:
+        # a first call with this key committed in the instant of our lookup: see Unit.claim
+        raise Aborted("an idempotency_key was just used; retry to get its answer") from exc
