@@ -29,13 +29,19 @@ RUN pip install --no-cache-dir /wheels/*.whl \
         --shell /usr/sbin/nologin inventory \
     && install -d -o 10001 -g 10001 -m 0700 /var/lib/inventory
 # Compile the routing kernels into numba's cache now, so a pod loads them in about a second
-# instead of compiling for about a minute. The installed package stays root-owned and read-only to
-# the service; only the cache directory belongs to it, because numba uses a cache directory only
-# if it can write there. With a read-only root filesystem (k8s/deployment.yaml) an init container
-# copies this directory into a writable emptyDir and NUMBA_CACHE_DIR points there.
-# numba keys the cache by CPU model: nodes with another CPU than the build host compile anew
+# instead of compiling for about a minute (meanwhile it serves inventory calls, with the
+# RoutingService NOT_SERVING). numba keys its cache by the directory of the source it compiled, so
+# the cache must be built for the installed package the service imports: the warm-up runs from /,
+# where no `routing` source tree is, and --require-installed fails the build otherwise
+# (tests/test_routing_cache.py runs this same command against a non-editable install). The
+# installed package stays root-owned and read-only to the service; only the cache directory
+# belongs to it, because numba uses a cache directory only if it can write there. With a read-only
+# root filesystem (k8s/deployment.yaml) an init container copies this directory into a writable
+# emptyDir and NUMBA_CACHE_DIR points there (the cache's layout inside it is relative).
+# numba keys the cache by CPU model too: nodes with another CPU than the build host compile anew
 # at start (NUMBA_CPU_NAME=generic at build and run time trades a little speed for portability).
-RUN python -c "import routing; routing.warm_up()" \
+WORKDIR /
+RUN python -m routing.warm --require-installed \
     && chown -R 10001:10001 /opt/numba-cache
 # The embedded stores (no URLs given, e.g. `docker run` alone) keep their data under here.
 WORKDIR /var/lib/inventory

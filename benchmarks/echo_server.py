@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 
 import grpc
 
@@ -28,4 +29,8 @@ async def serve(port: int) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
+    with contextlib.suppress(ImportError):  # the loop our service and the peer run on
+        import uvloop
+
+        uvloop.install()
     asyncio.run(serve(p.parse_args().port))

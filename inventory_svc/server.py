@@ -1,8 +1,13 @@
 """Assemble and run the service: stores, background tasks, gRPC with health and reflection.
 
-Start order: stores → migrations → Redis generation check/rebuild → solver warm-up → gRPC
-SERVING. Shutdown (SIGTERM/SIGINT): health NOT_SERVING → drain in-flight calls → stop background
-tasks → close pools → stop embedded servers.
+Start: stores → migrations → gRPC listening with every service NOT_SERVING (their calls answered
+UNAVAILABLE + RetryInfo by the gate, transport/gate.py) → Redis generation check, rebuilt from
+Postgres if needed → `prepare` (`serve --demo` loads the demo network there) → "" and the
+InventoryService (and WatchService) SERVING. Meanwhile the routing kernels come in
+(routing_warmup.py: about a second from numba's cache, a compile in a child process on a first
+start); the RoutingService turns SERVING once they are in and inventory serves.
+Shutdown (SIGTERM/SIGINT): health NOT_SERVING → drain in-flight calls → stop background tasks
+(and a routing warm-up still under way) → close pools → stop embedded servers.
 """
 
 from __future__ import annotations
@@ -11,8 +16,8 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -24,27 +29,37 @@ from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory.v1 import routing_service_pb2 as rp
 from inventory.v1 import routing_service_pb2_grpc as rp_grpc
+from inventory.v1 import watch_service_pb2 as wp
+from inventory.v1 import watch_service_pb2_grpc as wp_grpc
 from inventory_svc.app.background import Reconciler, run_background
 from inventory_svc.app.context import Context
 from inventory_svc.app.reservations import ReservationService
 from inventory_svc.app.routing import RoutingService
 from inventory_svc.app.stock import StockService
+from inventory_svc.app.watch import WatchService
 from inventory_svc.config import Settings
 from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis
+from inventory_svc.routing_warmup import bring_in
+from inventory_svc.startup import StartupError, check_port, hold_data_dir, port_problem
 from inventory_svc.storage.pg import PgStore
 from inventory_svc.storage.redis_stock import RedisStock
 from inventory_svc.transport.admission import AdmissionInterceptor, ListCaps, LoopLag
+from inventory_svc.transport.gate import ServiceGate
 from inventory_svc.transport.interceptors import MetricsInterceptor
 from inventory_svc.transport.inventory_servicer import InventoryServicer
 from inventory_svc.transport.principals import load_principals
 from inventory_svc.transport.routing_servicer import RoutingServicer
-from routing.solver import warm_up
+from inventory_svc.transport.watch_servicer import WatchServicer
+from routing.warm import EXPECTED_COMPILE
 
 log = logging.getLogger(__name__)
-SERVICE_NAMES = (
-    api.DESCRIPTOR.services_by_name["InventoryService"].full_name,
-    rp.DESCRIPTOR.services_by_name["RoutingService"].full_name,
-)
+INVENTORY = api.DESCRIPTOR.services_by_name["InventoryService"].full_name
+ROUTING = rp.DESCRIPTOR.services_by_name["RoutingService"].full_name
+WATCH = wp.DESCRIPTOR.services_by_name["WatchService"].full_name
+SERVICE_NAMES = (INVENTORY, ROUTING, WATCH)
+__all__ = ["Running", "StartupError", "check_port", "embedded_stores", "serve"]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass
@@ -59,25 +74,35 @@ class Running:
     reconciler: Reconciler
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped in the stubs)
     routing: RoutingService
+    watch: WatchService | None = None  # WatchStock streams (app/watch.py)
+    gate: ServiceGate = field(default_factory=ServiceGate)
+    # set when the routing kernels are in this process (RoutingService SERVING once inventory is)
+    routing_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    inventory_ready: bool = False
 
 
 @contextlib.asynccontextmanager
 async def embedded_stores(settings: Settings, *, redis: bool = True) -> AsyncIterator[Settings]:
-    """Start the embedded Redis-compatible server and Postgres for the URLs not given."""
-    started: list[EmbeddedRedis | EmbeddedPostgres] = []
-    try:
-        if redis and not settings.redis_url:
-            r = EmbeddedRedis(settings.data_dir / "redis")
-            started.append(r)
-            settings = replace(settings, redis_url=await asyncio.to_thread(r.start))
-        if not settings.database_url:
-            p = EmbeddedPostgres(settings.data_dir / "postgres")
-            started.append(p)
-            settings = replace(settings, database_url=await asyncio.to_thread(p.start))
+    """Start the embedded Redis-compatible server and Postgres for the URLs not given, holding
+    the data dir (hold_data_dir) while they run."""
+    if not (redis and not settings.redis_url) and settings.database_url:
         yield settings
-    finally:
-        for server in reversed(started):
-            await asyncio.to_thread(server.stop)
+        return
+    started: list[EmbeddedRedis | EmbeddedPostgres] = []
+    with hold_data_dir(settings.data_dir):
+        try:
+            if redis and not settings.redis_url:
+                r = EmbeddedRedis(settings.data_dir / "redis")
+                started.append(r)
+                settings = replace(settings, redis_url=await asyncio.to_thread(r.start))
+            if not settings.database_url:
+                p = EmbeddedPostgres(settings.data_dir / "postgres")
+                started.append(p)
+                settings = replace(settings, database_url=await asyncio.to_thread(p.start))
+            yield settings
+        finally:
+            for server in reversed(started):
+                await asyncio.to_thread(server.stop)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -117,34 +142,81 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
                                        require_client_auth=ca is not None)
 
 
+def _listen(server: grpc.aio.Server, host: str, port: int,
+            credentials: grpc.ServerCredentials | None) -> int:
+    """Bind the port (StartupError in one line when that fails); the port bound."""
+    address = f"{host}:{port}"
+    try:
+        return (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
+    except RuntimeError:  # grpc says only "Failed to bind"; find out why
+        check_port(host, port)
+        raise StartupError(port_problem(address, "grpc could not bind it")) from None
+
+
+async def _warm_routing(running: Running) -> None:
+    """Bring the routing kernels in (routing_warmup.py), then open the RoutingService."""
+    gate, health_servicer = running.gate, running.health
+
+    def compiling() -> None:
+        gate.close(ROUTING, "routing is starting: its solver is being compiled (a first start "
+                   f"on this machine, {EXPECTED_COMPILE}); inventory calls are served; retry "
+                   "later", 10.0)
+
+    log.info("routing: loading the solver's kernels (the RoutingService is NOT_SERVING until "
+             "they are in)")
+    try:
+        what = await bring_in(compiling)
+    except Exception:
+        log.exception("routing: the solver could not be loaded; the RoutingService stays "
+                      "NOT_SERVING on this replica")
+        gate.close(ROUTING, "routing is unavailable on this replica: its solver could not be "
+                   "loaded (see the service log); retry on another replica", 30.0)
+        raise
+    log.info("routing: solver ready (%s)", what)
+    running.routing_ready.set()
+    gate.open(ROUTING)
+    if running.inventory_ready:
+        await health_servicer.set(ROUTING, SERVING)
+
+
 @contextlib.asynccontextmanager
-async def serve(settings: Settings, *, background_lock: int | None = None
+async def serve(settings: Settings, *, background_lock: int | None = None,
+                routing_in_background: bool = False,
+                prepare: Callable[[Running], Awaitable[None]] | None = None
                 ) -> AsyncIterator[Running]:
-    """Run the service until the block exits, then shut it down in order. With
-    `background_lock` the sweeper and reconciler run only while this process holds that advisory
-    lock (one leader among the workers of `serve --workers N`: app/background.py)."""
+    """Run the service until the block exits, then shut it down in order (see the module doc).
+
+    `prepare` runs once the stores are ready, before inventory serves (`serve --demo` loads the
+    demo there). With `routing_in_background` (the CLI) the block is entered once inventory
+    serves, and the RoutingService joins when its kernels are in (`Running.routing_ready`);
+    without it (tests, embedding) only once routing serves too. With `background_lock` the
+    sweeper and reconciler run only while this process holds that advisory lock (one leader
+    among the workers of `serve --workers N`: app/background.py)."""
     settings.validate()  # e.g. refuses a non-loopback address with neither TLS nor principals
     pg = await PgStore.connect(settings.database_url, min_size=settings.pg_pool_min,
                                max_size=settings.pg_pool_max, timeout_s=settings.pg_timeout_s)
     redis = RedisStock.from_url(settings.redis_url, cluster=settings.redis_cluster,
                                 timeout_s=settings.redis_timeout_s)
+    # A start finds what the last run left: data built on an earlier Redis process (the embedded
+    # Valkey restarts with the service) is routine to drop then; while serving it is not.
+    redis.stale_drop_level = logging.INFO
     try:
         await pg.migrate()
         ctx = Context(settings, pg, redis)
         await ctx.refresh_locations()
         reconciler = Reconciler(ctx)
-        await reconciler.ensure_generation(startup=True)
         stock, reservations = StockService(ctx), ReservationService(ctx)
         routing = RoutingService(ctx, stock, reservations)
-        # Compile (or load from numba's cache) every solver kernel before SERVING, so no request
-        # ever waits for a JIT compile.
-        await asyncio.to_thread(warm_up)
 
         registry = load_principals(settings)
         if registry.open:
-            log.warning("no principals configured: every caller acts as admin; serving "
-                        "%s only because it is a loopback address (or INVENTORY_ALLOW_INSECURE)",
-                        settings.host)
+            # Open on a loopback address is the development default (validate() refuses it
+            # elsewhere): INFO. Opened wider by INVENTORY_ALLOW_INSECURE: WARNING.
+            log.log(logging.WARNING if settings.allow_insecure else logging.INFO,
+                    "no principals configured: every caller acts as admin; serving %s only "
+                    "because it is a loopback address (or INVENTORY_ALLOW_INSECURE)",
+                    settings.host)
         loop_lag = LoopLag()
         admission = AdmissionInterceptor(
             registry, mtls=bool(settings.tls_client_ca), loop_lag=loop_lag,
@@ -153,56 +225,82 @@ async def serve(settings: Settings, *, background_lock: int | None = None
                           ids=settings.max_ids_per_read, rows=settings.import_max_rows),
             max_in_flight=settings.max_concurrent_rpcs)
         if settings.metrics_port:
-            prometheus_client.start_http_server(settings.metrics_port, addr=settings.metrics_host)
+            try:
+                prometheus_client.start_http_server(settings.metrics_port,
+                                                    addr=settings.metrics_host)
+            except OSError as exc:
+                raise StartupError(port_problem(
+                    f"{settings.metrics_host}:{settings.metrics_port} (metrics)",
+                    exc.strerror or str(exc))) from None
+        gate = ServiceGate("the service is starting: checking redis against postgres; retry "
+                           "shortly", retry_after_s=1.0)
+        gate.close(ROUTING, "routing is starting: its solver is loading; retry shortly", 1.0)
         # grpc's own limit of concurrent calls is left off: it counts calls whose request has
         # not even arrived (and health checks), so idle callers could fill it. Admission counts
         # calls at work instead; each connection may open at most max_streams_per_connection.
-        server = grpc.aio.server(interceptors=[MetricsInterceptor(), admission],
+        server = grpc.aio.server(interceptors=[MetricsInterceptor(), gate, admission],
                                  options=server_options(settings))
         api_grpc.add_InventoryServiceServicer_to_server(
             InventoryServicer(stock, reservations), server)
         rp_grpc.add_RoutingServiceServicer_to_server(RoutingServicer(routing), server)
+        watch = WatchService(ctx)
+        wp_grpc.add_WatchServiceServicer_to_server(WatchServicer(watch), server)
         health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        for name in ("", *SERVICE_NAMES):  # grpc's default for "" is SERVING
+            await health_servicer.set(name, NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        address = f"{settings.host}:{settings.port}"
-        credentials = server_credentials(settings)
-        port = (server.add_secure_port(address, credentials) if credentials is not None
-                else server.add_insecure_port(address))
+        port = _listen(server, settings.host, settings.port, server_credentials(settings))
         probes = None
         if settings.health_port:
             # kubelet's gRPC probes speak plaintext only: a listener that serves health alone
             probes = grpc.aio.server(options=server_options(settings))
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
-            probes.add_insecure_port(f"{settings.host}:{settings.health_port}")
+            _listen(probes, settings.host, settings.health_port, None)
             await probes.start()
         await server.start()
-
-        background = asyncio.create_task(
-            run_background(ctx, reservations, reconciler, lock=background_lock))
-        lag_watch = asyncio.create_task(loop_lag.run())
-        # What start-up built (modules, compiled kernels, the location cache) lives as long as
-        # the process: out of the cyclic collector's sight, its full collections stay short.
-        gc.freeze()
-        for name in ("", *SERVICE_NAMES):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on %s:%d", settings.host, port)
+        running = Running(settings, port, ctx, stock, reservations, reconciler, health_servicer,
+                          routing, watch, gate)
+        warming = asyncio.create_task(_warm_routing(running))
+        tasks: list[asyncio.Task[Any]] = []
         try:
-            yield Running(settings, port, ctx, stock, reservations, reconciler, health_servicer,
-                          routing)
+            log.info("listening on %s:%d, not serving yet: checking redis against postgres",
+                     settings.host, port)
+            await reconciler.ensure_generation(startup=True)
+            redis.stale_drop_level = logging.WARNING
+            if prepare is not None:
+                await prepare(running)
+            tasks.append(asyncio.create_task(
+                run_background(ctx, reservations, reconciler, lock=background_lock)))
+            tasks.append(asyncio.create_task(loop_lag.run()))
+            if not routing_in_background:
+                await asyncio.shield(warming)  # its failure fails the start
+            # What start-up built (modules, compiled kernels, the location cache) lives as long
+            # as the process: out of the cyclic collector's sight, its full collections stay
+            # short.
+            gc.freeze()
+            gate.open_all()
+            running.inventory_ready = True
+            for name in ("", INVENTORY, WATCH):
+                await health_servicer.set(name, SERVING)
+            if running.routing_ready.is_set():
+                await health_servicer.set(ROUTING, SERVING)
+            log.info("serving on %s:%d%s", settings.host, port, "" if running.routing_ready.is_set()
+                     else " (routing once its solver is in)")
+            yield running
         finally:
             await health_servicer.enter_graceful_shutdown()
+            await watch.close()  # streams end now (UNAVAILABLE, where to resume), not at the grace
             await server.stop(settings.shutdown_grace_s)
             if probes is not None:
                 await probes.stop(0)
             await reservations.close()
-            background.cancel()
-            lag_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await background
-            with contextlib.suppress(asyncio.CancelledError):
-                await lag_watch
+            for task in (*tasks, warming):
+                task.cancel()
+            for task in (*tasks, warming):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
     finally:
         await redis.close()
         await pg.close()

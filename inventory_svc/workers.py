@@ -9,8 +9,9 @@ operator started):
 2. starts N workers: `python -m inventory_svc.cli serve --worker I --supervisor PID` with the
    resolved URLs and port in their environment. Each has its own event loop, pools and warm-up,
    binds the port with SO_REUSEPORT (the kernel spreads new connections over them) and prints
-   `worker I pid P serving on HOST:PORT` when SERVING; with `--demo`, worker 0 starts first,
-   the demo is loaded through it, and the others start once it is in;
+   `worker I pid P serving on HOST:PORT` when SERVING; with `--demo`, worker 0 starts first
+   and loads the demo before it serves (health NOT_SERVING meanwhile), and the others start
+   once it serves;
 3. restarts a worker that dies (at once if it had served, else after a growing pause); a worker
    that dies before it ever served during start-up fails the start (a bad port, an unreachable
    store: restarting would only hide it);
@@ -40,6 +41,7 @@ from typing import Any
 
 from inventory_svc.config import Settings
 from inventory_svc.embedded.process import pdeathsig_preexec
+from inventory_svc.startup import StartupError, check_port, port_problem
 
 log = logging.getLogger(__name__)
 STOP_MARGIN_S = 15.0  # beyond the drain, for closing pools and flushing
@@ -116,8 +118,10 @@ class _Slot:
 class Supervisor:
     """Starts, watches and restarts the workers; see the module doc."""
 
-    def __init__(self, settings: Settings, workers: int, metrics_dir: str | None) -> None:
+    def __init__(self, settings: Settings, workers: int, metrics_dir: str | None, *,
+                 demo: bool = False) -> None:
         self.settings = settings
+        self.demo = demo  # worker 0 loads the demo (when there is none) before it serves
         self.slots = [_Slot(i) for i in range(workers)]
         self.env = _worker_env(settings, workers, metrics_dir)
         self.metrics_dir = metrics_dir
@@ -175,9 +179,10 @@ class Supervisor:
         failures = 0
         while not self._stopping:
             try:
+                demo = ["--demo"] if self.demo and slot.index == 0 else []
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "inventory_svc.cli", "serve", "--worker",
-                    str(slot.index), "--supervisor", str(os.getpid()), env=self.env,
+                    str(slot.index), "--supervisor", str(os.getpid()), *demo, env=self.env,
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                     # its own process group: Ctrl-C reaches the supervisor only, which stops the
                     # workers in order; PDEATHSIG: no worker outlives a supervisor killed with -9
@@ -292,53 +297,33 @@ async def _check_connections(settings: Settings, workers: int) -> None:
                     settings.pg_pool_max, allowed)
 
 
-async def _load_demo(settings: Settings) -> None:
-    """What `serve --demo` does in one process, done once for all workers (through worker 0)."""
-    import grpc
-
-    from inventory.v1 import inventory_service_pb2 as api
-    from inventory.v1 import inventory_service_pb2_grpc as api_grpc
-    from inventory_svc.cli import demo_refusal
-    from inventory_svc.demo import load_demo
-
-    if (refusal := demo_refusal(settings)) is not None:
-        print(refusal, file=sys.stderr, flush=True)
-        return
-    target = f"127.0.0.1:{settings.port}"
-    async with grpc.aio.insecure_channel(target) as channel:
-        got = await api_grpc.InventoryServiceStub(channel).ListLocations(
-            api.ListLocationsRequest(), timeout=settings.pg_timeout_s * 3)
-    if not got.locations:
-        await load_demo(target, sku_count=settings.demo_skus)
-
-
 async def supervise(settings: Settings, workers: int, *, demo: bool) -> int:
     """Run `workers` serving processes until SIGTERM/SIGINT; the exit code of `serve`."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with _stores(settings) as resolved:
-        with contextlib.ExitStack() as held:
-            try:
-                port = held.enter_context(reserve_port(resolved.host, resolved.port))
-            except OSError as exc:
-                print(f"inventory-svc: cannot bind {resolved.host}:{resolved.port}: {exc}",
-                      file=sys.stderr, flush=True)
-                return 1
+    with contextlib.ExitStack() as held:
+        # the port first: a port in use is said at once, before the stores start
+        check_port(settings.host, settings.port)  # StartupError: one line (cli.py)
+        try:
+            port = held.enter_context(reserve_port(settings.host, settings.port))
+        except OSError as exc:
+            raise StartupError(port_problem(f"{settings.host}:{settings.port}",
+                                            exc.strerror or str(exc))) from None
+        async with _stores(settings) as resolved:
             metrics_dir = held.enter_context(shared_metrics(resolved))
             resolved = replace(resolved, port=port, workers=workers)
             await _check_connections(resolved, workers)
-            return await _run(Supervisor(resolved, workers, metrics_dir), stop, demo)
+            return await _run(Supervisor(resolved, workers, metrics_dir, demo=demo), stop, demo)
 
 
 async def _run(supervisor: Supervisor, stop: asyncio.Event, demo: bool) -> int:
     settings, workers = supervisor.settings, len(supervisor.slots)
     try:
-        if demo:  # one worker first, the demo through it, then the rest
+        if demo:  # worker 0 first, which loads the demo before it serves, then the rest
             await supervisor.start([0], stop)
             if not stop.is_set():
-                await _load_demo(settings)
                 await supervisor.start(range(1, workers), stop)
         else:
             await supervisor.start(range(workers), stop)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 _DIR = Path(__file__).resolve().parent
-_FILES = ("geo.py", "evaluate.py", "pool.py", "bnb.py", "kernels.py")
+_FILES = ("_types.py", "geo.py", "evaluate.py", "pool.py", "bnb.py", "kernels.py")
 
 
 def source_stamp() -> str:

@@ -17,13 +17,13 @@ covering T, cost(T) plus, per added location, ship + penalty - the most it could
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from routing._types import B1, F1, I1, I2, B, F, I, kernel
 from routing.evaluate import make_valid, set_cost, sort_members
 from routing.pool import pool_insert, tie_prune
 
 
-@njit(cache=True)
+@kernel(I, I1, I1, I, F1, F1, I2, I1, B1, B1, I1, I1, F1, F1)
 def _line_bound(j: int, tmem: np.ndarray, tord: np.ndarray, d: int, ccpu: np.ndarray,
                 eff: np.ndarray, cs: np.ndarray, qty: np.ndarray, in_t: np.ndarray,
                 forb: np.ndarray, ptr: np.ndarray, eff_idx: np.ndarray, lbl: np.ndarray,
@@ -65,7 +65,7 @@ def _line_bound(j: int, tmem: np.ndarray, tord: np.ndarray, d: int, ccpu: np.nda
     marg[j] = price
 
 
-@njit(cache=True)
+@kernel(I, B, I1, I1, I, F1, F1, I2, I1, B1, B1, I1, I, I1, I1, I1, I1, F1, F1)
 def _forbid(c: int, bound: bool, tmem: np.ndarray, tord: np.ndarray, d: int,
             ccpu: np.ndarray, eff: np.ndarray, cs: np.ndarray, qty: np.ndarray,
             in_t: np.ndarray, forb: np.ndarray, fstack: np.ndarray, fsp: int,
@@ -84,7 +84,7 @@ def _forbid(c: int, bound: bool, tmem: np.ndarray, tord: np.ndarray, d: int,
     return fsp + 1
 
 
-@njit(cache=True)
+@kernel(I2, I1, I1)
 def _lists_in_order(cs: np.ndarray, ptr: np.ndarray, seq: np.ndarray) -> np.ndarray:
     """Per-line lists (CSR with offsets `ptr`) of the candidates holding the line, in `seq`
     order."""
@@ -98,79 +98,7 @@ def _lists_in_order(cs: np.ndarray, ptr: np.ndarray, seq: np.ndarray) -> np.ndar
     return out
 
 
-@njit(cache=True)
-def search(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
-           qty: np.ndarray, pen: float, split: bool, kmax: int, k1: int, cov_ptr: np.ndarray,
-           cov_idx: np.ndarray, pcost: np.ndarray, psize: np.ndarray, pranks: np.ndarray,
-           pmem: np.ndarray, pn: np.ndarray, thr: np.ndarray) -> None:
-    """Fill the pool with every plan of at most `kmax` candidates that may be among the first k1.
-
-    Candidates must be sorted by ship cost, ascending (loops over them stop early on bounds).
-    """
-    nc, n_lines = cs.shape
-    order = np.empty(kmax, np.int64)
-    maxcpu = np.empty(n_lines, np.float64)
-    take = np.empty((kmax, n_lines), np.int64)
-    one = np.empty(1, np.int64)
-    eff = np.empty(nc, np.float64)
-    for c in range(nc):
-        full = True
-        units = 0
-        for j in range(n_lines):
-            units += cs[c, j]
-            if cs[c, j] < qty[j]:
-                full = False
-        eff[c] = ccpu[c] + (cship[c] + pen) / max(units, 1)
-        if full:
-            one[0] = c
-            cost = set_cost(one, 1, cship, ccpu, crank, cs, qty, pen, order, maxcpu, take)
-            pool_insert(pcost, psize, pranks, pmem, pn, thr, cost, one, 1, crank, k1)
-    if nc == 0 or kmax == 1:
-        return
-    # Branch on the cheapest sources per unit (eff) first: once their subtrees are done they
-    # are forbidden, which raises the bound of the remaining siblings the most.
-    eff_idx = _lists_in_order(cs, cov_ptr, np.argsort(eff, kind="mergesort"))
-    u0 = 0.0
-    by_cpu = np.argsort(ccpu, kind="mergesort")
-    for j in range(n_lines):
-        need = qty[j]
-        for c in by_cpu:
-            if need == 0:
-                break
-            t = min(need, cs[c, j])
-            u0 += t * ccpu[c]
-            need -= t
-    # Lagrangian bound: with a price pi[j] per unit of line j (here the eff price of the
-    # marginal unit when every candidate is available), any plan S costs at least
-    # sum_j pi[j] * qty[j] - pen + sum over S of rc[x], where
-    # rc[x] = ship[x] + pen + sum_j cs[x, j] * min(0, cpu[x] - pi[j]).
-    lag0 = -pen
-    pi = np.zeros(n_lines, np.float64)
-    for j in range(n_lines):
-        need = qty[j]
-        for p in range(cov_ptr[j], cov_ptr[j + 1]):
-            c = eff_idx[p]
-            need -= min(need, cs[c, j])
-            pi[j] = eff[c]
-            if need == 0:
-                break
-        if need > 0:
-            pi[j] = 0.0
-        lag0 += pi[j] * qty[j]
-    rc = np.empty(nc, np.float64)
-    for c in range(nc):
-        rc[c] = cship[c] + pen
-        for j in range(n_lines):
-            rc[c] += cs[c, j] * min(0.0, ccpu[c] - pi[j])
-    rc_order = np.argsort(rc, kind="mergesort")
-    by_rank = np.argsort(crank, kind="mergesort")
-    # Iterative deepening: plans with fewer locations, found first, tighten later bounds.
-    for kcur in range(2, kmax + 1):
-        _dfs(cship, ccpu, crank, cs, qty, pen, split, kcur, k1, cov_ptr, eff_idx, eff, u0,
-             lag0, rc, rc_order, by_rank, pcost, psize, pranks, pmem, pn, thr)
-
-
-@njit(cache=True)
+@kernel(F1, F1, I2, F, F1, F, B1, B1, I, F1)
 def _extra_costs(cship: np.ndarray, ccpu: np.ndarray, cs: np.ndarray, pen: float,
                  maxcpu: np.ndarray, cpumax: float, in_t: np.ndarray, forb: np.ndarray,
                  r: int, dx: np.ndarray) -> float:
@@ -202,7 +130,7 @@ def _extra_costs(cship: np.ndarray, ccpu: np.ndarray, cs: np.ndarray, pen: float
     return best[:r].sum() if r > 0 else 0.0
 
 
-@njit(cache=True)
+@kernel(I1, I, I1, I, I, I1)
 def _tie_key(tmem: np.ndarray, d: int, crank: np.ndarray, c: int, extra: int,
              key: np.ndarray) -> int:
     """Sorted ranks of T + c (+ `extra` if >= 0) into `key`; returns their number."""
@@ -225,7 +153,7 @@ def _tie_key(tmem: np.ndarray, d: int, crank: np.ndarray, c: int, extra: int,
     return m
 
 
-@njit(cache=True)
+@kernel(I, F1, I1, B1, B1)
 def _negsum(r: int, rc: np.ndarray, rc_order: np.ndarray, forb: np.ndarray,
             in_t: np.ndarray) -> float:
     """Sum of the (at most r) most negative rc among candidates outside T and not forbidden."""
@@ -239,7 +167,7 @@ def _negsum(r: int, rc: np.ndarray, rc_order: np.ndarray, forb: np.ndarray,
     return total
 
 
-@njit(cache=True)
+@kernel(F1, F1, I1, I2, I1, F, B, I, I, I1, I1, F1, F, F, F1, I1, I1, F1, I1, I2, I2, I1, F1)
 def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
          qty: np.ndarray, pen: float, split: bool, kmax: int, k1: int, cov_ptr: np.ndarray,
          eff_idx: np.ndarray, eff: np.ndarray, u0: float, lag0: float, rc: np.ndarray,
@@ -448,3 +376,75 @@ def _dfs(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
             if cs[c, j] > 0:
                 avail[j] += cs[c, j]
                 cnt[j] += 1
+
+
+@kernel(F1, F1, I1, I2, I1, F, B, I, I, I1, I1, F1, I1, I2, I2, I1, F1)
+def search(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
+           qty: np.ndarray, pen: float, split: bool, kmax: int, k1: int, cov_ptr: np.ndarray,
+           cov_idx: np.ndarray, pcost: np.ndarray, psize: np.ndarray, pranks: np.ndarray,
+           pmem: np.ndarray, pn: np.ndarray, thr: np.ndarray) -> None:
+    """Fill the pool with every plan of at most `kmax` candidates that may be among the first k1.
+
+    Candidates must be sorted by ship cost, ascending (loops over them stop early on bounds).
+    """
+    nc, n_lines = cs.shape
+    order = np.empty(kmax, np.int64)
+    maxcpu = np.empty(n_lines, np.float64)
+    take = np.empty((kmax, n_lines), np.int64)
+    one = np.empty(1, np.int64)
+    eff = np.empty(nc, np.float64)
+    for c in range(nc):
+        full = True
+        units = 0
+        for j in range(n_lines):
+            units += cs[c, j]
+            if cs[c, j] < qty[j]:
+                full = False
+        eff[c] = ccpu[c] + (cship[c] + pen) / max(units, 1)
+        if full:
+            one[0] = c
+            cost = set_cost(one, 1, cship, ccpu, crank, cs, qty, pen, order, maxcpu, take)
+            pool_insert(pcost, psize, pranks, pmem, pn, thr, cost, one, 1, crank, k1)
+    if nc == 0 or kmax == 1:
+        return
+    # Branch on the cheapest sources per unit (eff) first: once their subtrees are done they
+    # are forbidden, which raises the bound of the remaining siblings the most.
+    eff_idx = _lists_in_order(cs, cov_ptr, np.argsort(eff, kind="mergesort"))
+    u0 = 0.0
+    by_cpu = np.argsort(ccpu, kind="mergesort")
+    for j in range(n_lines):
+        need = qty[j]
+        for c in by_cpu:
+            if need == 0:
+                break
+            t = min(need, cs[c, j])
+            u0 += t * ccpu[c]
+            need -= t
+    # Lagrangian bound: with a price pi[j] per unit of line j (here the eff price of the
+    # marginal unit when every candidate is available), any plan S costs at least
+    # sum_j pi[j] * qty[j] - pen + sum over S of rc[x], where
+    # rc[x] = ship[x] + pen + sum_j cs[x, j] * min(0, cpu[x] - pi[j]).
+    lag0 = -pen
+    pi = np.zeros(n_lines, np.float64)
+    for j in range(n_lines):
+        need = qty[j]
+        for p in range(cov_ptr[j], cov_ptr[j + 1]):
+            c = eff_idx[p]
+            need -= min(need, cs[c, j])
+            pi[j] = eff[c]
+            if need == 0:
+                break
+        if need > 0:
+            pi[j] = 0.0
+        lag0 += pi[j] * qty[j]
+    rc = np.empty(nc, np.float64)
+    for c in range(nc):
+        rc[c] = cship[c] + pen
+        for j in range(n_lines):
+            rc[c] += cs[c, j] * min(0.0, ccpu[c] - pi[j])
+    rc_order = np.argsort(rc, kind="mergesort")
+    by_rank = np.argsort(crank, kind="mergesort")
+    # Iterative deepening: plans with fewer locations, found first, tighten later bounds.
+    for kcur in range(2, kmax + 1):
+        _dfs(cship, ccpu, crank, cs, qty, pen, split, kcur, k1, cov_ptr, eff_idx, eff, u0,
+             lag0, rc, rc_order, by_rank, pcost, psize, pranks, pmem, pn, thr)

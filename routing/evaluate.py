@@ -9,12 +9,13 @@ With that encoding one greedy serves both split modes.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from routing._types import B1, F1, I1, I2, B, F, I, kernel
 
 INF = np.inf
 
 
-@njit(cache=True)
+@kernel(I1, I, F1, I1, I1)
 def sort_members(mem: np.ndarray, m: int, ccpu: np.ndarray, crank: np.ndarray,
                  out: np.ndarray) -> None:
     """Write positions 0..m-1 of `mem` into `out`, ordered by (cost_per_unit, rank)."""
@@ -33,7 +34,7 @@ def sort_members(mem: np.ndarray, m: int, ccpu: np.ndarray, crank: np.ndarray,
         out[k + 1] = p
 
 
-@njit(cache=True)
+@kernel(I1, I, F1, F1, I1, I2, I1, F, I1, F1, I2)
 def set_cost(mem: np.ndarray, m: int, cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray,
              cs: np.ndarray, qty: np.ndarray, pen: float, order: np.ndarray,
              maxcpu: np.ndarray, take: np.ndarray) -> float:
@@ -62,7 +63,7 @@ def set_cost(mem: np.ndarray, m: int, cship: np.ndarray, ccpu: np.ndarray, crank
     return cost
 
 
-@njit(cache=True)
+@kernel(I1, I, B1, F1, I2, F1, I1, I1)
 def _match(mem: np.ndarray, m: int, free: np.ndarray, ccpu: np.ndarray, cs: np.ndarray,
            maxcpu: np.ndarray, cap: np.ndarray, match: np.ndarray) -> bool:
     """Give every `free` member a line at its marginal price, at most cap[j] members per line.
@@ -116,7 +117,7 @@ def _match(mem: np.ndarray, m: int, free: np.ndarray, ccpu: np.ndarray, cs: np.n
     return True
 
 
-@njit(cache=True)
+@kernel(I1, I, F1, I2, I1, B, I1, F1, I2)
 def make_valid(mem: np.ndarray, m: int, ccpu: np.ndarray, cs: np.ndarray, qty: np.ndarray,
                split: bool, order: np.ndarray, maxcpu: np.ndarray, take: np.ndarray) -> bool:
     """Is some cheapest assignment of `mem[:m]` one where every member supplies >= 1 unit?
@@ -188,7 +189,7 @@ def make_valid(mem: np.ndarray, m: int, ccpu: np.ndarray, cs: np.ndarray, qty: n
     return True
 
 
-@njit(cache=True)
+@kernel(I2, I1, B1, I, I1, I1)
 def can_cover(cs: np.ndarray, need0: np.ndarray, allowed: np.ndarray, budget: int,
               cov_ptr: np.ndarray, cov_idx: np.ndarray) -> bool:
     """Can at most `budget` allowed candidates together supply `need0`?

@@ -7,8 +7,8 @@ Everything here works on contiguous numpy arrays indexed by network position; th
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from routing._types import B1, F1, I1, I2, R1, B, F, I, kernel
 from routing.bnb import search
 from routing.evaluate import can_cover, make_valid, set_cost
 from routing.geo import haversine_rad_nb
@@ -18,7 +18,7 @@ INACTIVE, CANNOT_PICKUP, EXCLUDED, CANNOT_SHIP, TOO_FAR, NO_CAPACITY, NO_STOCK =
 OPTIMAL, PRIORITY, CLOSEST, HIGHEST_STOCK, FEWEST_SPLITS = 0, 1, 2, 3, 4
 
 
-@njit(cache=True)
+@kernel(F1, F1, B1, B1, B1, F1, F1, I1, B1, I2, F, F, I, F)
 def eligibility(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: np.ndarray,
                 can_pickup: np.ndarray, fixed: np.ndarray, per_km: np.ndarray,
                 capacity: np.ndarray, excluded: np.ndarray, stock: np.ndarray, dest_lat: float,
@@ -72,7 +72,7 @@ def eligibility(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: 
     return reason, dist, ship
 
 
-@njit(cache=True)
+@kernel(R1, F1, I2, I1, B, I)
 def candidates(reason: np.ndarray, ship: np.ndarray, stock: np.ndarray, qty: np.ndarray,
                split: bool, kmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Eligible locations that can supply something, sorted by (ship cost, index), and their
@@ -103,7 +103,7 @@ def candidates(reason: np.ndarray, ship: np.ndarray, stock: np.ndarray, qty: np.
     return idx, cs
 
 
-@njit(cache=True)
+@kernel(I2)
 def cover_lists(cs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """CSR lists, per line, of the candidates (ascending) that can supply some of it."""
     nc, n_lines = cs.shape
@@ -124,7 +124,7 @@ def cover_lists(cs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ptr, idx
 
 
-@njit(cache=True)
+@kernel(I1, I2, I1, I, I1, I1, I1, I2)
 def walk(seq: np.ndarray, cs: np.ndarray, qty: np.ndarray, kmax: int, cov_ptr: np.ndarray,
          cov_idx: np.ndarray, mem: np.ndarray, take: np.ndarray) -> int:
     """Greedy fill in the order `seq` (candidate indices); returns the number of locations used.
@@ -164,7 +164,7 @@ def walk(seq: np.ndarray, cs: np.ndarray, qty: np.ndarray, kmax: int, cov_ptr: n
     return 0
 
 
-@njit(cache=True)
+@kernel(I, I1, I1, I1, F1, I2)
 def _walk_order(policy: int, cidx: np.ndarray, rank: np.ndarray, id_rank: np.ndarray,
                 dist: np.ndarray, stock: np.ndarray) -> np.ndarray:
     """Candidate indices in the walk order of a greedy policy (see `routing.solver`)."""
@@ -182,7 +182,7 @@ def _walk_order(policy: int, cidx: np.ndarray, rank: np.ndarray, id_rank: np.nda
     return seq[np.argsort(total[seq], kind="mergesort")]
 
 
-@njit(cache=True)
+@kernel(F1, F1, I1, I2, I1, F, B, I, I, I1, I1)
 def _top_plans(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarray,
                qty: np.ndarray, pen: float, split: bool, kmax: int, k1: int,
                cov_ptr: np.ndarray, cov_idx: np.ndarray
@@ -215,7 +215,7 @@ def _top_plans(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.nd
     return cost, size, mem, take
 
 
-@njit(cache=True, nogil=True)
+@kernel(F1, F1, B1, B1, B1, F1, F1, F1, I1, I1, I1, B1, I2, I1, F, F, I, F, F, I, B, I, I, nogil=True)
 def route(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: np.ndarray,
           can_pickup: np.ndarray, fixed: np.ndarray, per_km: np.ndarray, cpu: np.ndarray,
           rank: np.ndarray, id_rank: np.ndarray, capacity: np.ndarray, excluded: np.ndarray,
@@ -292,7 +292,7 @@ def route(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: np.nda
     return reason, dist, ship, out_size, out_mem, out_take
 
 
-@njit(cache=True)
+@kernel(I, I, F1, F1, B1, I1, F)
 def _serves(i: int, p: int, lat: np.ndarray, lon: np.ndarray, can_ship: np.ndarray,
             capacity: np.ndarray, max_dist: float) -> bool:
     """Can location i (already usable) supply a pickup at p: its own shelf (no shipment, so no
@@ -304,7 +304,7 @@ def _serves(i: int, p: int, lat: np.ndarray, lon: np.ndarray, can_ship: np.ndarr
     return max_dist < 0.0 or haversine_rad_nb(lat[i], lon[i], lat[p], lon[p]) <= max_dist
 
 
-@njit(cache=True, nogil=True)
+@kernel(F1, F1, B1, B1, B1, I1, I1, B1, I2, I1, I, F, I, B, I, nogil=True)
 def suggest(lat: np.ndarray, lon: np.ndarray, active: np.ndarray, can_ship: np.ndarray,
             can_pickup: np.ndarray, id_rank: np.ndarray, capacity: np.ndarray,
             excluded: np.ndarray, stock: np.ndarray, qty: np.ndarray, pickup: int,

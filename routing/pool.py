@@ -15,17 +15,18 @@ it can still produce (bounded by a lower bound on cost and a minimum size).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from routing._types import F1, I1, I2, F, I, kernel
 
 POOL_CAP = 64  # plans kept at once; more only with > 64 plans mutually within tolerance
 
 
-@njit(cache=True)
+@kernel(F)
 def tol(x: float) -> float:
     return 1e-9 * max(1.0, abs(x))
 
 
-@njit(cache=True)
+@kernel(I, I1, I, I1)
 def _key_less(sa: int, ra: np.ndarray, sb: int, rb: np.ndarray) -> bool:
     if sa != sb:
         return sa < sb
@@ -35,12 +36,12 @@ def _key_less(sa: int, ra: np.ndarray, sb: int, rb: np.ndarray) -> bool:
     return False
 
 
-@njit(cache=True)
+@kernel(F, I, I1, F, I, I1)
 def _beats(ca: float, sa: int, ra: np.ndarray, cb: float, sb: int, rb: np.ndarray) -> bool:
     return ca + tol(ca) < cb or (ca <= cb and _key_less(sa, ra, sb, rb))
 
 
-@njit(cache=True)
+@kernel(F1, I1, I1, I, F1)
 def _thresholds(pcost: np.ndarray, psize: np.ndarray, pn: np.ndarray, k1: int,
                 thr: np.ndarray) -> None:
     """thr[s]: a plan of cost >= thr[s] and size >= s is beaten by k1 pool plans.
@@ -69,7 +70,7 @@ def _thresholds(pcost: np.ndarray, psize: np.ndarray, pn: np.ndarray, k1: int,
         thr[s] = keys[k1 - 1]
 
 
-@njit(cache=True)
+@kernel(F1, I1, I2, I1, I, F, I, I1)
 def tie_prune(pcost: np.ndarray, psize: np.ndarray, pranks: np.ndarray, pn: np.ndarray,
               k1: int, lb: float, m0: int, key0: np.ndarray) -> bool:
     """Do k1 pool plans beat every plan of cost >= lb with more than m0 locations, or with m0
@@ -85,7 +86,7 @@ def tie_prune(pcost: np.ndarray, psize: np.ndarray, pranks: np.ndarray, pn: np.n
     return False
 
 
-@njit(cache=True)
+@kernel(F1, I1, I2, I2, I1, F1, F, I1, I, I1, I)
 def pool_insert(pcost: np.ndarray, psize: np.ndarray, pranks: np.ndarray, pmem: np.ndarray,
                 pn: np.ndarray, thr: np.ndarray, cost: float, mem: np.ndarray, m: int,
                 crank: np.ndarray, k1: int) -> None:
@@ -144,7 +145,7 @@ def pool_insert(pcost: np.ndarray, psize: np.ndarray, pranks: np.ndarray, pmem: 
     _thresholds(pcost, psize, pn, k1, thr)
 
 
-@njit(cache=True)
+@kernel(F1, I1, I2, I1, I)
 def pool_select(pcost: np.ndarray, psize: np.ndarray, pranks: np.ndarray, pn: np.ndarray,
                 k1: int) -> np.ndarray:
     """Pool indices of the first k1 picks in plan order (see module docstring)."""

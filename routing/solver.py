@@ -19,6 +19,10 @@ cost of the plan they pick with the §5 formula):
 Alternatives are always the best OPTIMAL plans (plan order) whose location set differs from the
 chosen plan's. Location ids compare as Python strings (code point order). The kernels release
 the GIL, so `solve` may run in a worker thread.
+
+The kernels (`routing.kernels`) are compiled, or loaded from numba's on-disk cache, when that
+module is first imported: by `warm_up` or the first `solve`. Importing this module does neither,
+so a service can start serving other calls while the kernels load (`routing.warm`).
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from operator import itemgetter
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
-from routing import kernels
 from routing.model import (
     Allocation,
     Exclusion,
@@ -47,6 +52,17 @@ from routing.model import (
 )
 
 MAX_SUGGESTIONS = 5
+_kernels: ModuleType | None = None
+
+
+def kernels() -> ModuleType:
+    """`routing.kernels`, imported (so compiled or loaded from the cache) on first use."""
+    global _kernels
+    if _kernels is None:
+        from routing import kernels as module
+
+        _kernels = module
+    return _kernels
 
 
 class Network:
@@ -150,7 +166,8 @@ def solve(network: Network, order: Order, stock: np.ndarray,
     else:
         dest_lat, dest_lon = math.radians(order.dest_lat or 0.0), math.radians(order.dest_lon or 0.0)
     max_dist = -1.0 if order.max_distance_km is None else float(order.max_distance_km)
-    reason, dist, ship, size, mem, take = kernels.route(
+    k = kernels()
+    reason, dist, ship, size, mem, take = k.route(
         network.lat, network.lon, network.active, network.can_ship, network.can_pickup,
         network.fixed, network.per_km, network.cpu, network.rank, network.id_rank, cap, excluded,
         stock_arr, qty, dest_lat, dest_lon, pickup, max_dist, float(order.split_penalty),
@@ -167,7 +184,7 @@ def solve(network: Network, order: Order, stock: np.ndarray,
     shortfall = _shortfall(order, stock_arr, reason, qty, pickup, network)
     suggested: tuple[str, ...] = ()
     if pickup >= 0:
-        found = kernels.suggest(
+        found = k.suggest(
             network.lat, network.lon, network.active, network.can_ship, network.can_pickup,
             network.id_rank, cap, excluded, stock_arr, qty, pickup, max_dist,
             order.max_shipments, order.split_lines, MAX_SUGGESTIONS)
@@ -211,11 +228,17 @@ def _shortfall(order: Order, stock: np.ndarray, reason: np.ndarray, qty: np.ndar
     )
 
 
-KERNELS = (kernels.route, kernels.suggest)  # the only kernels called from Python (nogil)
+def __getattr__(name: str) -> Any:
+    # KERNELS: the only kernels called from Python (nogil); importing them compiles them
+    if name == "KERNELS":
+        return (kernels().route, kernels().suggest)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def warm_up() -> None:
-    """Compile (or load from the numba cache) every kernel with the exact runtime types."""
+    """Compile (or load from the numba cache) every kernel, then route a few orders through
+    each policy and method: after this no call compiles anything."""
+    kernels()
     def site(i: str, lat: float, can_pickup: bool) -> SiteInfo:
         return SiteInfo(i, LocationType.STORE, lat, 21.0, True, can_pickup, True, 1, 5.0, 0.1,
                         1.0, -1)

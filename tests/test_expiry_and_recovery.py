@@ -7,6 +7,7 @@ import time
 from dataclasses import replace
 
 import grpc
+import pytest
 
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
@@ -17,6 +18,9 @@ from inventory_svc.server import Running
 from inventory_svc.storage.redis_stock import stock_key
 from tests.conftest import make_world
 from tests.invariants import assert_invariants
+
+# against the single server and against a Redis Cluster (tests/conftest.py)
+pytestmark = pytest.mark.redis_cluster
 
 Stub = api_grpc.InventoryServiceStub
 

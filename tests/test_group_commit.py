@@ -8,6 +8,7 @@ import re
 from collections.abc import Awaitable, Callable
 
 import grpc
+import pytest
 
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
@@ -19,6 +20,9 @@ from inventory_svc.transport.inventory_servicer import idem_for
 from tests.conftest import make_world, uid
 from tests.grpc_helpers import details, expect_error
 from tests.invariants import assert_invariants
+
+# against the single server and against a Redis Cluster (tests/conftest.py)
+pytestmark = pytest.mark.redis_cluster
 
 Stub = api_grpc.InventoryServiceStub
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
@@ -15,6 +16,9 @@ from tests.conftest import make_world, uid
 from tests.grpc_helpers import details
 from tests.invariants import assert_invariants
 from tests.test_group_commit import outcome, wait_until
+
+# against the single server and against a Redis Cluster (tests/conftest.py)
+pytestmark = pytest.mark.redis_cluster
 
 Stub = api_grpc.InventoryServiceStub
 

@@ -7,6 +7,7 @@ import asyncio
 import math
 
 import grpc
+import pytest
 
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
@@ -18,6 +19,9 @@ from routing.geo import haversine_km
 from tests.conftest import store_location, uid
 from tests.grpc_helpers import bad_fields, expect_error, shortfalls
 from tests.invariants import assert_invariants
+
+# against the single server and against a Redis Cluster (tests/conftest.py)
+pytestmark = pytest.mark.redis_cluster
 
 WAW = (52.2297, 21.0122)
 

@@ -42,6 +42,7 @@ class BenchConfig:
     target: str | None = None  # None: start the embedded default (durable) and the demo network
     database_url: str | None = None  # for the invariant check and the Postgres anchor
     redis_url: str | None = None  # for the EVALSHA anchor and the Redis-vs-Postgres check
+    redis_cluster: int = 0  # own stack: a Redis Cluster of this many masters instead of one Redis
     scenarios: list[str] = field(default_factory=lambda: list(DEFAULT_SCENARIOS))
     mode: str = "find-max"  # find-max | closed | open
     rate: float = 200.0  # open mode: operations/s
@@ -337,7 +338,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             local = stack.LocalStack(
                 skus=cfg.skus, log_dir=out, data_dir=cfg.data_dir, latency=delays,
                 peer=stack.PeerOptions(pool_size=cfg.peer_pool, workers=cfg.peer_workers,
-                                       outbox=cfg.peer_outbox) if cfg.peer else None)
+                                       outbox=cfg.peer_outbox) if cfg.peer else None,
+                redis_cluster=cfg.redis_cluster)
             local.start()
             target, db, redis = local.target, local.database_url, local.redis_url
         else:

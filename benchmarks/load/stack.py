@@ -145,10 +145,12 @@ class LocalStack:
     """The embedded default, started by the harness so it can reach Redis and Postgres directly;
     with `peer`, the Postgres-only peer beside it; with `latency` ({"postgres": s, "redis": s},
     one-way), the services reach their stores through a latency proxy (the harness itself, for
-    set-up and checks, does not)."""
+    set-up and checks, does not). With `redis_cluster` N > 0, Redis is a Redis Cluster of N
+    masters (inventory_svc.embedded.cluster) instead of one server."""
 
     def __init__(self, *, skus: int, log_dir: Path, data_dir: Path | None = None,
-                 latency: dict[str, float] | None = None, peer: PeerOptions | None = None) -> None:
+                 latency: dict[str, float] | None = None, peer: PeerOptions | None = None,
+                 redis_cluster: int = 0) -> None:
         self.skus = skus
         self.log_dir = log_dir
         self._own_dir = data_dir is None
@@ -157,6 +159,10 @@ class LocalStack:
             else data_dir
         self.latency = {k: v for k, v in (latency or {}).items() if v > 0}
         self.peer_options = peer
+        self.redis_cluster = redis_cluster
+        if redis_cluster and "redis" in self.latency:
+            raise ValueError("--redis-cluster with a redis latency: the proxy has one address, a "
+                             "cluster's nodes announce their own")
         self.redis: Any = None
         self.pg: Any = None
         self.service: subprocess.Popen[bytes] | None = None
@@ -169,8 +175,11 @@ class LocalStack:
 
     def start(self) -> None:
         from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis
+        from inventory_svc.embedded.cluster import EmbeddedRedisCluster
 
-        self.redis = EmbeddedRedis(self.data_dir / "redis", durable=True)
+        self.redis = EmbeddedRedisCluster(
+            self.data_dir / "redis-cluster", masters=self.redis_cluster, durable=True,
+        ) if self.redis_cluster else EmbeddedRedis(self.data_dir / "redis", durable=True)
         self.pg = EmbeddedPostgres(self.data_dir / "postgres", durable=True)
         redis_url, database_url = self.redis.start(), self.pg.start(timeout=60)
         routes: dict[str, tuple[str, int, float]] = {}
@@ -187,7 +196,8 @@ class LocalStack:
                if k not in ("INVENTORY_PORT", "INVENTORY_HOST", "INVENTORY_DATA_DIR")}
         env.update(INVENTORY_REDIS_URL=self._via("ours-redis", redis_url),
                    INVENTORY_DATABASE_URL=self._via("ours-postgres", database_url),
-                   INVENTORY_DEMO_SKUS=str(self.skus))
+                   INVENTORY_DEMO_SKUS=str(self.skus),
+                   INVENTORY_REDIS_CLUSTER="true" if self.redis_cluster else "false")
         self.service = start_logged(
             [sys.executable, "-m", "inventory_svc.cli", "serve", "--port", str(port),
              "--data-dir", str(self.data_dir / "svc"), "--demo"],
@@ -219,8 +229,10 @@ class LocalStack:
         self.peer_target = f"127.0.0.1:{port}"
 
     @property
-    def redis_url(self) -> str:
-        return str(self.redis.url)
+    def redis_url(self) -> str | None:
+        """None for a cluster: the EVALSHA anchor, the store probe and the Redis check speak to
+        one server."""
+        return None if self.redis_cluster else str(self.redis.url)
 
     @property
     def database_url(self) -> str:
@@ -233,7 +245,9 @@ class LocalStack:
                 out[name] = proc.pid
         if self.proxy is not None:
             out["proxy"] = self.proxy.pid
-        for name, server in (("redis", self.redis), ("postgres", self.pg)):
+        redis = self.redis.nodes if self.redis_cluster else [self.redis]
+        for name, server in (*((("redis" if i == 0 else f"redis-{i}"), r)  # a cluster: each node
+                               for i, r in enumerate(redis)), ("postgres", self.pg)):
             if server is not None and server.pid is not None:
                 out[name] = server.pid
         return out

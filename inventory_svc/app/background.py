@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from inventory_svc.app import metrics
 from inventory_svc.app.context import Context
 from inventory_svc.app.reservations import ReservationService
+from inventory_svc.app.watch import run_watch_background
 from inventory_svc.config import Settings
 from inventory_svc.domain.errors import DomainError
 from inventory_svc.domain.model import StockLevel
@@ -34,6 +36,7 @@ from inventory_svc.storage.redis_stock import HoldRecord, encode_level
 log = logging.getLogger(__name__)
 REBUILD_LOCK = advisory_key("inventory:redis-rebuild")
 PAGE = 500  # SKUs per rebuild batch
+PROGRESS_EVERY_S = 5.0  # a rebuild of a large catalogue says how far it got this often
 # SKUs per reconcile round. The round's decoding and comparing runs on the serving event loop:
 # small rounds with a yield between them keep each stall short (a 500-SKU round stalled the
 # loop for up to ~170 ms on the 10k-SKU demo, which showed up as every RPC's p99).
@@ -115,13 +118,34 @@ class Reconciler:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", REBUILD_LOCK)
             if await self.ctx.redis.generation() == pg_gen:
                 return False
-            log.warning("rebuilding redis from postgres (redis generation %r, postgres %r)",
-                        redis_gen, pg_gen)
-            after = ""
+            # The level says whether someone should look: at start an empty Redis (no marker)
+            # is what a fresh or restarted store looks like (the embedded Valkey always is once
+            # the service restarted it; its old data was dropped as built on another process):
+            # INFO. Data of another database (two deployments sharing a Redis, a database
+            # re-created or restored) or data lost while serving (a flush, a restart, a
+            # failover under us) is a problem to explain: WARNING.
+            if redis_gen is None and startup:
+                log.info("redis holds no stock of this database yet (a fresh or restarted "
+                         "redis): loading it from postgres")
+            elif redis_gen is None:
+                log.warning("redis lost its data while serving (flushed, restarted or failed "
+                            "over): rebuilding it from postgres")
+            else:
+                log.warning("redis holds data of another database (generation %r, this one's "
+                            "%r): replacing it from postgres", redis_gen, pg_gen)
+            start = last = time.monotonic()
+            after, skus = "", 0
             while page := await self.ctx.pg.stock_page(after, PAGE):
                 await self.ctx.redis.load(page, force=force)
                 after = max(page)
+                skus += len(page)
+                if time.monotonic() - last >= PROGRESS_EVERY_S:
+                    last = time.monotonic()
+                    log.info("loading redis from postgres: %d SKUs so far", skus)
             await self.ctx.redis.set_generation(pg_gen, run_id)
+            log.info("redis loaded from postgres: %d SKUs in %.1f s", skus,
+                     time.monotonic() - start)
+        metrics.REDIS_REBUILDS.inc()
         return True
 
     async def run_pass(self) -> ReconcileReport:
@@ -159,6 +183,8 @@ class Reconciler:
         level = logging.WARNING if total.repaired or rebuilt or total.orphans_released else (
             logging.INFO if total.stale_levels else logging.DEBUG)
         log.log(level, "reconciler (%s pass): %s", "full" if full else "changes", total)
+        metrics.observe_reconcile(total, "full" if full else "changes")
+        await metrics.refresh_business_gauges(self.ctx)  # once a pass, never per call
         return total
 
     async def check_holds(self) -> ReconcileReport | None:
@@ -170,6 +196,7 @@ class Reconciler:
         for sku in due:
             self._watch.pop(sku, None)
         report = await self.reconcile(due)
+        metrics.observe_reconcile(report, "holds")
         if report.repaired or report.orphans_released:
             log.warning("reconciler (hold check): %s", report)
         return report
@@ -337,13 +364,16 @@ async def run_background(ctx: Context, reservations: ReservationService,
 
     async def sweep() -> None:
         # Drain everything that is due, a batch per transaction.
-        while await reservations.expire_due() >= ctx.settings.sweep_batch:
-            pass
+        while (n := await reservations.expire_due()) > 0:
+            metrics.EXPIRED.inc(n)
+            if n < ctx.settings.sweep_batch:
+                break
 
     async def shared() -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(every(ctx.settings.sweep_interval_s, "expiry sweeper", sweep))
             tg.create_task(run_reconciler(ctx, reconciler))
+            tg.create_task(run_watch_background(ctx))  # stock event sequencer, retention
 
     async with asyncio.TaskGroup() as tg:
         tg.create_task(shared() if lock is None else lead(ctx.settings, lock, shared))

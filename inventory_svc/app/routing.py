@@ -194,7 +194,7 @@ class RoutingService:
         except rm.UnknownLocationError as exc:
             raise NotFound("location", str(order.pickup_location_id)) from exc
         except rm.RoutingInputError as exc:
-            raise InvalidArgument([FieldViolation(f"order.{exc.field}", str(exc))]) from exc
+            raise InvalidArgument([FieldViolation(f"order.{exc.field}", exc.message)]) from exc
         if outside:
             result = replace(
                 result,

@@ -400,8 +400,7 @@ class StockService:
         v = val.Violations()
         val.validate_items(v, "items", items, self.ctx.settings.max_lines)
         v.coordinates("", lat, lon)
-        if not (0 < radius_km <= 20_000):
-            v.add("radius_km", f"{radius_km} must be in (0, 20000]")
+        radius_km = val.nearby_radius(v, radius_km)
         if not 0 <= limit <= 1000:
             v.add("limit", f"{limit} must be between 0 (default 10) and 1000")
         v.raise_if_any()

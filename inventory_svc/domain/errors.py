@@ -97,7 +97,14 @@ class ReturnExceedsSale(FailedPrecondition):
 
 
 class AlreadyExists(DomainError):
-    pass
+    """`reason` is the google.rpc.ErrorInfo reason a client branches on; `metadata` its
+    key-value facts (strings)."""
+
+    def __init__(self, message: str, *, reason: str = "IDEMPOTENCY_KEY_REUSED",
+                 metadata: dict[str, str] | None = None) -> None:
+        self.reason = reason
+        self.metadata = dict(metadata or {})
+        super().__init__(message)
 
 
 class Aborted(DomainError):
@@ -105,7 +112,11 @@ class Aborted(DomainError):
 
 
 class Unavailable(DomainError):
-    pass
+    """Nothing was done; `retry_after_s` is when trying again may succeed (RetryInfo)."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 0.2) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
 
 
 class DeadlineExceeded(DomainError):

@@ -23,8 +23,9 @@ class Role(enum.StrEnum):
     ADMIN = "admin"  # operators: everything
 
 
+# WatchStock: a principal scoped to some locations sees only theirs (domain/watch.py)
 READ_METHODS = frozenset({"ListLocations", "GetAvailability", "FindNearby", "GetReservation",
-                          "ListMovements", "RouteOrder"})
+                          "ListMovements", "RouteOrder", "WatchStock"})
 _SHOP = READ_METHODS | {"Reserve", "ExtendReservation", "ReleaseReservation",
                         "CommitReservation", "ReturnItems", "RouteAndReserve"}
 _ERP = READ_METHODS | {"UpsertLocations", "SetStock", "AdjustStock", "ImportStock",

@@ -16,6 +16,11 @@ SKU_RE = re.compile(r"[^\s{}|\x00-\x1f\x7f]{1,64}")
 MAX_QUANTITY = 1_000_000_000
 MAX_KEY_LEN = 128
 MAX_TEXT_LEN = 256
+# FindNearby without a radius (proto3 reads an unset double as 0) searches this far: about a
+# metropolitan area, where "in a store near me" still means something. 20,000 km is half the
+# Earth's circumference: beyond it every point is in range anyway.
+DEFAULT_RADIUS_KM = 50.0
+MAX_RADIUS_KM = 20_000.0
 
 
 def _show(value: object) -> str:
@@ -63,6 +68,16 @@ class Violations:
     def non_negative(self, field: str, value: float) -> None:
         if not (math.isfinite(value) and 0.0 <= value <= 1e9):
             self.add(field, f"{value} must be a finite number between 0 and 1e9")
+
+
+def nearby_radius(v: Violations, radius_km: float) -> float:
+    """FindNearby's radius: 0 (unset) is DEFAULT_RADIUS_KM; otherwise (0, MAX_RADIUS_KM]."""
+    if radius_km == 0:
+        return DEFAULT_RADIUS_KM
+    if not (math.isfinite(radius_km) and 0 < radius_km <= MAX_RADIUS_KM):
+        v.add("radius_km", f"{radius_km} must be 0 (the default, {DEFAULT_RADIUS_KM:g} km) or a"
+              f" distance in (0, {MAX_RADIUS_KM:g}] km")
+    return radius_km
 
 
 def check_idempotency_key(v: Violations, key: str) -> None:

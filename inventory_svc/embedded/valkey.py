@@ -54,6 +54,11 @@ class EmbeddedRedis(_ChildServer):
             _write_private_file(self.password_path, password.encode())
         self._password = password
 
+    def _config(self) -> list[str]:
+        """Config lines given on stdin (secrets belong here, never on the command line)."""
+        # _PASSWORD_RE admits no quote, backslash or blank: nothing to escape.
+        return [f'requirepass "{self.password}"']
+
     def _launch(self, log: int) -> subprocess.Popen[bytes]:
         args = [
             str(valkey_server_binary()),
@@ -82,9 +87,8 @@ class EmbeddedRedis(_ChildServer):
             umask=0o077,
         )
         assert proc.stdin is not None
-        # _PASSWORD_RE admits no quote, backslash or blank: nothing to escape.
         with contextlib.suppress(BrokenPipeError):  # died at once: startup reports it with the log
-            proc.stdin.write(f'requirepass "{self.password}"\n'.encode())
+            proc.stdin.write("".join(f"{line}\n" for line in self._config()).encode())
         with contextlib.suppress(BrokenPipeError):
             proc.stdin.close()
         return proc

@@ -174,7 +174,8 @@ def _claimed(idem: Idem, locked: bool, row: asyncpg.Record | None
         return None
     if row["method"] != idem.method or bytes(row["request_hash"]) != idem.fingerprint:
         return AlreadyExists(f"idempotency_key {idem.key!r} was already used for a different"
-                             f" request ({row['method']})")
+                             f" request ({row['method']})",
+                             metadata={"first_method": str(row["method"])})
     return bytes(row["response"])
 
 

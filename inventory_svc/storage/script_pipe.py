@@ -54,7 +54,9 @@ class ScriptPipe:
             async with self.client.pipeline(transaction=False) as pipe:
                 for i in todo:
                     script, keys, args = calls[i]
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    # not pipe.evalsha: redis-py refuses that name in a cluster pipeline,
+                    # though the command itself is routed by its keys like any other
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 out = await pipe.execute(raise_on_error=False)
             missing = []
             for i, res in zip(todo, out, strict=True):

@@ -11,6 +11,7 @@ and every list in it is checked against its cap before any use case sees it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -245,8 +246,34 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
 
             wrapped = grpc.stream_unary_rpc_method_handler(
                 streaming, None, handler.response_serializer)
+        elif handler.unary_stream is not None:
+            behavior = handler.unary_stream
+
+            async def server_streaming(raw: bytes,
+                                       context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                principal = await self._principal(context, name)
+                try:
+                    request = decode(raw)
+                    check_lists(request, self.caps)
+                except (DecodeError, DomainError) as exc:
+                    await _abort(context, exc)
+                # Not counted in max_in_flight: a stream stays open for hours and is idle most
+                # of them; the service that serves it caps its own (watch_max_streams).
+                token = _CURRENT.set(principal)
+                try:
+                    result = behavior(request, context)
+                    if inspect.isasyncgen(result):
+                        async for msg in result:
+                            await context.write(msg)
+                        return None
+                    return await result
+                finally:
+                    _CURRENT.reset(token)
+
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                server_streaming, None, handler.response_serializer)
         else:
-            return handler  # streaming responses: none yet; they keep grpc's own decoding
+            return handler  # bidirectional streams: none; they keep grpc's own decoding
         self._wrapped[slot] = (handler, wrapped)
         return wrapped
 

@@ -105,13 +105,17 @@ def items_in(msgs: list[api.SkuQuantity]) -> list[SkuQuantity]:
 
 
 def reservation_out(res: Reservation) -> pb.Reservation:
+    """The lines are what the reservation holds (or held when it ended): a line released down to
+    0 is left out, so a client may send the lines it got back (every request refuses quantity 0)
+    and a committed reservation lists exactly what was sold. Idempotent replays answer the bytes
+    stored with the first answer, which this built, so they stay byte-identical."""
     return pb.Reservation(
         id=res.id,
         status=pb.ReservationStatus.Value("RESERVATION_STATUS_" + res.status.value),
         channel=pb.Channel.Value("CHANNEL_" + res.channel.value),
         order_ref=res.order_ref,
         lines=[pb.ReservationLine(sku=x.sku, location_id=x.location_id, quantity=x.quantity)
-               for x in res.lines],
+               for x in res.lines if x.quantity > 0],
         created_at_unix_ms=res.created_at_ms, expires_at_unix_ms=res.expires_at_ms,
         ended_at_unix_ms=res.ended_at_ms,
     )

@@ -10,6 +10,9 @@ from grpc_status import rpc_status
 from inventory.v1 import common_pb2 as pb
 from inventory_svc.domain import errors as e
 
+# google.rpc.ErrorInfo.domain of the reasons this service defines (ErrorInfo.reason)
+ERROR_DOMAIN = "inventory.v1"
+
 
 def _pack(*details: object) -> list[any_pb2.Any]:
     out = []
@@ -111,12 +114,17 @@ def _parts(err: e.DomainError, n: int) -> tuple[int, list[any_pb2.Any]]:
                     for s in err.shortfalls[:max(n, 1)]]))
         case e.AlreadyExists():
             code = code_pb2.ALREADY_EXISTS
+            # a machine-readable reason beside the text: today only an idempotency key used
+            # before for another request (DESIGN §3 I6), which the client must not retry as is
+            details = _pack(error_details_pb2.ErrorInfo(
+                reason=err.reason, domain=ERROR_DOMAIN,
+                metadata={k: _cut(v) for k, v in list(err.metadata.items())[:MAX_ITEMS]}))
         case e.Aborted():
             code = code_pb2.ABORTED
             details = _pack(_retry_info(0.05))
         case e.Unavailable():
             code = code_pb2.UNAVAILABLE
-            details = _pack(_retry_info(0.2))
+            details = _pack(_retry_info(err.retry_after_s))
         case e.ResourceExhausted():
             code = code_pb2.RESOURCE_EXHAUSTED
             details = _pack(error_details_pb2.QuotaFailure(violations=[

@@ -9,6 +9,7 @@ from inventory.v1 import routing_service_pb2_grpc as rp_grpc
 from inventory_svc.app.routing import RoutedReservation, RoutingService
 from inventory_svc.domain.errors import FieldViolation, InvalidArgument
 from inventory_svc.domain.model import Channel
+from inventory_svc.domain.validation import Violations
 from inventory_svc.transport import convert as cv
 from inventory_svc.transport.admission import current_principal
 from inventory_svc.transport.inventory_servicer import _replayed, channel_of, guarded, idem_for
@@ -36,6 +37,10 @@ def order_in(msg: rp.RoutingOrder, default_penalty: float) -> tuple[rm.Order, Ch
             raise InvalidArgument(missing)
     if msg.policy not in _POLICIES:
         raise InvalidArgument([FieldViolation("order.policy", f"unknown policy {msg.policy}")])
+    if pickup:  # the rule every location id follows, before the solver's own looser check
+        v = Violations()
+        v.location_id("order.pickup_location_id", msg.pickup_location_id)
+        v.raise_if_any()
     try:
         order = rm.Order(
             lines=tuple(rm.OrderLine(x.sku, x.quantity) for x in msg.lines),
@@ -52,7 +57,8 @@ def order_in(msg: rp.RoutingOrder, default_penalty: float) -> tuple[rm.Order, Ch
             top_k=msg.alternatives or 3,
         )
     except rm.RoutingInputError as exc:
-        raise InvalidArgument([FieldViolation(f"order.{exc.field}", str(exc))]) from exc
+        # the field is named once, by the violation (str(exc) names it again)
+        raise InvalidArgument([FieldViolation(f"order.{exc.field}", exc.message)]) from exc
     if not pickup and msg.pickup_location_id:
         raise InvalidArgument([FieldViolation(
             "order.pickup_location_id", "only for FULFILMENT_METHOD_PICKUP orders")])
