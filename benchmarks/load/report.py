@@ -153,7 +153,8 @@ def versus_section(result: dict[str, Any]) -> list[str]:
         out += [f"Peer: benchmarks/peer ({p.get('workers')} workers x {p.get('pool_size')} "
                 f"connections{', outbox' if p.get('outbox') else ''}), database "
                 f"`{p.get('database')}` on the same Postgres; rounds alternate which system goes "
-                f"first. Echo max {_f(v.get('echo_per_s'), 0)}/s. Ratio = ours / peer (higher "
+                f"first. Echo max {_f(v.get('echo_per_s'), 0)}/s "
+                f"({result.get('meta', {}).get('echo_workers', 1)} processes). Ratio = ours / peer (higher "
                 "is better for throughput, lower for latency and CPU).", ""]
     head = "| scenario | figure | ours |" + (" peer | ours ÷ peer | target |" if peer else "") \
         + " ours ÷ echo |" + (" peer ÷ echo |" if peer else "") + " rounds |"

@@ -353,8 +353,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         pids = local.pids() if local else {}
         echo_target = None
         if cfg.anchors:
-            echo_proc, echo_target = stack.start_echo(out)
+            # as many echo processes as the service we started runs (one for a --target)
+            echo_workers = stack.service_workers() if local is not None else 1
+            echo_proc, echo_target = stack.start_echo(out, echo_workers)
             pids["echo"] = echo_proc.pid
+            meta["echo_workers"] = echo_workers
         meta.update(target=target, started_service=local is not None)
         universe = asyncio.run(stack.discover(target, cfg.skus, locations=cfg.locations,
                                               seed=cfg.seed))

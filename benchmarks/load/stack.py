@@ -81,10 +81,11 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) 
         proc.wait()
 
 
-def start_echo(log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """The bare grpc.aio echo server, in its own process."""
+def start_echo(log_dir: Path, workers: int = 1) -> tuple[subprocess.Popen[bytes], str]:
+    """The bare grpc.aio echo server, in `workers` processes on one port (as our service)."""
     port = free_port()
-    proc = start_logged([sys.executable, "-m", "benchmarks.echo_server", "--port", str(port)],
+    proc = start_logged([sys.executable, "-m", "benchmarks.echo_server", "--port", str(port),
+                         "--workers", str(workers)],
                         "echo ready", log_dir / "echo.log", timeout_s=60)
     return proc, f"127.0.0.1:{port}"
 
@@ -130,6 +131,11 @@ def default_workers() -> int:
         return int(usable_cpus())
     except ImportError:  # a tree without `serve --workers`
         return 1
+
+
+def service_workers() -> int:
+    """The worker count of the service the stack starts (INVENTORY_WORKERS, else the default)."""
+    return int(os.environ.get("INVENTORY_WORKERS") or 0) or default_workers()
 
 
 @dataclass(frozen=True)
