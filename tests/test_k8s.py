@@ -10,6 +10,7 @@ the same way, with their metadata checked as ObjectMeta.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Iterator
@@ -29,8 +30,10 @@ from referencing import Registry, Resource
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory_svc.config import Settings
-from tests.conftest import Stores
-from tests.faults.harness import check_all, make_world, own_site, running, site_settings
+from inventory_svc.embedded import EmbeddedRedis
+from inventory_svc.embedded.cluster import EmbeddedRedisCluster
+from tests.conftest import Stores, settings_for, uid
+from tests.faults.harness import check_all, fresh_database, make_world, running
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -300,49 +303,79 @@ def test_network_policy_reaches_the_example_stores() -> None:
 
 
 # ---- the example Redis user can do the service's work ------------------------------------------
-@pytest.fixture
-def example_redis_user() -> tuple[str, str]:
+def example_redis_user() -> tuple[str, list[str]]:
+    """The service's user name (from its Secret's URL) and its ACL rules (from the example)."""
     rc = one("RedisCluster")
     acl = one("Secret", rc["spec"]["acl"]["secret"]["secretName"])["stringData"]["user.acl"]
-    user = urlsplit(one("Secret", "inventory-svc")["stringData"]["INVENTORY_REDIS_URL"])
-    line = next(x for x in acl.splitlines() if x.startswith(f"user {user.username} "))
-    return str(user.username), line
+    user = str(urlsplit(one("Secret", "inventory-svc")["stringData"]["INVENTORY_REDIS_URL"])
+               .username)
+    line = next(x for x in acl.splitlines() if x.startswith(f"user {user} "))
+    return user, [">pw" if r.startswith(">") else r for r in line.split()[2:]]
 
 
+@contextlib.contextmanager
+def redis_servers(topology: str, root: Path) -> Iterator[tuple[list[redis.Redis], str]]:
+    """Admin clients of every node, and a URL without credentials: a standalone Valkey, or a
+    Redis Cluster of three masters (the example's topology)."""
+    if topology == "cluster":
+        cluster = EmbeddedRedisCluster(root / "cluster", masters=3)
+        try:
+            url = cluster.start()
+            yield [n.client() for n in cluster.nodes], url
+        finally:
+            cluster.stop()
+    else:
+        server = EmbeddedRedis(root / "redis", durable=False)
+        try:
+            url = server.start()
+            yield [redis.Redis.from_url(url)], url
+        finally:
+            server.stop()
+
+
+@pytest.mark.parametrize("topology", ["standalone", "cluster"])
 async def test_example_redis_acl_lets_the_service_work(
-        stores: Stores, example_redis_user: tuple[str, str]) -> None:
-    """The ACL line of k8s/examples/redis-cluster.yaml, on a standalone Valkey: the service
-    starts, reserves, commits, releases, rebuilds a flushed Redis and reconciles with it, and
-    is refused what it has no business doing. (Cluster topology commands: not testable here.)"""
-    username, line = example_redis_user
-    async with own_site(stores) as site:
-        admin = redis.Redis.from_url(site.redis_url)
-        rules = line.split()[2:]
-        admin.execute_command("ACL", "SETUSER", username, "reset",
-                              *[">pw" if r.startswith(">") else r for r in rules])
-        parts = urlsplit(site.redis_url)
+        stores: Stores, data_dir: Path, topology: str) -> None:
+    """The ACL of k8s/examples/redis-cluster.yaml: under its user the service starts (cluster
+    topology discovery included), reserves, commits, releases, rebuilds a flushed Redis and
+    reconciles with it, with no command refused; other keys and admin commands are refused."""
+    username, rules = example_redis_user()
+    with redis_servers(topology, data_dir) as (admins, base):
+        for admin in admins:
+            admin.execute_command("ACL", "SETUSER", username, "reset", *rules)
+        parts = urlsplit(base)
         url = f"redis://{username}:pw@{parts.hostname}:{parts.port}/0"
-        settings = site_settings(stores, site, redis_url=url)
+        settings = settings_for(stores, redis_url=url, redis_cluster=topology == "cluster",
+                                database_url=await fresh_database(stores.database_url))
         async with running(settings) as (svc, stub, _):
-            w = await make_world(stub, locations=1, skus=2, on_hand=10)
+            w = await make_world(stub, locations=1, skus=4, on_hand=10)
             loc = w.locations[0]
-            res = await stub.Reserve(api.ReserveRequest(lines=[
-                pb.ReservationLine(sku=w.skus[0], location_id=loc, quantity=2)]))
-            await stub.CommitReservation(api.CommitReservationRequest(
-                reservation_id=res.reservation.id, idempotency_key="c1"))
-            res = await stub.Reserve(api.ReserveRequest(lines=[
-                pb.ReservationLine(sku=w.skus[1], location_id=loc, quantity=1)]))
-            await stub.ReleaseReservation(api.ReleaseReservationRequest(
-                reservation_id=res.reservation.id))
-            admin.flushdb()  # Redis lost: the generation check rebuilds it
-            report = await svc.reconciler.run_pass()
-            assert report.rebuilt
+            for sku in w.skus:
+                res = await stub.Reserve(api.ReserveRequest(lines=[
+                    pb.ReservationLine(sku=sku, location_id=loc, quantity=2)]))
+                await stub.CommitReservation(api.CommitReservationRequest(
+                    reservation_id=res.reservation.id, idempotency_key=uid("c")))
+                res = await stub.Reserve(api.ReserveRequest(lines=[
+                    pb.ReservationLine(sku=sku, location_id=loc, quantity=1)]))
+                await stub.ReleaseReservation(api.ReleaseReservationRequest(
+                    reservation_id=res.reservation.id))
+            for admin in admins:  # Redis lost: the generation check rebuilds it
+                with contextlib.suppress(redis.exceptions.ReadOnlyError):
+                    admin.flushall()
+            assert (await svc.reconciler.run_pass()).rebuilt
+            await svc.reconciler.run_pass()
             await check_all(svc.ctx.pg.pool, svc.ctx.redis.client, w.skus)
-            refused = admin.execute_command("ACL", "LOG")
+            refused = [e for admin in admins for e in admin.execute_command("ACL", "LOG")]
             assert not refused, f"the service was refused: {refused}"
             client = svc.ctx.redis.client
             with pytest.raises(redis.exceptions.NoPermissionError):
                 await client.set("not-ours", "x")
-            with pytest.raises(redis.exceptions.NoPermissionError):
-                await client.execute_command("CONFIG", "GET", "maxmemory")
-        admin.close()
+        as_user = redis.Redis(host=parts.hostname, port=parts.port, username=username,
+                              password="pw")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            as_user.config_get("maxmemory")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            as_user.acl_list()
+        as_user.close()
+        for admin in admins:
+            admin.close()
