@@ -41,10 +41,12 @@ from inventory_svc.storage.pg import NewReservation, PgStore
 from inventory_svc.storage.pg_base import (
     Idem,
     Replay,
-    claim_keys,
+    answers_of,
     idempotency_row,
+    lock_keys,
     to_ms,
 )
+from inventory_svc.storage.pg_group import lock_stock_and_answers
 from inventory_svc.storage.redis_stock import Hold
 
 log = logging.getLogger(__name__)
@@ -171,16 +173,19 @@ class GroupCommitter(Lanes[_Call]):
         """Inside the group's transaction: each call's answer, and the write of those taken."""
         answers: list[Answer] = [None] * len(group)  # None: not decided yet
         keyed = [i for i, c in enumerate(group) if c.idem is not None]
-        if keyed:
-            claims = await claim_keys(conn, [c.idem for c in group if c.idem is not None])
-            for i, claim in zip(keyed, claims, strict=True):
-                if isinstance(claim, bytes):
-                    answers[i] = Replay(claim)
-                elif claim is not None:
-                    answers[i] = claim
+        idems = [c.idem for c in group if c.idem is not None]
+        locked = await lock_keys(conn, idems) if keyed else []
+        # every call's rows are locked, a repeat's too (it is rare): the lookup of the keys
+        # rides in the same statement (storage/pg_group)
+        rows, now, stored = await lock_stock_and_answers(
+            conn, {(x.sku, x.location_id) for c in group for x in c.lines},
+            [x.key for x, got in zip(idems, locked, strict=True) if got])
+        for i, claim in zip(keyed, answers_of(idems, locked, stored), strict=True):
+            if isinstance(claim, bytes):
+                answers[i] = Replay(claim)
+            elif claim is not None:
+                answers[i] = claim
         live = [i for i, a in enumerate(answers) if a is None]
-        rows, now = await PgStore.lock_stock_timed(
-            conn, {(x.sku, x.location_id) for i in live for x in group[i].lines})
         shipping = sorted({loc for i in live for loc in group[i].shipping_from})
         used = await PgStore.lock_capacity(conn, shipping) if shipping else {}
         capacity = {loc: self.ctx.locations[loc].daily_capacity

@@ -46,8 +46,8 @@ from inventory_svc.domain.model import (
 )
 from inventory_svc.domain.rules import StockKey
 from inventory_svc.storage.pg import MovementDraft, PgStore
-from inventory_svc.storage.pg_base import Idem, Replay, claim_keys, to_ms
-from inventory_svc.storage.pg_settle import (
+from inventory_svc.storage.pg_base import Idem, Replay, answers_of, lock_keys, to_ms
+from inventory_svc.storage.pg_group import (
     Ending,
     LockedReservation,
     lock_reservations,
@@ -169,15 +169,19 @@ class SettleCommitter(Lanes[_End]):
         """Inside the group's transaction: each call's answer, and the writes of those taken."""
         answers: list[Any] = [None] * len(group)  # None: not decided yet
         keyed = [i for i, c in enumerate(group) if c.idem is not None]
-        if keyed:
-            claims = await claim_keys(conn, [c.idem for c in group if c.idem is not None])
-            for i, claim in zip(keyed, claims, strict=True):
-                if isinstance(claim, bytes):
-                    answers[i] = Replay(claim)
-                elif claim is not None:
-                    answers[i] = claim
+        idems = [c.idem for c in group if c.idem is not None]
+        keys_locked = await lock_keys(conn, idems) if keyed else []
+        # every call's reservation is locked, a repeat's too (it is rare): the lookup of the
+        # keys rides in the same statement (storage/pg_group)
+        found, now, stored = await lock_reservations(
+            conn, [c.res_id for c in group],
+            [x.key for x, got in zip(idems, keys_locked, strict=True) if got])
+        for i, claim in zip(keyed, answers_of(idems, keys_locked, stored), strict=True):
+            if isinstance(claim, bytes):
+                answers[i] = Replay(claim)
+            elif claim is not None:
+                answers[i] = claim
         live = [i for i, a in enumerate(answers) if a is None]
-        found, now = await lock_reservations(conn, [group[i].res_id for i in live])
         taken: list[tuple[int, LockedReservation]] = []
         for i in live:
             c = group[i]

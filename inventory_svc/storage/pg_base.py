@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -146,21 +146,37 @@ async def claim_keys(
 
     Two statements, so the lookup's snapshot is taken after the locks are held: a first call
     that committed while we waited for nothing (the locks are tried, never waited for) is seen,
-    and no insert of ours can then collide with it and fail the whole group."""
-    locked = await conn.fetch(
-        "SELECT pg_try_advisory_xact_lock(k) AS locked"
-        " FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i) ORDER BY i",
-        [advisory_key(x.key) for x in idems],
-    )
-    ours = [x for x, r in zip(idems, locked, strict=True) if r["locked"]]
+    and no insert of ours can then collide with it and fail the whole group. A caller with a
+    statement of its own to send next can carry the lookup in it instead (`lock_keys`, then
+    `answers_of`)."""
+    locked = await lock_keys(conn, idems)
+    ours = [x.key for x, got in zip(idems, locked, strict=True) if got]
     stored = {
         r["key"]: r
         for r in await conn.fetch(
             "SELECT key, method, request_hash, response FROM idempotency"
-            " WHERE key = ANY($1::text[])", [x.key for x in ours])
+            " WHERE key = ANY($1::text[])", ours)
     } if ours else {}
-    return [_claimed(idem, r["locked"], stored.get(idem.key))
-            for idem, r in zip(idems, locked, strict=True)]
+    return answers_of(idems, locked, stored)
+
+
+async def lock_keys(conn: asyncpg.Connection, idems: Sequence[Idem]) -> list[bool]:
+    """Try each key's transaction-scoped advisory lock (never waited for): True where taken."""
+    rows = await conn.fetch(
+        "SELECT pg_try_advisory_xact_lock(k) AS locked"
+        " FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i) ORDER BY i",
+        [advisory_key(x.key) for x in idems],
+    )
+    return [bool(r["locked"]) for r in rows]
+
+
+def answers_of(idems: Sequence[Idem], locked: Sequence[bool], stored: Mapping[str, Any]
+               ) -> list[bytes | DomainError | None]:
+    """Per call, from its key's lock and its stored row (by key: a record with method,
+    request_hash and response), what `claim_keys` returns. The rows must have been read by a
+    statement that began after the locks were taken."""
+    return [_claimed(idem, got, stored.get(idem.key))
+            for idem, got in zip(idems, locked, strict=True)]
 
 
 def _claimed(idem: Idem, locked: bool, row: asyncpg.Record | None

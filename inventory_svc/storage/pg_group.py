@@ -1,5 +1,12 @@
-"""Statements of grouped Commit and Release (app/group_settle): a group of reservations is
-locked in one statement, and everything it writes but the idempotency answers goes in one more.
+"""Statements of the group commits (app/group_commit, app/group_settle) that are theirs alone.
+
+A group's idempotency lookup rides in the statement that locks its rows (`lock_stock_and_answers`,
+`lock_reservations`): the keys' advisory locks are taken by the statement before, so the lookup's
+snapshot, taken as the locking statement starts, sees any first call that committed before our
+locks (see pg_base.claim_keys) — one round trip less per group than a lookup of its own.
+
+Of Commit and Release, a group of reservations is locked in one statement, and everything it
+writes but the idempotency answers goes in one more.
 
 Locks are taken in the order every path takes them: reservations (by id), then stock rows (by
 sku, location), then capacity rows (by location, day). A group therefore never deadlocks with
@@ -9,7 +16,7 @@ another group, with a single call or with the expiry sweeper.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -18,9 +25,12 @@ import asyncpg
 from inventory_svc.domain.errors import Aborted
 from inventory_svc.domain.model import Channel, Line, Movement, MovementKind, Reservation
 from inventory_svc.domain.model import ReservationStatus as Status
-from inventory_svc.domain.rules import StockKey
-from inventory_svc.storage.pg import MovementDraft
+from inventory_svc.domain.rules import LockedStock, StockKey
+from inventory_svc.storage.pg import STOCK_COLUMNS, MovementDraft, stock_level
 from inventory_svc.storage.pg_base import to_ms
+
+_ANSWERS = ("SELECT key, method, request_hash, response FROM idempotency"
+            " WHERE key = ANY($K::text[])")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,23 +54,59 @@ class Ending:
     event: dict[str, object]
 
 
-async def lock_reservations(
-    conn: asyncpg.Connection, ids: Sequence[str]
-) -> tuple[dict[str, LockedReservation], datetime]:
-    """Lock the reservations with these ids in id order, with their lines (one statement); the
-    ids not found are absent. Also the transaction's `now()`: the ended_at of what ends."""
+async def lock_stock_and_answers(
+    conn: asyncpg.Connection, keys: Iterable[StockKey], answer_keys: Sequence[str]
+) -> tuple[dict[StockKey, LockedStock], datetime, dict[str, asyncpg.Record]]:
+    """PgStore.lock_stock_timed, and the stored answers of these idempotency keys (by key),
+    in one statement."""
+    ordered = sorted(set(keys))
     rows = await conn.fetch(
-        "SELECT r.id, r.status, r.channel, r.order_ref, r.created_at, r.expires_at,"
-        " r.ended_at, r.owner, r.capacity_day, r.capacity_locations,"
-        " r.expires_at <= now() AS due, now() AS now, l.sku, l.location_id, l.quantity"
-        " FROM reservations r LEFT JOIN reservation_lines l ON l.reservation_id = r.id"
-        " WHERE r.id = ANY($1::text[])"
-        " ORDER BY r.id, l.sku, l.location_id FOR UPDATE OF r",
-        sorted(set(ids)),
+        f"WITH st AS (SELECT {STOCK_COLUMNS}"
+        "  FROM unnest($1::text[], $2::text[]) AS k(sku, location_id)"
+        "  JOIN stock s ON s.sku = k.sku AND s.location_id = k.location_id"
+        "  JOIN locations l ON l.id = s.location_id"
+        "  ORDER BY s.sku, s.location_id FOR UPDATE OF s),"
+        f" an AS ({_ANSWERS.replace('$K', '$3')})"
+        " SELECT false AS answer, st.*, NULL AS key, NULL AS method, NULL::bytea AS request_hash,"
+        "  NULL::bytea AS response, now() AS now FROM st"
+        " UNION ALL SELECT true, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, an.key,"
+        "  an.method, an.request_hash, an.response, now() FROM an"
+        " UNION ALL SELECT true, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
+        "  NULL, NULL, now()",  # a row for now() when neither has one
+        [k[0] for k in ordered], [k[1] for k in ordered], list(answer_keys),
     )
-    now: datetime | None = rows[0]["now"] if rows else None
-    if now is None:
-        now = await conn.fetchval("SELECT now()")
+    locked = {(r["sku"], r["location_id"]): LockedStock(stock_level(r), r["active"])
+              for r in rows if not r["answer"]}
+    answers = {r["key"]: r for r in rows if r["answer"] and r["key"] is not None}
+    return locked, rows[0]["now"], answers
+
+
+async def lock_reservations(
+    conn: asyncpg.Connection, ids: Sequence[str], answer_keys: Sequence[str] = (),
+) -> tuple[dict[str, LockedReservation], datetime, dict[str, asyncpg.Record]]:
+    """Lock the reservations with these ids in id order, with their lines, and read the stored
+    answers of these idempotency keys (by key), in one statement; the ids not found are absent.
+    Also the transaction's `now()`: the ended_at of what ends."""
+    rows = await conn.fetch(
+        "WITH rs AS (SELECT r.id, r.status, r.channel, r.order_ref, r.created_at,"
+        "  r.expires_at, r.ended_at, r.owner, r.capacity_day, r.capacity_locations,"
+        "  r.expires_at <= now() AS due, l.sku, l.location_id, l.quantity"
+        "  FROM reservations r LEFT JOIN reservation_lines l ON l.reservation_id = r.id"
+        "  WHERE r.id = ANY($1::text[])"
+        "  ORDER BY r.id, l.sku, l.location_id FOR UPDATE OF r),"
+        f" an AS ({_ANSWERS.replace('$K', '$2')})"
+        " SELECT false AS answer, rs.*, NULL AS key, NULL AS method,"
+        "  NULL::bytea AS request_hash, NULL::bytea AS response, now() AS now FROM rs"
+        " UNION ALL SELECT true, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
+        "  NULL, NULL, NULL, NULL, an.key, an.method, an.request_hash, an.response, now()"
+        " FROM an"
+        " UNION ALL SELECT true, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
+        "  NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, now()",
+        sorted(set(ids)), list(answer_keys),
+    )
+    now: datetime = rows[0]["now"]
+    answers = {r["key"]: r for r in rows if r["answer"] and r["key"] is not None}
+    rows = [r for r in rows if not r["answer"]]
     found: dict[str, LockedReservation] = {}
     lines: dict[str, list[Line]] = {}
     for r in rows:
@@ -77,8 +123,7 @@ async def lock_reservations(
             ended_at_ms=to_ms(r["ended_at"]))
         found[r["id"]] = LockedReservation(res, r["owner"], r["due"], r["capacity_day"],
                                            tuple(r["capacity_locations"] or ()))
-    assert now is not None
-    return found, now
+    return found, now, answers
 
 
 async def write_settlements(
