@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import grpc
+import pytest
 
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
@@ -14,6 +15,9 @@ from inventory_svc.server import Running
 from tests.conftest import make_world, uid
 from tests.grpc_helpers import expect_error
 from tests.invariants import assert_invariants
+
+# against the single server, and under --soak against a Redis Cluster too (tests/conftest.py)
+pytestmark = pytest.mark.redis_cluster(soak=True)
 
 Stub = api_grpc.InventoryServiceStub
 CLIENTS = 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 
 from inventory.v1 import common_pb2 as pb
@@ -12,6 +13,9 @@ from inventory_svc.server import Running
 from tests.conftest import make_world, store_location, uid
 from tests.grpc_helpers import bad_fields, details, expect_error, shortfalls
 from tests.invariants import assert_invariants
+
+# against the single server, and under --soak against a Redis Cluster too (tests/conftest.py)
+pytestmark = pytest.mark.redis_cluster(soak=True)
 
 Stub = api_grpc.InventoryServiceStub
 

@@ -8,6 +8,11 @@ Field "_" marks a hash that was loaded whole from Postgres: without it the SKU m
 before it is trusted. Beside it, `hold:{sku}` (same slot) records the holds in flight: hold id →
 "ms;loc=qty;...", taken in the hold's own script and ended with its units (settle.lua) once
 Postgres has committed them, or they are given back.
+
+The same code runs on one server and on a Redis Cluster: every script's keys are of one SKU or
+of SKUs of one slot, calls of several slots go as one pipeline that the cluster client splits by
+node (following MOVED/ASK), and whatever a cluster says while a shard fails over or a slot moves
+(CLUSTERDOWN, TRYAGAIN, READONLY, a node gone) is UNAVAILABLE, as a lost server is.
 """
 
 from __future__ import annotations
@@ -36,11 +41,20 @@ from redis.crc import key_slot
 
 from inventory_svc.domain.errors import InsufficientStock, NotFound, Shortfall, Unavailable
 from inventory_svc.domain.model import Line, StockLevel
+from inventory_svc.storage.coalesce import Coalescer
 from inventory_svc.storage.script_pipe import ScriptCall, ScriptPipe
 
 log = logging.getLogger(__name__)
 META_KEY = "inv:meta"
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+REDIS_ERRORS = (
+    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError,
+    # a cluster failing over, or moving a slot: retry, nothing was confirmed
+    redis.exceptions.ClusterError,  # CLUSTERDOWN, MASTERDOWN, redirections without end
+    redis.exceptions.TryAgainError,  # a multi-key script while its slot is half migrated
+    redis.exceptions.AskError,  # and MovedError: left after the client's own redirections
+    redis.exceptions.ReadOnlyError,  # a write to a master that has just become a replica
+    redis.exceptions.RedisClusterException,  # no node owns the slot (SlotNotCoveredError), ...
+)
 Hydrator = Callable[[list[str]], Awaitable[None]]
 # How long a hold waits, step by step, for holds in flight that are in its way (hold.lua's {4})
 # before it leaves the decision to Postgres: ~30 ms, several commits' time under load.
@@ -160,9 +174,18 @@ class RedisStock:
         self._apply = client.register_script(_script("apply", uses=["take"]))
         self._hydrate = client.register_script(_script("hydrate"))
         self._repair = client.register_script(_script("repair"))
+        self._inspect = client.register_script(_script("inspect"))
         self._settle = client.register_script(_script("settle", uses=["take"]))
         self._pipe = ScriptPipe(client)
+        # the reads of one turn of the event loop go as one pipeline: under load many product
+        # pages ask at once, and a write to the socket costs more than the read it carries
+        self._reads: Coalescer[Sequence[str], list[dict[bytes, bytes]]] = Coalescer(
+            self._read_many)
+        self.cluster = isinstance(client, RedisCluster)
         self.dropped_stale = 0  # times a connection found (and dropped) data built elsewhere
+        # INFO while the service starts (what a restart leaves behind is routine then; the
+        # server sets it), WARNING while it serves (Redis restarted under us)
+        self.stale_drop_level = logging.WARNING
 
     @classmethod
     def from_url(cls, url: str, *, cluster: bool, timeout_s: float) -> RedisStock:
@@ -200,10 +223,14 @@ class RedisStock:
         await conn.send_command("EVAL", _script("checkrun"), 1, META_KEY, run_id)
         if int(await conn.read_response()):
             self.dropped_stale += 1
-            log.warning("redis %s holds data built on another server process (restarted from an "
-                        "older snapshot?): dropped, rebuilding from postgres", run_id)
+            log.log(self.stale_drop_level, "redis %s holds data built on another server process "
+                    "(restarted from an older snapshot?): dropped, rebuilding from postgres", run_id)
 
     async def run_id(self) -> str:
+        """The run id of the server process ("" on a cluster: each node has its own, and the
+        generation marker alone decides there; see from_url)."""
+        if self.cluster:
+            return ""
         with translate_redis():
             info = await self.client.execute_command("INFO", "server")
         if isinstance(info, dict):
@@ -228,10 +255,14 @@ class RedisStock:
             slots = sorted(by_slot)
             first: list[Any] = [None]
             if len(slots) > 1:  # every slot's hold in one round trip
+                # Until it answers, any of them may have been taken (on a cluster the nodes
+                # answer apart: one shard may fail while the others held).
+                taken = list(lines)
                 with translate_redis():
                     first = await self._run_scripts([
                         (self._hold, *self._hold_call(by_slot[slot], pos=pos, hold_id=hold_id,
                                                       force=False)) for slot in slots])
+                taken = []
             shorts: list[Shortfall] = []
             for slot, res in zip(slots, first, strict=True):
                 group = by_slot[slot]
@@ -249,7 +280,10 @@ class RedisStock:
                     taken.extend(group)
         except BaseException:
             if taken:
-                await asyncio.shield(self.give_back(Hold(tuple(taken), hold_id)))
+                try:
+                    await asyncio.shield(self.give_back(Hold(tuple(taken), hold_id)))
+                except Unavailable as exc:  # what is left is an orphan: the reconciler's
+                    log.warning("hold %s not given back: %s", hold_id, exc.message)
             raise
         return Hold(tuple(lines), hold_id)
 
@@ -352,27 +386,33 @@ class RedisStock:
         self, skus: Sequence[str], only: Mapping[str, Collection[str] | None] | None = None
     ) -> tuple[dict[str, list[Cached] | None], dict[str, list[HoldRecord]], int]:
         """What Redis has of each SKU (None: not hydrated; with `only`, of those locations of
-        it, None: all) and its hold records, with the Redis clock (ms), all read in one MULTI,
-        so values and records are of the same instant."""
+        it, None: all) and its hold records, with the Redis clock (ms). Values and records of
+        one slot are read in one script (inspect.lua), so of the same instant; the slots' scripts
+        go in one round trip. Each record's time is moved onto the returned clock by the
+        difference between its node's clock and that one (nodes of a cluster each have theirs)."""
+        by_slot: dict[int, list[str]] = defaultdict(list)
+        for sku in dict.fromkeys(skus):
+            by_slot[_slot(sku)].append(sku)
+        groups = [by_slot[slot] for slot in sorted(by_slot)]
+        calls: list[ScriptCall] = [
+            (self._inspect, [stock_key(s) for s in g] + [hold_key(s) for s in g], [])
+            for g in groups]
         with translate_redis():
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.time()
-                for sku in skus:
-                    pipe.hgetall(stock_key(sku))
-                    pipe.hgetall(hold_key(sku))
-                results = await pipe.execute()
-        sec, usec = results[0]
-        now_ms = int(sec) * 1000 + int(usec) // 1000
+            results = await self._run_scripts(calls) if calls else []
+        clocks = [int(r[0]) * 1000 + int(r[1]) // 1000 for r in results]
+        now_ms = max(clocks, default=0)
         cached: dict[str, list[Cached] | None] = {}
         holds: dict[str, list[HoldRecord]] = {}
-        for i, sku in enumerate(skus):
-            fields, recs = results[1 + 2 * i], results[2 + 2 * i]
-            wanted = None if only is None else only.get(sku)
-            if wanted is not None:
-                keep = {loc.encode() for loc in wanted} | {b"_"}
-                fields = {k: v for k, v in fields.items() if k in keep}
-            cached[sku] = decode_cached(sku, fields) if b"_" in fields else None
-            holds[sku] = [decode_hold(k.decode(), v) for k, v in recs.items()]
+        for group, res, clock in zip(groups, results, clocks, strict=True):
+            for i, sku in enumerate(group):
+                fields, recs = _pairs(res[2 + i]), _pairs(res[2 + len(group) + i])
+                wanted = None if only is None else only.get(sku)
+                if wanted is not None:
+                    keep = {loc.encode() for loc in wanted} | {b"_"}
+                    fields = {k: v for k, v in fields.items() if k in keep}
+                cached[sku] = decode_cached(sku, fields) if b"_" in fields else None
+                holds[sku] = [_shifted(decode_hold(k.decode(), v), now_ms - clock)
+                              for k, v in recs.items()]
         return cached, holds, now_ms
 
     async def skus_with_holds(self) -> list[str]:
@@ -407,30 +447,38 @@ class RedisStock:
     # ---- reads and rebuilds ----------------------------------------------------------------
     async def read_fields(self, skus: Sequence[str]) -> list[dict[bytes, bytes] | None]:
         """Each SKU's hash as stored (decode with decode_levels); None where not hydrated."""
-        results: list[Any]
         with translate_redis():
-            if len(skus) == 1:  # the common product page: no pipeline to build
-                results = [await self.client.hgetall(stock_key(skus[0]))]
+            results = await self._reads.run(skus)
+        return [fields if b"_" in fields else None for fields in results]
+
+    async def _read_many(
+        self, batch: list[Sequence[str]]
+    ) -> list[list[dict[bytes, bytes]] | BaseException]:
+        """The hashes of every read of a turn, in one round trip (one command when alone)."""
+        keys = list(dict.fromkeys(stock_key(sku) for skus in batch for sku in skus))
+        got: dict[str, Any]
+        with translate_redis():
+            if len(keys) == 1:
+                got = {keys[0]: await self.client.hgetall(keys[0])}
             else:
                 async with self.client.pipeline(transaction=False) as pipe:
-                    for sku in skus:
-                        pipe.hgetall(stock_key(sku))
-                    results = await pipe.execute()
-        return [fields if b"_" in fields else None for fields in results]
+                    for key in keys:
+                        pipe.hgetall(key)
+                    got = dict(zip(keys, await pipe.execute(), strict=True))
+        return [[got[stock_key(sku)] for sku in skus] for skus in batch]
 
     async def load(self, snapshot: dict[str, list[StockLevel]], *, force: bool) -> int:
         """Write SKUs from a Postgres snapshot; without `force`, only where not hydrated."""
         if not snapshot:
             return 0
+        calls: list[ScriptCall] = []
+        for sku, levels in snapshot.items():
+            args: list[Any] = ["1" if force else "0"]
+            for lv in levels:
+                args += [lv.location_id, encode_committed(lv)]
+            calls.append((self._hydrate, [stock_key(sku), hold_key(sku)], args))
         with translate_redis():
-            async with self.client.pipeline(transaction=False) as pipe:
-                for sku, levels in snapshot.items():
-                    args: list[Any] = ["1" if force else "0"]
-                    for lv in levels:
-                        args += [lv.location_id, encode_committed(lv)]
-                    await self._hydrate(keys=[stock_key(sku), hold_key(sku)], args=args,
-                                        client=pipe)  # type: ignore[arg-type]
-                written = await pipe.execute()
+            written = await self._run_scripts(calls)
         return sum(int(w) for w in written)
 
     async def repair(self, sku: str, location_id: str, observed: str, value: str) -> bool:
@@ -464,6 +512,15 @@ class RedisStock:
             return bool(await self.client.ping())
 
 
+def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    """A flat HGETALL reply (as a script returns it) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _shifted(rec: HoldRecord, ms: int) -> HoldRecord:
+    return rec if ms == 0 else HoldRecord(rec.id, rec.created_ms + ms, rec.units)
+
+
 def _info_field(info: Any, name: str) -> str:
     if isinstance(info, dict):
         return str(info.get(name, ""))
@@ -474,6 +531,18 @@ def _info_field(info: Any, name: str) -> str:
     return ""
 
 
+def _cut_connection(exc: BaseException) -> bool:
+    """redis-py's asyncio cluster client, when a node fails, resets connections that other
+    commands may be using at that moment; such a command fails with an AttributeError raised in
+    redis-py itself (its connection's writer or reader is gone). That is a lost connection too."""
+    if not isinstance(exc, AttributeError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("redis.")
+
+
 class translate_redis:
     """Redis connection trouble becomes UNAVAILABLE."""
 
@@ -482,5 +551,5 @@ class translate_redis:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: object) -> None:
-        if exc is not None and isinstance(exc, REDIS_ERRORS):
+        if exc is not None and (isinstance(exc, REDIS_ERRORS) or _cut_connection(exc)):
             raise Unavailable(f"redis unavailable: {exc!r}") from exc
