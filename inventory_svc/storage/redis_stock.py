@@ -394,8 +394,13 @@ class RedisStock:
         for sku in dict.fromkeys(skus):
             by_slot[_slot(sku)].append(sku)
         groups = [by_slot[slot] for slot in sorted(by_slot)]
+        def fields_of(sku: str) -> list[str]:  # inspect.lua's ARGV of one SKU
+            wanted = None if only is None else only.get(sku)
+            return [str(len(wanted)), *sorted(wanted)] if wanted else ["0"]
+
         calls: list[ScriptCall] = [
-            (self._inspect, [stock_key(s) for s in g] + [hold_key(s) for s in g], [])
+            (self._inspect, [stock_key(s) for s in g] + [hold_key(s) for s in g],
+             [x for s in g for x in fields_of(s)])
             for g in groups]
         with translate_redis():
             results = await self._run_scripts(calls) if calls else []
@@ -406,10 +411,6 @@ class RedisStock:
         for group, res, clock in zip(groups, results, clocks, strict=True):
             for i, sku in enumerate(group):
                 fields, recs = _pairs(res[2 + i]), _pairs(res[2 + len(group) + i])
-                wanted = None if only is None else only.get(sku)
-                if wanted is not None:
-                    keep = {loc.encode() for loc in wanted} | {b"_"}
-                    fields = {k: v for k, v in fields.items() if k in keep}
                 cached[sku] = decode_cached(sku, fields) if b"_" in fields else None
                 holds[sku] = [_shifted(decode_hold(k.decode(), v), now_ms - clock)
                               for k, v in recs.items()]
