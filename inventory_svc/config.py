@@ -150,7 +150,7 @@ class Settings:
              "need 1 <= PG_POOL_MIN <= PG_POOL_MAX")
         need(self.group_commit_max >= 1, "group_commit_max", self.group_commit_max,
              "must be >= 1")
-        need(1 <= self.group_commit_lanes and 2 * self.group_commit_lanes < self.pg_pool_max,
+        need(self.group_commit_lanes >= 1 and 2 * self.group_commit_lanes < self.pg_pool_max,
              "group_commit_lanes", self.group_commit_lanes,
              "need 1 <= GROUP_COMMIT_LANES and 2 x GROUP_COMMIT_LANES < PG_POOL_MAX (lanes of"
              " reservations and of commits/releases each take a connection)")

@@ -75,6 +75,39 @@ async def test_route_order_explains_plan_and_exclusions(
     assert any(f.startswith("order.dest_lat") for f in bad_fields(err))
 
 
+async def test_plans_follow_every_change_of_stock(
+    stub: api_grpc.InventoryServiceStub, channel: grpc.aio.Channel
+) -> None:
+    """Routing keeps each SKU's column of availability while the SKU's Redis hash has not
+    changed: a count, a hold, a release and a sale must each show in the next plan."""
+    routing = rp_grpc.RoutingServiceStub(channel)
+    ids = await network(stub, far={"active": False})
+    sku = uid("SKU")
+    for key, qty in (("wh", 5), ("st", 5)):
+        await stub.SetStock(api.SetStockRequest(sku=sku, location_id=ids[key], on_hand=qty))
+
+    async def plan(qty: int) -> list[tuple[str, int]]:
+        out = await routing.RouteOrder(rp.RouteOrderRequest(order=rp.RoutingOrder(
+            lines=[rp.OrderLine(sku=sku, quantity=qty)], dest_lat=WAW[0], dest_lon=WAW[1])))
+        return sorted((s.location_id, s.lines[0].quantity) for s in out.plan.shipments)
+
+    assert await plan(4) == [(ids["wh"], 4)]
+    assert await plan(4) == [(ids["wh"], 4)]  # the same hash: the kept column
+    await stub.SetStock(api.SetStockRequest(sku=sku, location_id=ids["wh"], on_hand=3))
+    assert ids["wh"] not in dict(await plan(4)), "a count did not reach routing"
+    held = await stub.Reserve(api.ReserveRequest(lines=[
+        pb.ReservationLine(sku=sku, location_id=ids["st"], quantity=5)]))
+    assert ids["st"] not in dict(await plan(3)), "a reservation did not reach routing"
+    await stub.ReleaseReservation(api.ReleaseReservationRequest(
+        reservation_id=held.reservation.id))
+    assert await plan(5) == [(ids["st"], 5)], "a release did not reach routing"
+    sold = await stub.Reserve(api.ReserveRequest(lines=[
+        pb.ReservationLine(sku=sku, location_id=ids["st"], quantity=5)]))
+    await stub.CommitReservation(api.CommitReservationRequest(
+        reservation_id=sold.reservation.id))
+    assert ids["st"] not in dict(await plan(3)), "a sale did not reach routing"
+
+
 async def test_route_and_reserve_under_contention(service: Running) -> None:
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") for _ in range(4)]
     try:

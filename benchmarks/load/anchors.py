@@ -38,7 +38,8 @@ def echo_payload() -> bytes:
 
 
 def hold_script() -> str:
-    return resources.files("inventory_svc.storage").joinpath("lua/hold.lua").read_text()
+    lua = resources.files("inventory_svc.storage").joinpath("lua")
+    return "".join(lua.joinpath(f"{n}.lua").read_text() for n in ("bump", "hold"))
 
 
 def redis_keys(n: int) -> list[str]:

@@ -69,10 +69,10 @@ class RoutingService:
         self._network: Network | None = None
         self._network_version = -1
         # Each SKU's column of the stock matrix (units per network location for a channel),
-        # kept while the SKU's Redis hash is the same. Comparing the hash by value costs a
-        # fraction of decoding its fields again (a 500-location SKU: ~15 vs ~250 µs), and an
-        # order of 20 lines is 20 of them. Bounded; the oldest goes first.
-        self._columns: dict[tuple[str, Channel, int], tuple[dict[bytes, bytes], np.ndarray]] = {}
+        # kept with the change count of the SKU's Redis hash it was made at: an unchanged SKU
+        # costs one field's read instead of its whole hash (500 fields) and their decoding.
+        # Bounded; the oldest goes first.
+        self._columns: dict[tuple[str, Channel, int], tuple[bytes, np.ndarray]] = {}
         self._daily_capacity = np.zeros(0, np.int64)
         # Solves at once, each in a worker thread: a 200-line order on the event loop stalled
         # every other call for over a second. Bounded, so routing cannot take every core.
@@ -110,6 +110,9 @@ class RoutingService:
             self.ctx.location(order.pickup_location_id)
 
     async def capacity_left(self, network: Network) -> np.ndarray:
+        """Shipments each location may still take today (-1: no limit)."""
+        if not (self._daily_capacity > 0).any():  # no limits anywhere: nothing to read
+            return np.full(network.size, -1, np.int64)
         with translate_errors():  # Postgres unreachable: UNAVAILABLE, not INTERNAL
             rows = await self.ctx.pg.pool.fetch(
                 "SELECT location_id, used FROM capacity_usage WHERE day = current_date")
@@ -124,18 +127,30 @@ class RoutingService:
         """Units available to the channel per (location, line), from Redis in one pipeline.
         Holds in flight count as taken: a plan is made of units a hold can still get."""
         skus = [x.sku for x in order.lines]
-        fields = await self.stock.fields_of(skus)
+        # Only the hashes changed since their column was made are read whole: the others are
+        # known by their change count (one field each, storage/lua/bump.lua).
+        marks = await self.ctx.redis.markers(skus)
+        # taken out first: making the stale columns may push kept ones out of the cache
+        columns = {s: kept for s, mark in zip(skus, marks, strict=True)
+                   if (kept := self._kept(s, channel, mark)) is not None}
+        stale = [s for s in dict.fromkeys(skus) if s not in columns]
+        if stale:
+            fields = await self.stock.fields_of(stale)
+            for sku in stale:
+                columns[sku] = self._column(network, sku, channel, fields[sku])
         matrix = np.zeros((network.size, len(skus)), np.int64)
         for j, sku in enumerate(skus):
-            matrix[:, j] = self._column(network, sku, channel, fields[sku])
+            matrix[:, j] = columns[sku]
         return matrix
+
+    def _kept(self, sku: str, channel: Channel, mark: bytes | None) -> np.ndarray | None:
+        """The SKU's column, if made from the hash at this change count."""
+        kept = self._columns.get((sku, channel, self._network_version))
+        return kept[1] if kept is not None and mark is not None and kept[0] == mark else None
 
     def _column(self, network: Network, sku: str, channel: Channel,
                 fields: dict[bytes, bytes]) -> np.ndarray:
         key = (sku, channel, self._network_version)
-        kept = self._columns.get(key)
-        if kept is not None and kept[0] == fields:
-            return kept[1]
         column = np.zeros(network.size, np.int64)
         for loc, on_hand, taken, safety in gate_units(fields):
             i = network.index.get(loc)
@@ -144,7 +159,10 @@ class RoutingService:
         self._columns.pop(key, None)
         if len(self._columns) >= COLUMNS_KEPT:
             del self._columns[next(iter(self._columns))]
-        self._columns[key] = (fields, column)
+        # kept by the change count the fields were read at (an unhydrated SKU's: none)
+        mark = fields.get(b"_")
+        if mark is not None:
+            self._columns[key] = (mark, column)
         return column
 
     def outside_scope(self, principal: Principal) -> frozenset[str]:

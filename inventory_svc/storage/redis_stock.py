@@ -170,12 +170,12 @@ class Hold:
 class RedisStock:
     def __init__(self, client: Client) -> None:
         self.client = client
-        self._hold = client.register_script(_script("hold"))
-        self._apply = client.register_script(_script("apply", uses=["take"]))
+        self._hold = client.register_script(_script("hold", uses=["bump"]))
+        self._apply = client.register_script(_script("apply", uses=["bump", "take"]))
         self._hydrate = client.register_script(_script("hydrate"))
-        self._repair = client.register_script(_script("repair"))
+        self._repair = client.register_script(_script("repair", uses=["bump"]))
         self._inspect = client.register_script(_script("inspect"))
-        self._settle = client.register_script(_script("settle", uses=["take"]))
+        self._settle = client.register_script(_script("settle", uses=["bump", "take"]))
         self._pipe = ScriptPipe(client)
         # the reads of one turn of the event loop go as one pipeline: under load many product
         # pages ask at once, and a write to the socket costs more than the read it carries
@@ -451,6 +451,17 @@ class RedisStock:
         with translate_redis():
             results = await self._reads.run(skus)
         return [fields if b"_" in fields else None for fields in results]
+
+    async def markers(self, skus: Sequence[str]) -> list[bytes | None]:
+        """Each SKU's marker field "_": a count of the hash's changes (bump.lua), so a reader
+        that keeps something derived from a hash knows by this one field whether it is still
+        current; None where not hydrated. One round trip."""
+        with translate_redis():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for sku in skus:
+                    pipe.hget(stock_key(sku), "_")
+                got: list[bytes | None] = await pipe.execute()
+        return got
 
     async def _read_many(
         self, batch: list[Sequence[str]]

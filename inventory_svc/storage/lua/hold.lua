@@ -67,11 +67,14 @@ for i = 1, n do
 end
 if #short > 1 then return short end
 if wait then return {4} end
+local changed = {}
 for _, id in ipairs(order) do
   local f = fields[id]
   redis.call('HSET', f[1], f[2],
              f[3] .. ':' .. f[4] .. ':' .. f[5] .. ':' .. f[6] .. ':' .. f[7] .. ':' .. f[8])
+  changed[f[1]] = true
 end
+for key in pairs(changed) do bump(key) end
 if hold_id ~= '' then
   local t = redis.call('TIME')
   local ms = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))

@@ -25,7 +25,9 @@ else
     end
   end
 end
-local args = {'_', '1'}
+-- "_" marks the hash hydrated and counts its changes (bump.lua), from the clock in µs
+local t = redis.call('TIME')
+local args = {'_', string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))}
 for i = 2, #ARGV, 2 do
   local loc, val = ARGV[i], ARGV[i + 1]
   local old = have[loc]

@@ -9,4 +9,5 @@ if redis.call('HEXISTS', KEYS[1], '_') == 0 then return 0 end
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if cur ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+bump(KEYS[1])
 return 1

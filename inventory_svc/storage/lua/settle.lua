@@ -29,6 +29,7 @@ for k = 1, m do
         h = tonumber(h) - tonumber(qty)
         if h < 0 then h = 0 end
         redis.call('HSET', KEYS[k], loc, head .. ':' .. h)
+        bump(KEYS[k])
       end
     end
     redis.call('HDEL', KEYS[m + k], ARGV[1])
