@@ -38,8 +38,10 @@ class Settings:
     # Passes in between look only at rows changed since a pass at least reconcile_seq_window_s
     # ago (by then every transaction that took a smaller seq has ended: twice hold_timeout_s by
     # default; only a bulk import runs longer, and it publishes its own levels), and at SKUs
-    # with holds in flight; every this many passes (~10 min by default) one looks at everything.
-    reconcile_full_every: int = 20
+    # with holds in flight; every this many passes (~1 h by default) one looks at everything:
+    # a full pass costs ~20 µs of CPU a stock row (docs/CAPACITY.md), so with a large catalogue
+    # make it rarer (2880: daily).
+    reconcile_full_every: int = 120
     reconcile_seq_window_s: float = 20.0
     pg_pool_min: int = 2
     pg_pool_max: int = 20

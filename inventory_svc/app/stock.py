@@ -359,14 +359,16 @@ class StockService:
         return {sku: decode_levels(sku, fields)
                 for sku, fields in (await self.fields_of(skus)).items()}
 
-    async def fields_of(self, skus: Sequence[str]) -> dict[str, dict[bytes, bytes]]:
-        """Each SKU's Redis hash as stored, hydrating SKUs Redis does not have (an unknown SKU:
-        empty)."""
-        found = dict(zip(skus, await self.ctx.redis.read_fields(skus), strict=True))
+    async def fields_of(self, skus: Sequence[str], locations: Sequence[str] = ()
+                        ) -> dict[str, dict[bytes, bytes]]:
+        """Each SKU's Redis hash as stored (with `locations`, those fields of it), hydrating
+        SKUs Redis does not have (an unknown SKU: empty)."""
+        read = self.ctx.redis.read_fields
+        found = dict(zip(skus, await read(skus, locations), strict=True))
         missing = [s for s, fields in found.items() if fields is None]
         if missing:
             await self.ctx.hydrate(missing)
-            found.update(zip(missing, await self.ctx.redis.read_fields(missing), strict=True))
+            found.update(zip(missing, await read(missing, locations), strict=True))
         return {s: fields or {} for s, fields in found.items()}
 
     async def get_availability(
@@ -383,7 +385,7 @@ class StockService:
         v.raise_if_any()
         for loc in location_ids:
             await self.ctx.known_location(loc)
-        fields = await self.fields_of(list(dict.fromkeys(skus)))
+        fields = await self.fields_of(list(dict.fromkeys(skus)), list(dict.fromkeys(location_ids)))
 
         @functools.cache
         def wanted() -> Collection[str]:

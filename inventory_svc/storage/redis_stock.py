@@ -41,7 +41,7 @@ from redis.crc import key_slot
 
 from inventory_svc.domain.errors import InsufficientStock, NotFound, Shortfall, Unavailable
 from inventory_svc.domain.model import Line, StockLevel
-from inventory_svc.storage.coalesce import Coalescer
+from inventory_svc.storage.redis_reads import HashReader
 from inventory_svc.storage.script_pipe import ScriptCall, ScriptPipe
 
 log = logging.getLogger(__name__)
@@ -177,10 +177,7 @@ class RedisStock:
         self._inspect = client.register_script(_script("inspect"))
         self._settle = client.register_script(_script("settle", uses=["bump", "take"]))
         self._pipe = ScriptPipe(client)
-        # the reads of one turn of the event loop go as one pipeline: under load many product
-        # pages ask at once, and a write to the socket costs more than the read it carries
-        self._reads: Coalescer[Sequence[str], list[dict[bytes, bytes]]] = Coalescer(
-            self._read_many)
+        self._reader = HashReader(client)
         self.cluster = isinstance(client, RedisCluster)
         self.dropped_stale = 0  # times a connection found (and dropped) data built elsewhere
         # INFO while the service starts (what a restart leaves behind is routine then; the
@@ -446,10 +443,12 @@ class RedisStock:
         return calls
 
     # ---- reads and rebuilds ----------------------------------------------------------------
-    async def read_fields(self, skus: Sequence[str]) -> list[dict[bytes, bytes] | None]:
-        """Each SKU's hash as stored (decode with decode_levels); None where not hydrated."""
+    async def read_fields(self, skus: Sequence[str], locations: Sequence[str] = ()
+                          ) -> list[dict[bytes, bytes] | None]:
+        """Each SKU's hash as stored (decode with decode_levels), or with `locations` only those
+        fields; None where not hydrated (storage/redis_reads)."""
         with translate_redis():
-            results = await self._reads.run(skus)
+            results = await self._reader.read([stock_key(s) for s in skus], locations)
         return [fields if b"_" in fields else None for fields in results]
 
     async def markers(self, skus: Sequence[str]) -> list[bytes | None]:
@@ -462,22 +461,6 @@ class RedisStock:
                     pipe.hget(stock_key(sku), "_")
                 got: list[bytes | None] = await pipe.execute()
         return got
-
-    async def _read_many(
-        self, batch: list[Sequence[str]]
-    ) -> list[list[dict[bytes, bytes]] | BaseException]:
-        """The hashes of every read of a turn, in one round trip (one command when alone)."""
-        keys = list(dict.fromkeys(stock_key(sku) for skus in batch for sku in skus))
-        got: dict[str, Any]
-        with translate_redis():
-            if len(keys) == 1:
-                got = {keys[0]: await self.client.hgetall(keys[0])}
-            else:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for key in keys:
-                        pipe.hgetall(key)
-                    got = dict(zip(keys, await pipe.execute(), strict=True))
-        return [[got[stock_key(sku)] for sku in skus] for skus in batch]
 
     async def load(self, snapshot: dict[str, list[StockLevel]], *, force: bool) -> int:
         """Write SKUs from a Postgres snapshot; without `force`, only where not hydrated."""

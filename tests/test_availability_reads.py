@@ -1,0 +1,59 @@
+"""Availability reads (storage/redis_reads.py): a process keeps the whole hashes it read and reads
+one again only when its change count moved, and a read of some locations reads only those. Every
+change must still show in the next read, and reads of one moment agree."""
+
+from __future__ import annotations
+
+import asyncio
+
+from inventory.v1 import common_pb2 as pb
+from inventory.v1 import inventory_service_pb2 as api
+from inventory.v1 import inventory_service_pb2_grpc as api_grpc
+from inventory_svc.server import Running
+from tests.conftest import make_world
+
+Stub = api_grpc.InventoryServiceStub
+
+
+async def levels(stub: Stub, sku: str, *locations: str) -> dict[str, tuple[int, int]]:
+    out = await stub.GetAvailability(api.GetAvailabilityRequest(
+        skus=[sku], location_ids=list(locations)))
+    return {lv.location_id: (lv.on_hand, lv.reserved) for lv in out.items[0].levels}
+
+
+async def test_every_change_shows_in_the_next_read(stub: Stub, service: Running) -> None:
+    w = await make_world(stub, locations=3, skus=1, on_hand=10)
+    sku, (a, b, c) = w.skus[0], w.locations
+    assert await levels(stub, sku) == {a: (10, 0), b: (10, 0), c: (10, 0)}
+    assert await levels(stub, sku) == {a: (10, 0), b: (10, 0), c: (10, 0)}  # kept
+
+    held = await stub.Reserve(api.ReserveRequest(lines=[
+        pb.ReservationLine(sku=sku, location_id=a, quantity=4)]))
+    assert (await levels(stub, sku))[a] == (10, 4), "a reservation did not show"
+    await stub.ReleaseReservation(api.ReleaseReservationRequest(
+        reservation_id=held.reservation.id))
+    assert (await levels(stub, sku))[a] == (10, 0), "a release did not show"
+    sold = await stub.Reserve(api.ReserveRequest(lines=[
+        pb.ReservationLine(sku=sku, location_id=b, quantity=3)]))
+    await stub.CommitReservation(api.CommitReservationRequest(
+        reservation_id=sold.reservation.id))
+    assert (await levels(stub, sku))[b] == (7, 0), "a sale did not show"
+    await stub.SetStock(api.SetStockRequest(sku=sku, location_id=c, on_hand=2))
+    assert (await levels(stub, sku))[c] == (2, 0), "a count did not show"
+
+    # some locations: those only, as current as a whole read
+    assert await levels(stub, sku, c, a) == {a: (10, 0), c: (2, 0)}
+
+    # Redis lost and rebuilt (on demand): the kept copy is not served
+    await service.ctx.redis.client.flushall()
+    await stub.SetStock(api.SetStockRequest(sku=sku, location_id=a, on_hand=1))
+    assert await levels(stub, sku) == {a: (1, 0), b: (7, 0), c: (2, 0)}
+
+
+async def test_reads_of_one_moment_agree(stub: Stub) -> None:
+    w = await make_world(stub, locations=2, skus=3, on_hand=5)
+    calls = [levels(stub, sku, *loc) for sku in w.skus for loc in ((), (w.locations[1],))] * 5
+    answers = await asyncio.gather(*calls)
+    for got, call in zip(answers, range(len(calls)), strict=True):
+        wanted = {x: (5, 0) for x in (w.locations if call % 2 == 0 else w.locations[1:])}
+        assert got == wanted
