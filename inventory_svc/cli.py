@@ -1,4 +1,4 @@
-"""The `inventory-svc` command: serve, migrate, demo-load.
+"""The `inventory-svc` command: serve, migrate, demo-load, watch.
 
 What an operator must fix (a data dir or port in use, a bad setting, an embedded server that will
 not start) is said in one line on stderr, exit status 1 (2 for configuration); a traceback is for
@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true",
                    help="load even when the service holds stock of the demo's SKUs at its "
                         "locations (their counts are overwritten)")
+    from inventory_svc.watch_cli import add_parser as add_watch
+
+    add_watch(sub)  # `watch`: print the stock event stream (inventory_svc/watch_cli.py)
     return p
 
 
@@ -151,6 +154,11 @@ def _serving_line(host: str, running: Running) -> str:
             f"({len(running.ctx.locations)} locations){routing}; Ctrl-C to stop")
 
 
+async def _say_when_routing_serves(running: Running) -> None:
+    await running.routing_ready.wait()
+    print("inventory-svc: routing serves too (inventory.v1.RoutingService SERVING)", flush=True)
+
+
 async def _serve(settings: Settings, demo: bool) -> None:
     from inventory_svc.server import embedded_stores, serve
     from inventory_svc.startup import check_port
@@ -163,7 +171,11 @@ async def _serve(settings: Settings, demo: bool) -> None:
                 resolved, routing_in_background=True, prepare=prepare) as running:
             stopper.serving = True
             print(_serving_line(resolved.host, running), flush=True)
+            routing = None if running.routing_ready.is_set() else asyncio.create_task(
+                _say_when_routing_serves(running))
             await stopper.stop.wait()
+            if routing is not None:
+                routing.cancel()
             print("inventory-svc: shutting down", flush=True)
     except asyncio.CancelledError:
         if not stopper.stop.is_set():
@@ -253,6 +265,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
         asyncio.run(load_demo(args.target, seed=args.seed, sku_count=args.skus,
                               api_key=args.api_key, force=args.force))
+    elif args.command == "watch":
+        from inventory_svc.watch_cli import run_watch
+
+        return asyncio.run(run_watch(args))
     return 0
 
 

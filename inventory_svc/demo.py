@@ -72,8 +72,8 @@ async def load_demo_into(stock: StockService, *, seed: int = 7, sku_count: int =
     yet: its calls are refused until this is done)."""
     start = time.monotonic()
     demo = build_demo(seed, sku_count=sku_count)
-    log.info("demo: loading %d locations and %d stock rows of %d SKUs (usually well under a "
-             "minute)", len(demo.locations), len(demo.stock), sku_count)
+    log.info("demo: loading %d locations and %d stock rows of %d SKUs (10,000 SKUs take a minute "
+             "or two)", len(demo.locations), len(demo.stock), sku_count)
     await stock.upsert_locations(list(demo.locations), None)
     done = tenths = 0
     for chunk in _by_sku(demo.stock, SKUS_PER_LOAD):

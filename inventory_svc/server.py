@@ -174,6 +174,7 @@ async def _warm_routing(running: Running) -> None:
                    "loaded (see the service log); retry on another replica", 30.0)
         raise
     log.info("routing: solver ready (%s)", what)
+    gc.freeze()  # the kernels live as long as the process, as what the start built (below)
     running.routing_ready.set()
     gate.open(ROUTING)
     if running.inventory_ready:

@@ -22,8 +22,12 @@ def hold_data_dir(data_dir: Path) -> Iterator[None]:
     """Hold the data dir for this process (an flock, gone with the process however it ends):
     a second `serve`, or a `migrate`, on a dir in use is refused in one line, before it touches
     the running service's embedded servers."""
-    data_dir.mkdir(parents=True, exist_ok=True)  # as the embedded servers would
-    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)  # as the embedded servers would
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot use the data dir {data_dir}: {exc.strerror or exc}; give "
+                           "another with --data-dir (or INVENTORY_DATA_DIR)") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

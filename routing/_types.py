@@ -6,7 +6,9 @@ for every distinct set of argument types a call site presents, literal constants
 callee is linked into, and compiled again with, each of its callers: a cold start compiled 61
 specialisations of 29 kernels. With explicit signatures numba compiles (or loads from its cache)
 each kernel once, when its module is imported, and refuses other argument types instead of
-compiling more; literal arguments are converted to the declared type.
+compiling more; literal arguments are converted to the declared type. (Two small helpers of the
+branch and bound are inlined into their caller instead, where their constant arguments pay off:
+routing/bnb.py, HOT_INLINE.)
 """
 
 from __future__ import annotations

@@ -17,10 +17,17 @@ covering T, cost(T) plus, per added location, ship + penalty - the most it could
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from routing._types import B1, F1, I1, I2, B, F, I, kernel
 from routing.evaluate import make_valid, set_cost, sort_members
 from routing.pool import pool_insert, tie_prune
+
+# HOT_INLINE: `_forbid` and `_tie_key` run in _dfs's innermost loop with constant arguments
+# (`_forbid(c, True, ...)`, `_tie_key(..., -1, ...)`). Inlined there, each call site is compiled
+# with its constant folded in, as the literal specialisations of a lazy dispatcher were; as kernels
+# with one generic signature, large OPTIMAL orders solved ~15 % slower. Inlining costs no compile
+# time (they are small, and never compiled on their own).
 
 
 @kernel(I, I1, I1, I, F1, F1, I2, I1, B1, B1, I1, I1, F1, F1)
@@ -65,7 +72,7 @@ def _line_bound(j: int, tmem: np.ndarray, tord: np.ndarray, d: int, ccpu: np.nda
     marg[j] = price
 
 
-@kernel(I, B, I1, I1, I, F1, F1, I2, I1, B1, B1, I1, I, I1, I1, I1, I1, F1, F1)
+@njit(inline="always")  # see HOT_INLINE
 def _forbid(c: int, bound: bool, tmem: np.ndarray, tord: np.ndarray, d: int,
             ccpu: np.ndarray, eff: np.ndarray, cs: np.ndarray, qty: np.ndarray,
             in_t: np.ndarray, forb: np.ndarray, fstack: np.ndarray, fsp: int,
@@ -130,7 +137,7 @@ def _extra_costs(cship: np.ndarray, ccpu: np.ndarray, cs: np.ndarray, pen: float
     return best[:r].sum() if r > 0 else 0.0
 
 
-@kernel(I1, I, I1, I, I, I1)
+@njit(inline="always")  # see HOT_INLINE
 def _tie_key(tmem: np.ndarray, d: int, crank: np.ndarray, c: int, extra: int,
              key: np.ndarray) -> int:
     """Sorted ranks of T + c (+ `extra` if >= 0) into `key`; returns their number."""

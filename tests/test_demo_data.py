@@ -1,13 +1,23 @@
-"""The demo network generator: sizes, geography, uniqueness, determinism, stock coverage."""
+"""The demo network generator: sizes, geography, uniqueness, determinism, stock coverage; and
+`demo-load`, which does not overwrite a live network's counts unless forced."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import subprocess
+import sys
 from collections import Counter, defaultdict
 
+import grpc
 import pytest
 
+from inventory.v1 import inventory_service_pb2 as api
+from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.demo_data import DemoNetwork, DemoStockRow, build_demo
+from inventory_svc.server import serve
+from tests.conftest import Stores
+from tests.faults.harness import own_site, site_settings
 
 # Poland's bounding box (Łeba .. Bieszczady, Odra .. Bug).
 LAT_RANGE = (49.0, 54.9)
@@ -131,3 +141,36 @@ def test_small_networks_and_bad_sizes() -> None:
 def test_build_is_immutable(demo: DemoNetwork) -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         demo.locations[0].active = False  # type: ignore[misc]
+
+
+# ---- demo-load against a running service ---------------------------------------------------
+def _demo_load(target: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "inventory_svc.cli", "demo-load", "--target", target, "--skus",
+         "20", *args], capture_output=True, text=True, timeout=300)
+
+
+async def test_demo_load_refuses_to_overwrite_stock_unless_forced(stores: Stores) -> None:
+    async with own_site(stores) as site, serve(site_settings(stores, site)) as running, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        target = f"127.0.0.1:{running.port}"
+        stub = api_grpc.InventoryServiceStub(ch)
+        first = await asyncio.to_thread(_demo_load, target)
+        assert first.returncode == 0, first.stderr
+        sku, loc, _ = build_demo(7, sku_count=20).stock[0]  # a row the demo sets
+        counted = await stub.SetStock(api.SetStockRequest(sku=sku, location_id=loc, on_hand=999))
+        assert counted.stock.on_hand == 999  # a live count, say from a stock take
+
+        again = await asyncio.to_thread(_demo_load, target)
+        assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr
+        (line,) = again.stderr.strip().splitlines()
+        assert "already holds stock of 20 of the demo's 20 SKUs" in line and "--force" in line
+        got = await stub.GetAvailability(api.GetAvailabilityRequest(skus=[sku],
+                                                                    location_ids=[loc]))
+        assert got.items[0].levels[0].on_hand == 999, "the refused load overwrote the count"
+
+        forced = await asyncio.to_thread(_demo_load, target, "--force")
+        assert forced.returncode == 0, forced.stderr
+        got = await stub.GetAvailability(api.GetAvailabilityRequest(skus=[sku],
+                                                                    location_ids=[loc]))
+        assert got.items[0].levels[0].on_hand != 999

@@ -344,8 +344,12 @@ async def test_embedded_stores_and_the_demo_once_for_all_workers() -> None:
         # the stores once, by the supervisor; the workers start none of their own
         assert names == ["postgres", "python", "python", "valkey-server"], names
         workers = [p for p in children if Path(p.cmdline()[0]).name == "python"]
-        assert all(not w.children() for w in workers)
-        assert sum("loading the demo network" in x for x in lines) == 1, "".join(lines)
+        # (a worker's only child may be a routing kernel compile, on a machine without them)
+        assert not [c for w in workers for c in w.children()
+                    if "routing.warm" not in " ".join(c.cmdline())]
+        # worker 0 loads the demo before it serves, the others start after it
+        loading = [x for x in lines if "demo: loading" in x]
+        assert len(loading) == 1 and "[worker 0 pid " in loading[0], "".join(lines)
 
         async def both_see_the_demo() -> bool:
             ch = fresh_channel(f"127.0.0.1:{port}")

@@ -25,7 +25,9 @@ from tests.faults.harness import (
     site_settings,
 )
 
-WHOLE_WITHIN_S = 5.0
+# a generous bound for "it becomes whole" (a hang guard; the figure is measured and printed):
+# a busy machine must not fail it
+WHOLE_WITHIN_S = 60.0
 T = TypeVar("T")
 
 
@@ -119,7 +121,7 @@ async def test_redis_back_with_an_older_snapshot_serves_nothing_of_it(
             assert short is grpc.StatusCode.FAILED_PRECONDITION, "served from the stale snapshot"
             assert svc.ctx.redis.dropped_stale == dropped + 1, "the stale data was not dropped"
             await eventually(lambda: redis_matches_postgres(
-                svc.ctx.pg.pool, svc.ctx.redis.client, w.skus), within=5.0,
+                svc.ctx.pg.pool, svc.ctx.redis.client, w.skus), within=WHOLE_WITHIN_S,
                 what="rebuilt from postgres")
             rebuilt_in = time.monotonic() - started
             for res_id in held:
