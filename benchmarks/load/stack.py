@@ -93,6 +93,23 @@ def start_echo(log_dir: Path, workers: int = 1) -> tuple[subprocess.Popen[bytes]
 PEER_DATABASE = "inventory_peer"
 
 
+def wait_serving(target: str, service: str, *, timeout_s: float) -> None:
+    """Poll grpc health until `service` is SERVING (the service's own start-up order)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            with contextlib.suppress(grpc.RpcError):
+                got = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                if got.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{service} at {target} not SERVING after {timeout_s:g} s")
+            time.sleep(0.2)
+
+
 def port_of(url: str) -> int:
     port = urlsplit(url).port
     if port is None:
@@ -209,6 +226,8 @@ class LocalStack:
              "--data-dir", str(self.data_dir / "svc"), "--demo"],
             "serving gRPC", self.log_dir / "service.log", env=env)
         self.target = f"127.0.0.1:{port}"
+        # inventory serves first; routing joins once its kernels are loaded (or compiled)
+        wait_serving(self.target, "inventory.v1.RoutingService", timeout_s=600)
         if self.peer_options is not None:
             self._start_peer(database_url, self.peer_options)
 
