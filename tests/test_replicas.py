@@ -13,12 +13,15 @@ import asyncio
 import contextlib
 import json
 import random
+import shutil
 import socket
+import tempfile
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -33,6 +36,7 @@ from inventory_svc.app.background import Reconciler
 from inventory_svc.app.context import Context
 from inventory_svc.app.reservations import ReservationService
 from inventory_svc.config import Settings
+from inventory_svc.embedded.cluster import EmbeddedRedisCluster
 from inventory_svc.storage.pg import PgStore
 from inventory_svc.storage.redis_stock import RedisStock, hold_key, stock_key
 from tests.conftest import Stores, uid
@@ -44,6 +48,7 @@ from tests.faults.harness import (
     World,
     check_all,
     eventually,
+    fresh_database,
     make_world,
     own_site,
     redis_matches_postgres,
@@ -235,6 +240,65 @@ async def test_last_units_across_replicas(fleet: Fleet, soak: bool) -> None:
                          what="Redis equal to Postgres")
     print(f"last units: {rounds} SKUs x {on_hand} units, {callers} callers each over 3 replicas: "
           f"exactly {on_hand} won every time; wins by replica {dict(sorted(wins.items()))}")
+
+
+async def test_last_units_across_replicas_on_a_cluster(
+    postgres_store: tuple[str, object], soak: bool,
+) -> None:
+    """The same race through three replicas that share a 3-master Redis Cluster: the units of
+    each SKU go to exactly as many callers, and every replica then reads none left."""
+    rounds, on_hand, callers = (10, 30, 120) if soak else (2, 20, 60)
+    root = Path(tempfile.mkdtemp(prefix="inventory-replicas-cluster-"))
+    cluster = EmbeddedRedisCluster(root / "cluster", masters=3)
+    procs: list[ServiceProcess] = []
+    try:
+        url = await asyncio.to_thread(cluster.start)
+        database_url = await fresh_database(postgres_store[0])
+
+        def spawn() -> Replica:
+            port = free_port()
+            proc = ServiceProcess(url, database_url, root, metrics_port=port,
+                                  redis_cluster=True, **REPLICA_SETTINGS)
+            procs.append(proc)
+            return Replica(proc.start(), port)
+
+        replicas = await asyncio.gather(*(asyncio.to_thread(spawn) for _ in range(3)))
+        db = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        try:
+            async with stubs([r.target for r in replicas]) as by_replica:
+                w = await make_world(by_replica[0], locations=1, skus=rounds, on_hand=on_hand)
+                loc = w.locations[0]
+                for sku in w.skus:
+                    async def caller(i: int, sku: str = sku) -> bool:
+                        request = api.ReserveRequest(
+                            lines=[pb.ReservationLine(sku=sku, location_id=loc, quantity=1)],
+                            idempotency_key=uid("last"))
+                        try:
+                            await until_answered(lambda: by_replica[i % 3].Reserve(
+                                request, timeout=10))
+                        except grpc.aio.AioRpcError as err:
+                            assert err.code() is grpc.StatusCode.FAILED_PRECONDITION, err
+                            return False
+                        return True
+
+                    won = sum(await asyncio.gather(*(caller(i) for i in range(callers))))
+                    assert won == on_hand, f"{won} of {callers} callers reserved {on_hand} units"
+                    row = await db.fetchrow("SELECT on_hand, reserved FROM stock"
+                                            " WHERE sku = $1 AND location_id = $2", sku, loc)
+                    assert (row["on_hand"], row["reserved"]) == (on_hand, on_hand)
+                    for stub in by_replica:
+                        avail = await stub.GetAvailability(api.GetAvailabilityRequest(
+                            skus=[sku], location_ids=[loc]), timeout=10)
+                        assert avail.items[0].total_available == 0
+        finally:
+            await db.close()
+    finally:
+        for proc in procs:
+            proc.kill()
+        await asyncio.to_thread(cluster.kill)
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"last units on a cluster: {rounds} SKUs x {on_hand} units, {callers} callers over 3 "
+          "replicas: exactly as many won every time")
 
 
 # ---- 2. expiry: every replica sweeps, each reservation expires once ----------------------------
