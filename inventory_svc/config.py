@@ -86,6 +86,10 @@ class Settings:
     queue_budget_ms: float = 50.0
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one JSON object per line
+    # OpenTelemetry tracing (inventory_svc/tracing.py, the `tracing` extra): "" off, "otlp" to a
+    # collector (OTEL_EXPORTER_OTLP_* say where), "console" to stderr; the share of new traces kept
+    tracing: str = ""
+    tracing_sample: float = 1.0
     demo_skus: int = 10_000  # size of the network `serve --demo` loads
     split_penalty: float = 5.0  # routing: default cost of each extra location in a plan
     route_attempts: int = 3  # RouteAndReserve re-routes this often when stock moves under it
@@ -168,6 +172,15 @@ class Settings:
                      "import_max_rows", "import_max_bytes", "routing_concurrency"):
             need(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         need(self.queue_budget_ms >= 0, "queue_budget_ms", self.queue_budget_ms, "must be >= 0")
+        need(self.tracing in ("", "otlp", "console"), "tracing", self.tracing,
+             "must be empty (off), otlp or console")
+        need(0.0 <= self.tracing_sample <= 1.0, "tracing_sample", self.tracing_sample,
+             "must be a ratio from 0 to 1")
+        if self.tracing:  # only then: with tracing off, OpenTelemetry is never imported
+            from inventory_svc.tracing import missing
+
+            problem = missing(self.tracing)
+            need(problem is None, "tracing", self.tracing, problem or "")
         for name in ("watch_sequence_ms", "watch_poll_s", "watch_heartbeat_s",
                      "watch_cursor_interval_s", "retention_interval_s", "retain_idempotency_h",
                      "retain_events_h", "retain_outbox_h", "retain_reservations_h"):

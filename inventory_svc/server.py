@@ -31,6 +31,7 @@ from inventory.v1 import routing_service_pb2 as rp
 from inventory.v1 import routing_service_pb2_grpc as rp_grpc
 from inventory.v1 import watch_service_pb2 as wp
 from inventory.v1 import watch_service_pb2_grpc as wp_grpc
+from inventory_svc import tracing
 from inventory_svc.app.background import Reconciler, run_background
 from inventory_svc.app.context import Context
 from inventory_svc.app.reservations import ReservationService
@@ -202,6 +203,8 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
     # A start finds what the last run left: data built on an earlier Redis process (the embedded
     # Valkey restarts with the service) is routine to drop then; while serving it is not.
     redis.stale_drop_level = logging.INFO
+    # INVENTORY_TRACING: before grpc.aio.server is made (its instrumentor patches that function)
+    traced = tracing.setup(settings)
     try:
         await pg.migrate()
         ctx = Context(settings, pg, redis)
@@ -239,8 +242,10 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
         # grpc's own limit of concurrent calls is left off: it counts calls whose request has
         # not even arrived (and health checks), so idle callers could fill it. Admission counts
         # calls at work instead; each connection may open at most max_streams_per_connection.
-        server = grpc.aio.server(interceptors=[MetricsInterceptor(), gate, admission],
-                                 options=server_options(settings))
+        # (with tracing on, its instrumentor puts its own interceptor before all of these)
+        server = grpc.aio.server(
+            interceptors=[*tracing.interceptors(traced), MetricsInterceptor(), gate, admission],
+            options=server_options(settings))
         api_grpc.add_InventoryServiceServicer_to_server(
             InventoryServicer(stock, reservations), server)
         rp_grpc.add_RoutingServiceServicer_to_server(RoutingServicer(routing), server)
@@ -305,3 +310,5 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
     finally:
         await redis.close()
         await pg.close()
+        if traced is not None:
+            traced.shutdown()  # exports the spans still queued

@@ -6,24 +6,36 @@ that stops reading is cut off while everything else goes on; the CLI and the exa
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
+import json
+import shutil
+import sys
+import tempfile
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import pytest
+import pytest_asyncio
 
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory.v1 import watch_service_pb2 as wp
 from inventory.v1 import watch_service_pb2_grpc as wp_grpc
-from tests.conftest import World, make_world, store_location, uid
+from inventory_svc.app.watch import Sequencer
+from inventory_svc.server import Running, serve
+from tests.conftest import Stores, World, make_world, settings_for, store_location, uid
+from tests.faults.harness import ServiceProcess
 from tests.grpc_helpers import details, expect_error
 
 Stub = api_grpc.InventoryServiceStub
 K = wp.StockEventKind
 REPO = Path(__file__).resolve().parents[1]
-WAIT_S = 60.0  # a safety net against a hang, never a measure of anything
+WAIT_S = 20.0  # a safety net against a hang, never a measure of anything
 
 
 def kind(name: str) -> int:
@@ -41,8 +53,7 @@ class Reader:
     heartbeats: list[wp.Heartbeat] = field(default_factory=list)
 
     async def next(self) -> wp.WatchStockResponse:
-        async with asyncio.timeout(WAIT_S):
-            msg = await self.call.read()
+        msg = await self.call.read()
         assert msg is not grpc.aio.EOF, "the stream ended"
         assert isinstance(msg, wp.WatchStockResponse)
         item = msg.WhichOneof("item")
@@ -57,8 +68,9 @@ class Reader:
         return msg
 
     async def until(self, done: Callable[[Reader], bool]) -> None:
-        while not done(self):
-            await self.next()
+        async with asyncio.timeout(WAIT_S):
+            while not done(self):
+                await self.next()
 
     async def snapshot_done(self) -> int:
         await self.until(lambda r: r.snapshot_seq is not None)
@@ -66,8 +78,8 @@ class Reader:
         return self.snapshot_seq
 
 
-def watch(channel: grpc.aio.Channel, **kw: object) -> Reader:
-    return Reader(wp_grpc.WatchServiceStub(channel).WatchStock(wp.WatchStockRequest(**kw)))
+def watch(ch: grpc.aio.Channel, **kw: object) -> Reader:
+    return Reader(wp_grpc.WatchServiceStub(ch).WatchStock(wp.WatchStockRequest(**kw)))
 
 
 def fresh(events: list[wp.StockEvent], snapshot: list[wp.StockState]) -> list[wp.StockEvent]:
@@ -194,6 +206,11 @@ async def test_every_change_once_in_commit_order_with_its_cause_and_the_ledgers_
     # the snapshot with the events is the stock now
     base = {(s.sku, s.location_id): (s.on_hand, s.reserved) for s in r.snapshot}
     assert applied(base, got) == await levels(stub, w)
+    # each SKU's available-to-promise after its last event is what GetAvailability sums
+    totals = await stub.GetAvailability(api.GetAvailabilityRequest(skus=w.skus))
+    for item in totals.items:
+        last_of = [e for e in got if e.state.sku == item.sku][-1]
+        assert last_of.sku_available_after == item.total_available, item.sku
     # the unfiltered stream: every sequence once, none skipped
     last = got[-1].sequence
     await whole.until(lambda rd: bool(rd.events) and rd.events[-1].sequence >= last)
@@ -268,7 +285,6 @@ async def test_filters_by_sku_location_prefix_and_kind(
         await r.until(lambda rd: bool(rd.heartbeats) and rd.heartbeats[-1].sequence >= last)
         got = by_kind(fresh(r.events, r.snapshot))
         assert sorted(got) == sorted((k, s, x) for k in kinds for s, x in want)
-        assert {(st.sku, st.location_id) for st in r.snapshot} == want
         r.call.cancel()
     every.call.cancel()
 
@@ -305,7 +321,8 @@ async def test_alerts_fire_once_per_crossing(stub: Stub, channel: grpc.aio.Chann
             ("SOLD_OUT", "SKU", b, 2, 0), ("SOLD_OUT", "LOCATION", b, 2, 0),
             ("BACK_IN_STOCK", "SKU", b, 0, 2), ("BACK_IN_STOCK", "LOCATION", b, 0, 2),
             ("BACK_IN_STOCK", "LOCATION", a, 0, 10)]
-    await r.until(lambda rd: len(alerts(rd)) >= len(want))
+    with contextlib.suppress(TimeoutError):
+        await r.until(lambda rd: len(alerts(rd)) >= len(want))
     assert alerts(r) == want
     assert all(e.alerts for e in r.events)  # alerts_only: nothing else
     low = [x for e in r.events for x in e.alerts if x.kind == wp.STOCK_ALERT_KIND_LOW_STOCK]
@@ -318,19 +335,278 @@ async def test_an_idle_stream_sends_heartbeats_that_say_how_far_it_has_looked(
 ) -> None:
     w = await make_world(stub, locations=1, skus=2, on_hand=1)
     quiet, busy = w.skus
-    r = watch(channel, skus=[quiet], heartbeat_ms=100)
-    await r.until(lambda rd: bool(rd.heartbeats))
-    start = r.heartbeats[0].sequence
+    r = watch(channel, skus=[quiet], heartbeat_ms=100, snapshot=True)
+    start = await r.snapshot_done()
     await stub.SetStock(api.SetStockRequest(sku=busy, location_id=w.locations[0], on_hand=2))
     other = watch(channel, skus=[busy], after_sequence=start)
     await other.until(lambda rd: bool(rd.events))
     passed = other.events[0].sequence
     # the quiet stream's heartbeats move past the event it does not want
-    await r.until(lambda rd: rd.heartbeats[-1].sequence >= passed)
-    assert not r.events
+    await r.until(lambda rd: bool(rd.heartbeats) and rd.heartbeats[-1].sequence >= passed)
+    assert not fresh(r.events, r.snapshot)
     assert r.heartbeats[-1].head_sequence >= passed
     err = await expect_error(watch(channel, heartbeat_ms=5).next(),
                              grpc.StatusCode.INVALID_ARGUMENT)
     assert "heartbeat_ms" in (err.details() or "")
     r.call.cancel()
     other.call.cancel()
+
+
+async def test_a_location_turned_off_leaves_the_skus_available_to_promise(
+    stub: Stub, channel: grpc.aio.Channel, service: Running
+) -> None:
+    w = await make_world(stub, locations=2, skus=1, on_hand=3)
+    sku, (a, b) = w.skus[0], w.locations
+    r = watch(channel, skus=[sku], snapshot=True)
+    await r.snapshot_done()
+    # one step a sequencer pass (a location changed within a pass is counted at its end)
+    await numbered(service)
+    for step in (
+        lambda: stub.UpsertLocations(api.UpsertLocationsRequest(locations=[
+            store_location(b, active=False)])),
+        lambda: stub.SetStock(api.SetStockRequest(sku=sku, location_id=a, on_hand=4)),
+        lambda: stub.UpsertLocations(api.UpsertLocationsRequest(locations=[store_location(b)])),
+        lambda: stub.SetStock(api.SetStockRequest(sku=sku, location_id=a, on_hand=5)),
+    ):
+        await step()  # a grpc.aio call starts when it is made: one at a time
+        await numbered(service)
+    await r.until(lambda rd: any(e.state.on_hand == 5 for e in rd.events))
+    got = fresh(r.events, r.snapshot)
+    assert [(e.state.on_hand, e.sku_available_after) for e in got] == [(4, 4), (5, 8)]
+
+
+async def test_resume_on_another_replica_after_the_serving_one_is_killed(
+    stores: Stores, stub: Stub
+) -> None:
+    root = Path(tempfile.mkdtemp(prefix="inventory-watch-"))
+    a = ServiceProcess(stores.redis_url, stores.database_url, root)
+    b = ServiceProcess(stores.redis_url, stores.database_url, root)
+    try:
+        await asyncio.gather(asyncio.to_thread(a.start), asyncio.to_thread(b.start))
+        w = await make_world(stub, locations=2, skus=2, on_hand=1000)
+        async with grpc.aio.insecure_channel(a.target) as ch_a, \
+                grpc.aio.insecure_channel(b.target) as ch_b:
+            first = watch(ch_a, heartbeat_ms=100)  # every event from now, through replica A
+            await first.until(lambda rd: bool(rd.heartbeats or rd.events))
+            start = (first.heartbeats[0].sequence if first.heartbeats
+                     else first.events[0].sequence - 1)
+
+            async def workload() -> None:  # through the in-process service, while A dies
+                for i in range(60):
+                    sku, loc = w.skus[i % 2], w.locations[i // 2 % 2]
+                    res = (await stub.Reserve(api.ReserveRequest(lines=[
+                        pb.ReservationLine(sku=sku, location_id=loc, quantity=1)]))).reservation
+                    if i % 3 == 0:
+                        await stub.CommitReservation(
+                            api.CommitReservationRequest(reservation_id=res.id))
+                    elif i % 3 == 1:
+                        await stub.ReleaseReservation(
+                            api.ReleaseReservationRequest(reservation_id=res.id))
+                    else:
+                        await stub.AdjustStock(api.AdjustStockRequest(
+                            sku=sku, location_id=loc, delta=-1,
+                            reason=api.ADJUSTMENT_REASON_DAMAGE))
+
+            load = asyncio.create_task(workload())
+            await first.until(lambda rd: len(rd.events) >= 20)
+            await asyncio.to_thread(a.kill)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await first.until(lambda rd: False)
+            await load
+            await stub.SetStock(api.SetStockRequest(
+                sku=w.skus[0], location_id=w.locations[0], on_hand=5))  # the last change
+            last = first.events[-1].sequence
+            second = watch(ch_b, after_sequence=last)
+            await second.until(lambda rd: any(
+                e.kind == kind("COUNT") and e.state.on_hand == 5 for e in rd.events))
+            # B shut down in order: its streams end at once, UNAVAILABLE, saying how far they got
+            b.terminate()
+            err = await expect_error(second.until(lambda rd: False), grpc.StatusCode.UNAVAILABLE)
+            assert "shutting down" in (err.details() or "")
+        events = first.events + second.events
+        # nothing missing, nothing twice: every sequence after the start, in order
+        assert [e.sequence for e in events] == list(range(start + 1, events[-1].sequence + 1))
+        mine = [e for e in events if e.state.sku in w.skus]
+        counted = Counter(k for k, _, _ in by_kind(mine))
+        assert (counted["RESERVE"], counted["COMMIT"], counted["RELEASE"],
+                counted["ADJUSTMENT"]) == (60, 20, 20, 20), counted
+        assert applied({}, mine) == await levels(stub, w)
+    finally:
+        a.kill()
+        b.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_the_example_cache_follows_the_stock(stub: Stub, service: Running) -> None:
+    spec = importlib.util.spec_from_file_location("watch_cache", REPO / "examples" / "watch_cache.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # its dataclasses look their module up by name
+    spec.loader.exec_module(example)
+    w = await make_world(stub, locations=2, skus=2, on_hand=10)
+    changed = asyncio.Event()
+    cache = example.AvailabilityCache(on_change=lambda *_: changed.set())
+    follower = asyncio.create_task(example.follow(f"127.0.0.1:{service.port}", cache, skus=w.skus))
+    try:
+        res = (await stub.Reserve(api.ReserveRequest(lines=[
+            pb.ReservationLine(sku=w.skus[0], location_id=w.locations[0], quantity=4)]))).reservation
+        await stub.CommitReservation(api.CommitReservationRequest(reservation_id=res.id))
+        await stub.SetStock(api.SetStockRequest(sku=w.skus[1], location_id=w.locations[1],
+                                                on_hand=3))
+        want = await levels(stub, w)
+
+        def synced() -> bool:
+            return {k: (r.on_hand, r.reserved) for k, r in cache.rows.items()} == want
+
+        async with asyncio.timeout(WAIT_S):
+            while not synced():
+                await changed.wait()
+                changed.clear()
+        assert cache.rows[(w.skus[0], w.locations[0])].available == 6
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+
+
+async def test_the_watch_command_prints_events_as_lines(stub: Stub, service: Running) -> None:
+    w = await make_world(stub, locations=1, skus=1, on_hand=10)
+    sku, loc = w.skus[0], w.locations[0]
+    head = await numbered(service)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "inventory_svc.cli", "watch", "--target",
+        f"127.0.0.1:{service.port}", "--sku", sku, "--from", str(head), "--json", "--count", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO)
+    await stub.SetStock(api.SetStockRequest(sku=sku, location_id=loc, on_hand=12))
+    await stub.Reserve(api.ReserveRequest(lines=[
+        pb.ReservationLine(sku=sku, location_id=loc, quantity=2)], order_ref="cli-1"))
+    out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+    assert proc.returncode == 0, err.decode()
+    lines = [json.loads(x) for x in out.decode().splitlines()]
+    assert [(x["event"]["kind"], x["event"]["state"].get("onHand"),
+             x["event"]["state"].get("reserved", "0")) for x in lines] == [
+        ("STOCK_EVENT_KIND_COUNT", "12", "0"), ("STOCK_EVENT_KIND_RESERVE", "12", "2")]
+    assert lines[1]["event"]["orderRefs"] == ["cli-1"]
+    # and as text, from the same place
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "inventory_svc.cli", "watch", "--target",
+        f"127.0.0.1:{service.port}", "--sku", sku, "--from", str(head), "--count", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO)
+    out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+    text = out.decode().splitlines()
+    assert text[0].startswith("seq=") and f" COUNT {sku}@{loc} on_hand=12 (+2)" in text[0], text
+    assert f" RESERVE {sku}@{loc} on_hand=12 (+0) reserved=2 (+2)" in text[1], text
+    assert "orders=cli-1" in text[1] and "lag=" in text[1]
+
+
+async def numbered(service: Running) -> int:
+    """The last sequence, once every change committed so far has one (a pass of the sequencer
+    run here, until nothing is left to number)."""
+    pool = service.ctx.pg.pool
+    async with asyncio.timeout(WAIT_S):
+        while await pool.fetchval("SELECT count(*) FROM stock_changes"):
+            await Sequencer(service.ctx).run_once()
+    return int(await pool.fetchval("SELECT last_seq FROM watch_state"))
+
+
+# ---- a service of its own: keys, scopes, and a small buffer ------------------------------------
+KEYS = "w-erp:erp,w-shop:shop,w-reader:reader,w-pos:pos:WPOS-*"
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def keyed(stores: Stores) -> AsyncIterator[Running]:
+    async with serve(settings_for(stores, api_keys=KEYS, watch_buffer=20)) as running:
+        yield running
+
+
+def as_(key: str) -> tuple[tuple[str, str], ...]:
+    return (("x-api-key", key),)
+
+
+async def test_the_stream_follows_the_principals_rules(keyed: Running) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keyed.port}") as ch:
+        inv = api_grpc.InventoryServiceStub(ch)
+        watcher = wp_grpc.WatchServiceStub(ch)
+        own, other = f"WPOS-{uid('S')}", uid("OTHER")
+        await inv.UpsertLocations(api.UpsertLocationsRequest(locations=[
+            store_location(own), store_location(other)]), metadata=as_("w-erp"))
+        sku = uid("SKU")
+
+        def open_(key: str, **kw: object) -> Reader:
+            return Reader(watcher.WatchStock(wp.WatchStockRequest(skus=[sku], **kw),
+                                             metadata=as_(key) if key else ()))
+
+        await expect_error(open_("").next(), grpc.StatusCode.UNAUTHENTICATED)
+        await expect_error(open_("nope").next(), grpc.StatusCode.UNAUTHENTICATED)
+        await expect_error(open_("w-pos", location_ids=[other]).next(),
+                           grpc.StatusCode.PERMISSION_DENIED)
+        await expect_error(open_("w-shop", channel=pb.CHANNEL_POS).next(),
+                           grpc.StatusCode.PERMISSION_DENIED)
+        pos = open_("w-pos", snapshot=True, heartbeat_ms=100)
+        reader = open_("w-reader", snapshot=True)
+        for r in (pos, reader):
+            await r.snapshot_done()
+        for loc in (own, other):
+            await inv.SetStock(api.SetStockRequest(sku=sku, location_id=loc, on_hand=4),
+                               metadata=as_("w-erp"))
+        await reader.until(lambda rd: len(rd.events) >= 2)
+        last = reader.events[-1].sequence
+        await pos.until(lambda rd: bool(rd.heartbeats) and rd.heartbeats[-1].sequence >= last)
+        # the store's terminal sees its own store only, and no network-wide total
+        assert [(e.state.location_id, e.sku_available_after) for e in pos.events] == [(own, 0)]
+        assert [(e.state.location_id, e.sku_available_after) for e in reader.events] == [
+            (own, 4), (other, 8)]
+        for r in (pos, reader):
+            r.call.cancel()
+
+
+async def test_a_consumer_that_stops_reading_is_cut_off_and_nothing_else_is(
+    keyed: Running, stores: Stores
+) -> None:
+    assert keyed.watch is not None
+    hub = keyed.watch.hub
+    target = f"127.0.0.1:{keyed.port}"
+    # a client that takes little into its buffers (no BDP-grown windows): it stops reading
+    # after one message, and the service sees its writes wait soon after
+    async with grpc.aio.insecure_channel(target, options=[("grpc.http2.bdp_probe", 0)]) as slow_ch, \
+            grpc.aio.insecure_channel(target) as ch:
+        inv = api_grpc.InventoryServiceStub(ch)
+        loc = uid("LS")
+        await inv.UpsertLocations(api.UpsertLocationsRequest(
+            locations=[store_location(loc)]), metadata=as_("w-erp"))
+        skus = [uid("SKU") for _ in range(25)]
+        slow = Reader(wp_grpc.WatchServiceStub(slow_ch).WatchStock(
+            wp.WatchStockRequest(skus=skus, heartbeat_ms=100), metadata=as_("w-reader")))
+        fast = Reader(wp_grpc.WatchServiceStub(ch).WatchStock(
+            wp.WatchStockRequest(skus=skus, heartbeat_ms=100), metadata=as_("w-reader")))
+        await slow.next()  # a heartbeat: it is at the head; it reads nothing more
+        await fast.until(lambda rd: bool(rd.heartbeats))
+        streams = len(hub.streams)
+        want = [2**62]  # the fast consumer reads all along (in a task), until it has these
+        reading = asyncio.create_task(fast.until(lambda rd: len(rd.events) >= want[0]))
+
+        async def rows(n: int) -> AsyncIterator[api.ImportStockRequest]:
+            yield api.ImportStockRequest(rows=[
+                api.ImportRow(sku=s, location_id=loc, on_hand=n) for s in skus])
+
+        rounds = 0
+        while len(hub.streams) == streams:  # until the service lets the slow one go
+            rounds += 1
+            assert rounds <= 400, "the slow consumer was never cut off"
+            await inv.ImportStock(rows(rounds), metadata=as_("w-erp"))
+            # the rest of the service answers as ever meanwhile
+            await inv.GetAvailability(api.GetAvailabilityRequest(skus=skus[:1]),
+                                      metadata=as_("w-reader"))
+        # the fast consumer has every event of every round
+        want[0] = rounds * len(skus)
+        await reading
+        assert [e.state.on_hand for e in fast.events] == [
+            n for n in range(1, rounds + 1) for _ in skus]
+        # the slow one gets what was on its way, then the reason, and where it had got to
+        err = await expect_error(slow.until(lambda rd: False), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "watch/buffer" in [v.subject for d in details(err)
+                                  for v in getattr(d, "violations", [])]
+        assert "resume with after_sequence" in (err.details() or "")
+        got = [e.sequence for e in slow.events]
+        assert got == sorted(set(got)) and len(got) < rounds * len(skus)
+        fast.call.cancel()

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 NUMBERED = Counter("inventory_watch_events_total", "Stock events numbered by the sequencer")
 SENT = Counter("inventory_watch_events_sent_total", "Stock events sent to WatchStock streams")
 MIN_HEARTBEAT_S, MAX_HEARTBEAT_S = 0.1, 600.0
+VACUUM_ROWS, VACUUM_S = 20_000, 10.0  # stock_changes is vacuumed after this many rows or s
 Item = Delivery | SnapshotPage | Heartbeat
 
 
@@ -46,14 +47,24 @@ class Sequencer:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self._deleted = 0  # stock_changes rows deleted since the last VACUUM of it
+        self._vacuumed = time.monotonic()
 
     async def run_once(self) -> int:
         """One pass: the events numbered (0 also when another replica's pass was running)."""
         with translate_errors():
             async with self.ctx.pg.pool.acquire(timeout=self.ctx.settings.pg_timeout_s) as conn:
                 n = await pg_watch.sequence_pass(conn)
-        if n:
-            NUMBERED.inc(n)
+                if n:
+                    NUMBERED.inc(n)
+                    self._deleted += n
+                if self._deleted and (self._deleted >= VACUUM_ROWS or
+                                      time.monotonic() - self._vacuumed >= VACUUM_S):
+                    # Every pass scans stock_changes whole, dead rows included, and autovacuum
+                    # looks at a table once a minute: at 3,000 changes a second a pass would
+                    # read ~20 MB of dead rows (6 ms, measured) instead of a few pages.
+                    await conn.execute("VACUUM (SKIP_LOCKED) stock_changes")
+                    self._deleted, self._vacuumed = 0, time.monotonic()
         return n or 0
 
     async def run(self) -> None:
@@ -121,7 +132,7 @@ class WatchStream:
                 with translate_errors():
                     st.position = await pg_watch.head(self.ctx.pg.pool)
                 async for page in self._snapshot(st.position):
-                    st.blocked_at = self.hub.head
+                    st.blocked_at, st.writes = self.hub.head, st.writes + 1
                     yield page
                     st.blocked_at = None
             elif self.start.after_sequence is not None:
@@ -131,10 +142,10 @@ class WatchStream:
                 if (err := cursor_error(st.position, first)) is not None:
                     raise err
             else:
-                with translate_errors():
-                    st.position = max(await pg_watch.head(self.ctx.pg.pool), self.hub.floor)
+                with translate_errors():  # from now: after the last event numbered
+                    st.position = await pg_watch.head(self.ctx.pg.pool)
             async for item in self._follow():
-                st.blocked_at = self.hub.head
+                st.blocked_at, st.writes = self.hub.head, st.writes + 1
                 yield item
                 st.blocked_at = None
                 if isinstance(item, Delivery):

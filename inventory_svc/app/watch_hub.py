@@ -45,10 +45,14 @@ class WatchStreamState:
     task: asyncio.Task[object]  # the call's task: cancelled to cut the stream off
     position: int  # every event up to here has been looked at for this stream
     live: bool = False  # it has been at the head once: from now on it must keep up
-    # the head when the write the stream is blocked in began (None: not writing). A consumer
-    # that has not taken a message while more than `watch_buffer` events were taken is cut off:
-    # counted in events, not seconds, so it does not depend on how fast anything runs.
+    # The head when the write the stream waits in began (None: not writing), and which write
+    # that is. A write waits only when the consumer's HTTP/2 window is full, i.e. it stopped
+    # taking messages. A stream still in the same write at two reads of new events, with more
+    # than `watch_buffer` events taken since the write began, is cut off: counted in events and
+    # reads, not seconds, so it does not depend on how fast anything runs.
     blocked_at: int | None = None
+    writes: int = 0
+    seen_waiting: int = -1  # the write the hub saw waiting at its last read
     sent: int = 0  # the last sequence the consumer was sent
     cut_error: DomainError | None = None  # why the hub ended it
 
@@ -224,7 +228,12 @@ class WatchHub:
     def _cut_stalled(self) -> None:
         buffer = self.ctx.settings.watch_buffer
         for s in list(self.streams):
-            if s.live and s.blocked_at is not None and self.head - s.blocked_at > buffer:
+            if not s.live or s.blocked_at is None:
+                continue
+            if s.seen_waiting != s.writes:  # a write seen for the first time: it may just be
+                s.seen_waiting = s.writes  # on its way
+                continue
+            if self.head - s.blocked_at > buffer:
                 CUT_OFF.inc()
                 log.info("watch: cutting off a stream that stopped reading (sent up to %d, head"
                          " %d)", s.sent, self.head)

@@ -84,8 +84,11 @@ ev AS (
 -- exactly as those changes left them
 moved AS (SELECT sku, sum(d_remote) AS d_remote, sum(d_pos) AS d_pos FROM ev GROUP BY sku),
 tot AS (
-    SELECT m.sku, COALESCE(c.remote, a.remote + m.d_remote) AS remote,
-           COALESCE(c.pos, a.pos + m.d_pos) AS pos
+    SELECT m.sku,
+           CASE WHEN a.sku IS NULL OR (SELECT yes FROM reset) THEN c.remote
+                ELSE a.remote + m.d_remote END AS remote,
+           CASE WHEN a.sku IS NULL OR (SELECT yes FROM reset) THEN c.pos
+                ELSE a.pos + m.d_pos END AS pos
     FROM moved m
     LEFT JOIN sku_availability a ON a.sku = m.sku
     LEFT JOIN LATERAL (
@@ -95,6 +98,7 @@ tot AS (
                COALESCE(sum(GREATEST(s.on_hand - s.reserved, 0)) FILTER (WHERE l.active), 0)
                    AS pos
         FROM stock s JOIN locations l ON l.id = s.location_id
+        -- (not counted at all where the kept total is used)
         WHERE s.sku = m.sku AND (a.sku IS NULL OR (SELECT yes FROM reset))) c ON true
 ),
 -- after a change: the SKU's total after the pass, less what the pass's later changes did
