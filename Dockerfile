@@ -22,7 +22,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     NUMBA_CACHE_DIR=/opt/numba-cache \
     INVENTORY_HEALTH_PORT=50052
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl \
+# with the optional `tracing` extra, so INVENTORY_TRACING=otlp works in the image (docs/OPERATIONS.md)
+RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[tracing]" \
     && rm -rf /wheels \
     && groupadd --system --gid 10001 inventory \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \

@@ -85,9 +85,11 @@ def setup(settings: Settings) -> Tracing | None:
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
     from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
     from opentelemetry.instrumentation.redis import RedisInstrumentor
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
     from opentelemetry.sdk.resources import OTELResourceDetector, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+    from opentelemetry.trace import get_current_span
 
     from inventory_svc import __version__
 
@@ -120,9 +122,6 @@ def setup(settings: Settings) -> Tracing | None:
         # the provider is handed to each, not set as the global one: the global can be set once
         # a process, and an embedding application may have its own
         instrumentor.instrument(tracer_provider=provider)
-    from opentelemetry.instrumentation.utils import suppress_instrumentation
-    from opentelemetry.trace import get_current_span
-
     log.info("tracing on: %s, sampling %g of new traces", settings.tracing,
              settings.tracing_sample)
     return Tracing(provider, instrumentors,

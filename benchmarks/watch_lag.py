@@ -1,0 +1,128 @@
+"""WatchStock event lag under the harness's `mixed` scenario: commit to consumer, p50/p99, and
+events/s.
+
+    python -m benchmarks.watch_lag [--duration 20] [--skus 2000]
+
+Starts the harness's stack (embedded durable Valkey and PostgreSQL, the service with --demo),
+opens one unfiltered WatchStock stream from "now", and runs `inventory-bench --scenarios mixed
+--fractions 0.7` against the service in a subprocess (a closed-loop step finds the maximum, an
+open-loop step offers 70 % of it; `--no-restock`: the demo's stock as loaded, since the harness's
+restock is one bulk import of every stock row, 78k events at once, whose backlog is a different
+measurement). Each event's lag is the time it was received minus its
+`committed_at_unix_us` (the commit's time on Postgres' clock, the same machine's clock here). The
+figures are given for the whole run and for the 70 % step (the run's last `duration` seconds
+before its drain). Target (issue 13): p99 lag ≤ 50 ms at 70 % load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from benchmarks.load import stack
+from inventory.v1 import watch_service_pb2 as wp
+from inventory.v1 import watch_service_pb2_grpc as wp_grpc
+
+
+class Watcher:
+    """One stream, read on its own thread and loop (so the harness's load does not delay it)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.seen: list[tuple[float, float]] = []  # (received, lag) in seconds
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    async def _run(self) -> None:
+        after = 0
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            watch = wp_grpc.WatchServiceStub(channel)
+            while not self._stop.is_set():
+                request = wp.WatchStockRequest(heartbeat_ms=500)
+                if after:
+                    request.after_sequence = after
+                call = watch.WatchStock(request)
+                try:
+                    async for item in call:
+                        if self._stop.is_set():
+                            call.cancel()
+                            return
+                        if item.WhichOneof("item") == "event":
+                            now = time.time()
+                            after = item.event.sequence
+                            self.seen.append((now, now - item.event.committed_at_unix_us / 1e6))
+                except grpc.aio.AioRpcError as err:  # cut off or shed: resume where it broke
+                    self.errors.append(f"{err.code().name}: {err.details()}")
+                    await asyncio.sleep(0.2)
+
+
+def _figures(lags: list[float]) -> str:
+    if not lags:
+        return "no events"
+    lags = sorted(lags)
+    p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
+    return (f"{len(lags):,} events, lag p50 {statistics.median(lags) * 1e3:.1f} ms, "
+            f"p99 {p99 * 1e3:.1f} ms, max {lags[-1] * 1e3:.1f} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds measured per step")
+    ap.add_argument("--skus", type=int, default=2000)
+    args = ap.parse_args()
+    out = Path(tempfile.mkdtemp(prefix="watch-lag-"))
+    local = stack.LocalStack(skus=args.skus, log_dir=out)
+    local.start()
+    try:
+        watcher = Watcher(local.target)
+        watcher.start()
+        cmd = [sys.executable, "-m", "benchmarks.load.cli", "--target", local.target,
+               "--database-url", local.database_url, "--redis-url", local.redis_url or "",
+               "--scenarios", "mixed", "--fractions", "0.7", "--no-anchors", "--no-restock",
+               "--duration", str(args.duration), "--skus", str(args.skus), "--quiet",
+               "--out", str(out / "bench")]
+        started = time.time()
+        subprocess.run(cmd, check=True)
+        ended = time.time()
+        time.sleep(1.0)  # the last events on their way
+        watcher.stop()
+        result = json.loads((out / "bench" / "result.json").read_text())
+        mixed = result["scenarios"]["mixed"]
+        steps = mixed.get("steps", [])
+        last = steps[-1] if steps else {}
+        rate = last.get("ops_per_s") or last.get("throughput")
+        # the 70 % step is the run's last measured window: its duration before the drain
+        drain = 3.0  # the harness's default drain after a step
+        window_end = ended - drain
+        window = [lag for at, lag in watcher.seen
+                  if window_end - args.duration <= at <= window_end + 1.0]
+        events_per_s = len(window) / args.duration if window else 0.0
+        print(f"whole run ({ended - started:.0f} s): {_figures([lag for _, lag in watcher.seen])}")
+        print(f"70 % step (last {args.duration:g} s{f', {rate} ops/s' if rate else ''}): "
+              f"{_figures(window)}; {events_per_s:,.0f} events/s")
+        if watcher.errors:
+            print(f"stream interruptions: {len(watcher.errors)} ({watcher.errors[:3]})")
+    finally:
+        local.stop()
+
+
+if __name__ == "__main__":
+    main()
