@@ -11,40 +11,28 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import grpc
 
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
-from inventory_svc.app.stock import ImportResult, StockService
-from inventory_svc.demo_data import DemoNetwork, DemoStockRow, build_demo, sku_id
-from inventory_svc.domain.model import ImportRow
+from inventory_svc.app.stock import StockService
+from inventory_svc.demo_data import DemoNetwork, build_demo, sku_id
+from inventory_svc.storage.pg_base import translate_errors
+from inventory_svc.storage.pg_bulk import insert_new_stock
 from inventory_svc.transport.convert import location_out
 
 log = logging.getLogger(__name__)
 ROWS_PER_MESSAGE = 5_000
-# serve --demo: SKUs per transaction. Each import runs on the event loop for a while (~40 rows a
-# SKU to check and write); 250 SKUs keep that under a second, so health checks get answered.
-SKUS_PER_LOAD = 250
+# serve --demo: stock rows per transaction (one statement; the event loop only builds its arrays,
+# so health checks are answered in between)
+ROWS_PER_LOAD = 20_000
 SKUS_PER_READ = 1_000  # demo-load's stock check: SKUs per GetAvailability
 
 
 class DemoRefused(RuntimeError):
     """Loading the demo would overwrite counts the service already holds."""
-
-
-def _by_sku(rows: Sequence[DemoStockRow], per: int) -> list[Sequence[DemoStockRow]]:
-    """The rows (sorted by SKU) in runs of `per` SKUs."""
-    chunks: list[Sequence[DemoStockRow]] = []
-    start = skus = 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or rows[i].sku != rows[i - 1].sku:
-            skus += 1
-            if skus == per or i == len(rows):
-                chunks.append(rows[start:i])
-                start, skus = i, 0
-    return chunks
 
 
 async def demo_wanted(stock: StockService, *, seed: int = 7, sku_count: int = 10_000
@@ -67,23 +55,27 @@ async def demo_wanted(stock: StockService, *, seed: int = 7, sku_count: int = 10
 
 async def load_demo_into(stock: StockService, *, seed: int = 7, sku_count: int = 10_000
                          ) -> DemoNetwork:
-    """`serve --demo`: the locations, then the stock in transactions of SKUS_PER_LOAD SKUs in SKU
-    order, each logged with how far the load is, called in process (the service is not serving
-    yet: its calls are refused until this is done)."""
+    """`serve --demo`: the locations, then the stock as new rows with their ledger
+    (storage/pg_bulk), ROWS_PER_LOAD a transaction in SKU order, each logged with how far the
+    load is, called in process (the service is not serving yet: its calls are refused until
+    this is done). Rows there already (an interrupted load) are kept."""
     start = time.monotonic()
     demo = build_demo(seed, sku_count=sku_count)
-    log.info("demo: loading %d locations and %d stock rows of %d SKUs (10,000 SKUs take a minute "
-             "or two)", len(demo.locations), len(demo.stock), sku_count)
+    log.info("demo: loading %d locations and %d stock rows of %d SKUs", len(demo.locations),
+             len(demo.stock), sku_count)
     await stock.upsert_locations(list(demo.locations), None)
-    done = tenths = 0
-    for chunk in _by_sku(demo.stock, SKUS_PER_LOAD):
-        rows = [ImportRow(n, r.sku, r.location_id, r.on_hand, None) for n, r in enumerate(chunk)]
-        result = await stock.import_stock(rows, "demo load", None)
-        done += result.skus if isinstance(result, ImportResult) else 0
-        if done * 10 // sku_count > tenths:  # a line every tenth of the way
-            tenths = done * 10 // sku_count
-            log.info("demo: %d of %d SKUs loaded (%.0f s)", done, sku_count,
-                     time.monotonic() - start)
+    rows, done, tenths = demo.stock, 0, 0
+    with translate_errors():
+        for at in range(0, len(rows), ROWS_PER_LOAD):
+            batch = rows[at:at + ROWS_PER_LOAD]
+            await insert_new_stock(stock.ctx.pg.pool, [r.sku for r in batch],
+                                   [r.location_id for r in batch], [r.on_hand for r in batch],
+                                   "demo load")
+            done += len(batch)
+            if done * 10 // len(rows) > tenths:  # a line every tenth of the way
+                tenths = done * 10 // len(rows)
+                log.info("demo: %d of %d stock rows loaded (%.0f s)", done, len(rows),
+                         time.monotonic() - start)
     return demo
 
 

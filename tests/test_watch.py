@@ -28,6 +28,7 @@ from inventory.v1 import watch_service_pb2 as wp
 from inventory.v1 import watch_service_pb2_grpc as wp_grpc
 from inventory_svc.app.watch import Sequencer
 from inventory_svc.server import Running, serve
+from inventory_svc.storage import pg_watch
 from tests.conftest import Stores, World, make_world, settings_for, store_location, uid
 from tests.faults.harness import ServiceProcess
 from tests.grpc_helpers import details, expect_error
@@ -245,6 +246,31 @@ async def test_a_consumer_resumes_after_the_last_sequence_it_saw_and_misses_noth
     assert [e.state.on_hand for e in older.events] == list(range(101, 110))
     again.call.cancel()
     older.call.cancel()
+
+
+async def test_a_bulk_change_is_numbered_over_several_passes_in_order(
+    stub: Stub, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass numbers whole transactions up to PASS_ROWS changes (a bulk load in one statement
+    outlasted the statement timeout, and no pass ever finished): imports bigger than a pass come
+    out whole, contiguous and in commit order."""
+    monkeypatch.setattr(pg_watch, "PASS_ROWS", 4)
+    w = await make_world(stub, locations=3, skus=4, on_hand=1)
+    reader = watch(channel, skus=w.skus)
+    await reader.until(lambda r: bool(r.heartbeats))  # the stream is at the head
+    for on_hand in (10, 20, 30):  # three imports of 12 rows each: 3 passes at least
+        await stub.ImportStock(iter([api.ImportStockRequest(rows=[
+            api.ImportRow(sku=sku, location_id=loc, on_hand=on_hand)
+            for sku in w.skus for loc in w.locations])]))
+    # (the world's own counts, on_hand 1, may still be on their way from before the imports)
+    def imported(r: Reader) -> list[wp.StockEvent]:
+        return [e for e in r.events if e.state.on_hand != 1]
+
+    await reader.until(lambda r: len(imported(r)) >= 36)
+    seqs = [e.sequence for e in imported(reader)]
+    assert seqs == list(range(seqs[0], seqs[0] + 36)), seqs
+    assert [e.state.on_hand for e in imported(reader)] == [10] * 12 + [20] * 12 + [30] * 12
+    reader.call.cancel()
 
 
 async def test_a_cursor_ahead_of_the_stream_is_refused(channel: grpc.aio.Channel) -> None:

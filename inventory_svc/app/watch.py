@@ -70,13 +70,15 @@ class Sequencer:
     async def run(self) -> None:
         """Passes every watch_sequence_ms until cancelled; a failed pass is logged, retried."""
         while True:
+            n = 0
             try:
-                await self.run_once()
+                n = await self.run_once()
             except DomainError as exc:
                 log.warning("watch sequencer: %s", exc.message)
             except Exception:
                 log.exception("watch sequencer failed")
-            await asyncio.sleep(self.ctx.settings.watch_sequence_ms / 1000)
+            if n < pg_watch.PASS_ROWS // 2:  # behind (a bulk load): the next pass at once
+                await asyncio.sleep(self.ctx.settings.watch_sequence_ms / 1000)
 
 
 @dataclass(frozen=True, slots=True)

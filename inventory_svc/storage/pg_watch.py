@@ -27,9 +27,24 @@ NOTIFY_CHANNEL = "inventory_watch"
 
 # One statement, so one snapshot: the changes it deletes are exactly those it can see, and the
 # SKU totals it reads are the stock as those changes left it.
+# Changes numbered in one pass at most (whole transactions: one larger than this goes alone). A
+# bulk load leaves hundreds of thousands; numbering them in one statement outlasted the
+# statement timeout, so no pass ever finished (measured: the demo's 395k rows).
+PASS_ROWS = 20_000
+
 _SEQUENCE = """
-WITH pend AS (
-    DELETE FROM stock_changes RETURNING *
+WITH txns AS (
+    SELECT xid, max(id) AS last_id, count(*) AS n FROM stock_changes GROUP BY xid
+),
+picked AS (
+    SELECT xid FROM (
+        SELECT xid, sum(n) OVER (ORDER BY last_id) AS upto,
+               row_number() OVER (ORDER BY last_id) AS k
+        FROM txns) w
+    WHERE upto <= $2::bigint OR k = 1
+),
+pend AS (
+    DELETE FROM stock_changes WHERE xid IN (SELECT xid FROM picked) RETURNING *
 ),
 -- a location's active flag or default safety stock changed: count the SKU totals anew
 reset AS (SELECT EXISTS (SELECT 1 FROM pend WHERE sku = '') AS yes),
@@ -179,8 +194,9 @@ def event_of(r: asyncpg.Record) -> StockEvent:
 
 
 async def sequence_pass(conn: asyncpg.Connection) -> int | None:
-    """Number every committed change not numbered yet, in one transaction on `conn`: the
-    events made, or None when another pass holds the lock. Readers are told by a NOTIFY on
+    """Number the committed changes not numbered yet (the oldest transactions' first, up to
+    PASS_ROWS), in one transaction on `conn`: the events made, or None when another pass holds
+    the lock. Readers are told by a NOTIFY on
     NOTIFY_CHANNEL (sent at COMMIT, so never before the events can be read). An idle pass is
     one indexed statement, not the big one."""
     if await conn.fetchval("SELECT id FROM stock_changes ORDER BY id LIMIT 1") is None:
@@ -193,7 +209,7 @@ async def sequence_pass(conn: asyncpg.Connection) -> int | None:
         # a generic plan: this statement runs many times a second and its shape never changes;
         # planning it anew each time (the pool's force_custom_plan) would cost more than it runs
         await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        row = await conn.fetchrow(_SEQUENCE, last)
+        row = await conn.fetchrow(_SEQUENCE, last, PASS_ROWS)
         n, new_last = int(row["n"]), int(row["last"])
         if row["recounted"] is not None:
             # totals kept for SKUs this pass did not count may be stale now: counted when next
