@@ -18,9 +18,30 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
+from inventory_svc.domain.errors import Aborted, DeadlineExceeded, DomainError, Unavailable
+
 log = logging.getLogger(__name__)
 
 C = TypeVar("C")
+
+
+def group_failure(exc: BaseException, *, sent: bool, what: str) -> DomainError:
+    """What every call of a group that failed hears. Before its COMMIT was sent nothing was
+    confirmed (UNAVAILABLE, or ABORTED: retry); once it was, the outcome is unknown
+    (DEADLINE_EXCEEDED: retry with the same key to learn it). Unexpected errors are logged."""
+    if isinstance(exc, TimeoutError):
+        why = "postgres did not commit in time; retry"
+    elif isinstance(exc, Unavailable | Aborted):
+        why = exc.message
+    else:
+        log.error("%s failed", what, exc_info=exc)
+        why = f"the commit failed: {exc!r}; retry"
+    if isinstance(exc, Aborted):
+        return Aborted(why)
+    if sent:
+        return DeadlineExceeded("postgres did not confirm the commit: its outcome is unknown; "
+                                "retry with the same idempotency_key to learn it")
+    return Unavailable(why)
 
 
 class Lanes(ABC, Generic[C]):

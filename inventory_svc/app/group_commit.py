@@ -26,11 +26,9 @@ from typing import Any
 import asyncpg
 from prometheus_client import Histogram
 
-from inventory_svc.app.batching import Lanes
+from inventory_svc.app.batching import Lanes, group_failure
 from inventory_svc.app.context import Context
 from inventory_svc.domain.errors import (
-    Aborted,
-    DeadlineExceeded,
     DomainError,
     InsufficientStock,
     Unavailable,
@@ -136,19 +134,8 @@ class GroupCommitter(Lanes[_Call]):
                     for c in group:
                         c.progress.sent = True
         except BaseException as exc:  # every call of the group hears it; nothing escapes
-            if isinstance(exc, TimeoutError):
-                why = "postgres did not commit in time; retry"
-            elif isinstance(exc, Unavailable | Aborted):
-                why = exc.message
-            else:
-                log.exception("group commit of %d reservations failed", len(group))
-                why = f"the commit failed: {exc!r}; retry"
-            kind: type[DomainError] = Aborted if isinstance(exc, Aborted) else Unavailable
-            if sent and kind is Unavailable:
-                # the COMMIT itself failed or timed out: it may have happened
-                kind, why = DeadlineExceeded, (
-                    "postgres did not confirm the commit: its outcome is unknown; retry with "
-                    "the same idempotency_key to learn it")
+            failure = group_failure(exc, sent=sent,
+                                    what=f"group commit of {len(group)} reservations")
             # A failure during the commit itself leaves the outcome unknown: the hold records
             # stay, and the reconciler settles them by what Postgres says.
             try:
@@ -156,7 +143,7 @@ class GroupCommitter(Lanes[_Call]):
                     await self._end_in_redis([(c.hold, []) for c in group], [])
             finally:
                 for c in group:
-                    _answer(c, kind(why))
+                    _answer(c, failure)
             return
         self.counted(len(group))
         GROUP_SIZE.observe(len(group))

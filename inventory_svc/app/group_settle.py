@@ -26,11 +26,10 @@ from typing import Any
 import asyncpg
 from prometheus_client import Histogram
 
-from inventory_svc.app.batching import Lanes
+from inventory_svc.app.batching import Lanes, group_failure
 from inventory_svc.app.context import Context
 from inventory_svc.app.group_commit import Progress, reservation_event
 from inventory_svc.domain.errors import (
-    Aborted,
     DeadlineExceeded,
     DomainError,
     FailedPrecondition,
@@ -142,18 +141,10 @@ class SettleCommitter(Lanes[_End]):
                 for c in group:
                     c.progress.sent = True
         except BaseException as exc:  # every call of the group hears it; nothing escapes
-            if isinstance(exc, Unavailable | Aborted):
-                why = exc.message
-            else:
-                log.exception("group settle of %d reservations failed", len(group))
-                why = f"the commit failed: {exc!r}; retry"
-            kind: type[DomainError] = Aborted if isinstance(exc, Aborted) else Unavailable
-            if sent and kind is Unavailable:
-                kind, why = DeadlineExceeded, (
-                    "postgres did not confirm the commit: its outcome is unknown; retry with "
-                    "the same idempotency_key to learn it")
+            failure = group_failure(exc, sent=sent,
+                                    what=f"group settle of {len(group)} reservations")
             for c in group:
-                _answer(c, kind(why))
+                _answer(c, failure)
             return
         self.counted(len(group))
         SETTLE_GROUP_SIZE.observe(len(group))
