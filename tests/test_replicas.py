@@ -513,28 +513,7 @@ class RoundRobinLoad(Load):
     service (the target changes as replicas are replaced: the client then opens a new channel,
     as a client re-resolving a headless Service's name does)."""
 
-    async def _client(self, i: int) -> None:
-        rng = random.Random(self.rng.random())
-        mine: list[str] = []
-        ch: grpc.aio.Channel | None = None
-        target = ""
-        try:
-            while not self._stop.is_set():
-                if ch is None or target != self._target():
-                    if ch is not None:
-                        await ch.close()
-                    target = self._target()
-                    ch = grpc.aio.insecure_channel(target, options=RR_OPTIONS)
-                number = self._next
-                self._next += 1
-                self.started[number] = time.monotonic()
-                code = await self._one(api_grpc.InventoryServiceStub(ch), rng, mine)
-                self.finished.append((number, code))
-                del self.started[number]
-                self.calls += 1
-        finally:
-            if ch is not None:
-                await ch.close()
+    channel_options = RR_OPTIONS
 
 
 async def test_rolling_restart_under_load(fleet: Fleet, soak: bool) -> None:

@@ -39,9 +39,8 @@ from inventory_svc.storage.pg import NewReservation, PgStore
 from inventory_svc.storage.pg_base import (
     Idem,
     Replay,
-    answers_of,
     idempotency_row,
-    lock_keys,
+    lock_group_keys,
     to_ms,
 )
 from inventory_svc.storage.pg_group import lock_stock_and_answers
@@ -158,20 +157,12 @@ class GroupCommitter(Lanes[_Call]):
 
     async def _decide(self, conn: asyncpg.Connection, group: list[_Call]) -> list[Answer]:
         """Inside the group's transaction: each call's answer, and the write of those taken."""
-        answers: list[Answer] = [None] * len(group)  # None: not decided yet
-        keyed = [i for i, c in enumerate(group) if c.idem is not None]
-        idems = [c.idem for c in group if c.idem is not None]
-        locked = await lock_keys(conn, idems) if keyed else []
+        keys = await lock_group_keys(conn, [c.idem for c in group])
         # every call's rows are locked, a repeat's too (it is rare): the lookup of the keys
         # rides in the same statement (storage/pg_group)
         rows, now, stored = await lock_stock_and_answers(
-            conn, {(x.sku, x.location_id) for c in group for x in c.lines},
-            [x.key for x, got in zip(idems, locked, strict=True) if got])
-        for i, claim in zip(keyed, answers_of(idems, locked, stored), strict=True):
-            if isinstance(claim, bytes):
-                answers[i] = Replay(claim)
-            elif claim is not None:
-                answers[i] = claim
+            conn, {(x.sku, x.location_id) for c in group for x in c.lines}, keys.to_look_up)
+        answers: list[Answer] = keys.answers(stored)  # None: not decided yet
         live = [i for i, a in enumerate(answers) if a is None]
         shipping = sorted({loc for i in live for loc in group[i].shipping_from})
         used = await PgStore.lock_capacity(conn, shipping) if shipping else {}

@@ -45,7 +45,7 @@ from inventory_svc.domain.model import (
 )
 from inventory_svc.domain.rules import StockKey
 from inventory_svc.storage.pg import MovementDraft, PgStore
-from inventory_svc.storage.pg_base import Idem, Replay, answers_of, lock_keys, to_ms
+from inventory_svc.storage.pg_base import Idem, Replay, lock_group_keys, to_ms
 from inventory_svc.storage.pg_group import (
     Ending,
     LockedReservation,
@@ -158,20 +158,12 @@ class SettleCommitter(Lanes[_End]):
 
     async def _decide(self, conn: asyncpg.Connection, group: list[_End]) -> list[Any]:
         """Inside the group's transaction: each call's answer, and the writes of those taken."""
-        answers: list[Any] = [None] * len(group)  # None: not decided yet
-        keyed = [i for i, c in enumerate(group) if c.idem is not None]
-        idems = [c.idem for c in group if c.idem is not None]
-        keys_locked = await lock_keys(conn, idems) if keyed else []
+        keys = await lock_group_keys(conn, [c.idem for c in group])
         # every call's reservation is locked, a repeat's too (it is rare): the lookup of the
         # keys rides in the same statement (storage/pg_group)
         found, now, stored = await lock_reservations(
-            conn, [c.res_id for c in group],
-            [x.key for x, got in zip(idems, keys_locked, strict=True) if got])
-        for i, claim in zip(keyed, answers_of(idems, keys_locked, stored), strict=True):
-            if isinstance(claim, bytes):
-                answers[i] = Replay(claim)
-            elif claim is not None:
-                answers[i] = claim
+            conn, [c.res_id for c in group], keys.to_look_up)
+        answers: list[Any] = keys.answers(stored)  # None: not decided yet
         live = [i for i, a in enumerate(answers) if a is None]
         taken: list[tuple[int, LockedReservation]] = []
         for i in live:

@@ -179,6 +179,37 @@ def answers_of(idems: Sequence[Idem], locked: Sequence[bool], stored: Mapping[st
             for idem, got in zip(idems, locked, strict=True)]
 
 
+@dataclass(frozen=True, slots=True)
+class GroupKeys:
+    """The keys of a group commit's calls, locked; their lookup rides in the group's next
+    statement (`to_look_up`), and `answers` reads what it found."""
+
+    idems: tuple[Idem | None, ...]  # per call of the group; None: no key
+    locked: tuple[bool, ...]  # per keyed call, in order
+
+    @property
+    def to_look_up(self) -> list[str]:
+        keyed = [x for x in self.idems if x is not None]
+        return [x.key for x, got in zip(keyed, self.locked, strict=True) if got]
+
+    def answers(self, stored: Mapping[str, Any]) -> list[Any]:
+        """Per call: the Replay of its first answer, the error to answer, or None (to
+        decide)."""
+        keyed = [x for x in self.idems if x is not None]
+        claims = iter(answers_of(keyed, self.locked, stored))
+        out: list[Any] = []
+        for idem in self.idems:
+            claim = next(claims) if idem is not None else None
+            out.append(Replay(claim) if isinstance(claim, bytes) else claim)
+        return out
+
+
+async def lock_group_keys(conn: asyncpg.Connection, idems: Sequence[Idem | None]) -> GroupKeys:
+    """Lock the keys of a group's calls (one statement, none if no call has a key)."""
+    keyed = [x for x in idems if x is not None]
+    return GroupKeys(tuple(idems), tuple(await lock_keys(conn, keyed) if keyed else ()))
+
+
 def _claimed(idem: Idem, locked: bool, row: asyncpg.Record | None
              ) -> bytes | DomainError | None:
     """What a key's lock and stored row mean for a call: the answer to replay, the error to

@@ -285,6 +285,8 @@ class Load:
     """`clients` concurrent clients doing reserve / release / commit / adjust / read on a world,
     until stopped. Every answer is logged in `ledger`."""
 
+    channel_options: list[tuple[str, Any]] = []  # grpc channel options of every client
+
     def __init__(self, target: str | Callable[[], str], world: World, *, clients: int = 8,
                  deadline: float = 5.0, allowed: set[grpc.StatusCode] | None = None,
                  seed: int = 1, reads: bool = True) -> None:
@@ -335,7 +337,7 @@ class Load:
                     if ch is not None:
                         await ch.close()
                     target = self._target()
-                    ch = grpc.aio.insecure_channel(target)
+                    ch = grpc.aio.insecure_channel(target, options=self.channel_options)
                 stub = api_grpc.InventoryServiceStub(ch)
                 number = self._next
                 self._next += 1
