@@ -39,7 +39,9 @@ class Watcher:
 
     def __init__(self, target: str) -> None:
         self.target = target
-        self.seen: list[tuple[float, float]] = []  # (received, lag) in seconds
+        # (received, lag, sequencer's part of it) in seconds: commit -> numbered is the
+        # sequencer's, numbered -> received the hub's and the stream's
+        self.seen: list[tuple[float, float, float]] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -68,7 +70,10 @@ class Watcher:
                         if item.WhichOneof("item") == "event":
                             now = time.time()
                             after = item.event.sequence
-                            self.seen.append((now, now - item.event.committed_at_unix_us / 1e6))
+                            ev = item.event
+                            self.seen.append((
+                                now, now - ev.committed_at_unix_us / 1e6,
+                                (ev.sequenced_at_unix_us - ev.committed_at_unix_us) / 1e6))
                 except grpc.aio.AioRpcError as err:  # cut off or shed: resume where it broke
                     self.errors.append(f"{err.code().name}: {err.details()}")
                     await asyncio.sleep(0.2)
@@ -112,12 +117,15 @@ def main() -> None:
         # the 70 % step is the run's last measured window: its duration before the drain
         drain = 3.0  # the harness's default drain after a step
         window_end = ended - drain
-        window = [lag for at, lag in watcher.seen
-                  if window_end - args.duration <= at <= window_end + 1.0]
+        seen = [(lag, numbered) for at, lag, numbered in watcher.seen
+                if window_end - args.duration <= at <= window_end + 1.0]
+        window = [lag for lag, _ in seen]
         events_per_s = len(window) / args.duration if window else 0.0
-        print(f"whole run ({ended - started:.0f} s): {_figures([lag for _, lag in watcher.seen])}")
+        print(f"whole run ({ended - started:.0f} s): {_figures([s[1] for s in watcher.seen])}")
         print(f"70 % step (last {args.duration:g} s{f', {rate} ops/s' if rate else ''}): "
               f"{_figures(window)}; {events_per_s:,.0f} events/s")
+        print(f"  of which commit -> numbered: {_figures([n for _, n in seen])}")
+        print(f"  of which numbered -> received: {_figures([lag - n for lag, n in seen])}")
         if watcher.errors:
             print(f"stream interruptions: {len(watcher.errors)} ({watcher.errors[:3]})")
     finally:

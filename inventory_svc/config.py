@@ -105,13 +105,14 @@ class Settings:
     watch_max_streams: int = 1_000
     watch_cursor_interval_s: float = 5.0
     # Retention (app/retention.py): a run every retention_interval_s, retention_batch rows a
-    # statement; windows in hours.
+    # statement; windows in hours, but capacity_usage's in days (its rows are one a day).
     retention_interval_s: float = 60.0
     retention_batch: int = 1_000
     retain_idempotency_h: float = 72.0
     retain_events_h: float = 168.0
     retain_outbox_h: float = 168.0
     retain_reservations_h: float = 2160.0
+    retain_capacity_days: int = 35
 
     @property
     def hold_timeout_s(self) -> float:
@@ -183,7 +184,8 @@ class Settings:
             need(problem is None, "tracing", self.tracing, problem or "")
         for name in ("watch_sequence_ms", "watch_poll_s", "watch_heartbeat_s",
                      "watch_cursor_interval_s", "retention_interval_s", "retain_idempotency_h",
-                     "retain_events_h", "retain_outbox_h", "retain_reservations_h"):
+                     "retain_events_h", "retain_outbox_h", "retain_reservations_h",
+                     "retain_capacity_days"):
             need(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
         for name in ("watch_buffer", "watch_ring", "watch_max_streams", "retention_batch"):
             need(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")

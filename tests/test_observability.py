@@ -110,7 +110,9 @@ def test_the_deploy_files_query_something() -> None:
     assert {x["title"] for x in json.loads(DASHBOARD.read_text())["panels"]} >= {
         "Calls / s by method", "Latency p99 by method", "Group commit size", "Holds in flight",
         "Drift found and repaired / s", "Redis rebuilds (1 h)", "Active reservations",
-        "Units held", "Reservations expired / s"}
+        "Units held", "Reservations expired / s", "WatchStock & retention", "Watch events / s",
+        "Watch lag p50 / p99 by stage", "Watch backlog (changes not numbered yet)",
+        "Open WatchStock streams", "Streams cut off / s", "Retention: rows deleted / s by table"}
 
 
 async def test_dashboard_and_alerts_use_exported_metrics(stores: Stores) -> None:

@@ -1,6 +1,7 @@
-"""Retention (app/retention.py, docs/WATCH.md): old idempotency records, outbox rows, stock events
-and ended reservations are deleted after their windows, in small batches, skipping rows someone
-holds; nothing a live stream still needs goes; a stream resumed from before what is kept is told
+"""Retention (app/retention.py, docs/WATCH.md): old idempotency records, outbox rows, stock events,
+ended reservations and days of capacity use are deleted after their windows, in small batches,
+skipping rows someone holds; nothing a live stream still needs goes, nor a day's capacity row a
+live reservation will give a shipment back on; a stream resumed from before what is kept is told
 to take a snapshot.
 
 A database and Redis of their own (tests/faults/harness.py own_site): rows are aged in place and
@@ -14,7 +15,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import grpc
 import pytest_asyncio
+from prometheus_client import REGISTRY
 
+from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory.v1 import watch_service_pb2 as wp
@@ -22,6 +25,7 @@ from inventory.v1 import watch_service_pb2_grpc as wp_grpc
 from inventory_svc.app.retention import Retention
 from inventory_svc.app.watch import Sequencer
 from inventory_svc.server import Running, serve
+from inventory_svc.storage import pg_retention
 from tests.conftest import Stores, make_world, uid
 from tests.faults.harness import own_site, site_settings
 from tests.grpc_helpers import details, expect_error
@@ -188,3 +192,67 @@ async def test_ended_reservations_go_after_90_days_the_active_and_young_stay(
     assert await db(svc).fetchval(
         "SELECT count(*) FROM reservation_lines WHERE reservation_id = ANY($1::text[])",
         [x[0] for x in rows]) == 3
+
+
+async def capacity_days(svc: Running, loc: str) -> list[int]:
+    """The days of a location's capacity_usage rows, as days from today."""
+    return [r["d"] for r in await db(svc).fetch(
+        "SELECT day - current_date AS d FROM capacity_usage WHERE location_id = $1 ORDER BY day",
+        loc)]
+
+
+async def test_capacity_days_go_after_35_days_but_not_today_nor_one_a_reservation_holds(
+    svc: Running, stub: api_grpc.InventoryServiceStub
+) -> None:
+    w = await make_world(stub, locations=2, skus=1, on_hand=10)
+    sku, (a, b) = w.skus[0], w.locations
+    # a live reservation whose shipment from b was taken 40 days ago (an ACTIVE reservation
+    # gives it back on that day's row when it ends: migration 0004), and a sold one of 36 days
+    # ago, whose shipment happened: nothing will come back to its row
+    held = (await stub.Reserve(api.ReserveRequest(lines=[pb.ReservationLine(
+        sku=sku, location_id=b, quantity=1)], ttl_seconds=3600))).reservation
+    sold = uid("r")
+    await db(svc).execute(
+        "UPDATE reservations SET capacity_day = current_date - 40, capacity_locations = $2"
+        " WHERE id = $1", held.id, [b])
+    await db(svc).execute(
+        "INSERT INTO reservations (id, status, channel, expires_at, ended_at, capacity_day,"
+        " capacity_locations) VALUES ($1, 'COMMITTED', 'WEB', now(), now(),"
+        " current_date - 36, $2)", sold, [b])
+    days = {a: [-50, -41, -40, -36, -35, 0, 1], b: [-40, -36]}
+    for loc, offsets in days.items():
+        await db(svc).execute(
+            "INSERT INTO capacity_usage (location_id, day, used)"
+            " SELECT $1, current_date + d, 1 FROM unnest($2::int[]) AS d", loc, offsets)
+    counted = REGISTRY.get_sample_value(
+        "inventory_retention_deleted_total", {"table": "capacity_usage"}) or 0.0
+    # a row someone holds (a reservation taking that day's shipment) is skipped, not waited for
+    async with db(svc).acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM capacity_usage WHERE location_id = $1"
+                           " AND day = current_date - 50 FOR UPDATE", a)
+        first = await Retention(svc.ctx).run_once()
+    second = await Retention(svc.ctx).run_once()
+    assert (first.capacity, second.capacity) == (4, 1)  # over batches of 2
+    assert REGISTRY.get_sample_value(
+        "inventory_retention_deleted_total", {"table": "capacity_usage"}) == counted + 5
+    assert await capacity_days(svc, a) == [-35, 0, 1]
+    assert await capacity_days(svc, b) == [-40]
+    # released, the reservation gives its shipment back on that row, which then goes
+    await stub.ReleaseReservation(api.ReleaseReservationRequest(reservation_id=held.id))
+    assert await db(svc).fetchval("SELECT used FROM capacity_usage WHERE location_id = $1",
+                                  b) == 0
+    assert (await Retention(svc.ctx).run_once()).capacity == 1
+    assert await capacity_days(svc, b) == []
+
+
+async def test_capacity_of_today_and_later_stays_whatever_the_window(
+    svc: Running, stub: api_grpc.InventoryServiceStub
+) -> None:
+    loc = (await make_world(stub, locations=1, skus=0)).locations[0]
+    await db(svc).execute(
+        "INSERT INTO capacity_usage (location_id, day, used)"
+        " SELECT $1, current_date + d, 1 FROM unnest($2::int[]) AS d", loc, [-1, 0, 2])
+    async with db(svc).acquire() as conn, conn.transaction():
+        for window in (-3, 0):
+            await pg_retention.purge_capacity(conn, window, 100)
+    assert await capacity_days(svc, loc) == [0, 2]

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
@@ -271,6 +272,37 @@ async def test_a_bulk_change_is_numbered_over_several_passes_in_order(
     assert seqs == list(range(seqs[0], seqs[0] + 36)), seqs
     assert [e.state.on_hand for e in imported(reader)] == [10] * 12 + [20] * 12 + [30] * 12
     reader.call.cancel()
+
+
+async def test_the_events_a_sequencer_notice_carries_are_the_numbered_ones(
+    stub: Stub, stores: Stores
+) -> None:
+    """A pass's NOTIFY carries its events when they fit, and serving processes take them from it
+    instead of reading them back: they must be exactly the rows numbered. A pass too big for a
+    notice names only its last sequence (the processes read the events)."""
+    conn = await asyncpg.connect(stores.database_url)
+    notices: asyncio.Queue[str] = asyncio.Queue()
+    await conn.add_listener(pg_watch.NOTIFY_CHANNEL, lambda *a: notices.put_nowait(a[3]))
+    try:
+        w = await make_world(stub, locations=2, skus=30, on_hand=5)
+        await stub.Reserve(api.ReserveRequest(lines=[pb.ReservationLine(
+            sku=w.skus[0], location_id=w.locations[0], quantity=2)]))
+        await stub.ImportStock(iter([api.ImportStockRequest(rows=[  # 60 changes in one pass
+            api.ImportRow(sku=sku, location_id=loc, on_hand=7)
+            for sku in w.skus for loc in w.locations])]))
+        carried = bare = 0
+        async with asyncio.timeout(WAIT_S):
+            while not (carried and bare):
+                last, events = pg_watch.parse_notice(await notices.get())
+                if events is None:
+                    bare += 1
+                    continue
+                carried += 1
+                stored = await pg_watch.read_events(conn, events[0].seq - 1, len(events))
+                assert events == stored.events
+                assert last == events[-1].seq
+    finally:
+        await conn.close()
 
 
 async def test_a_cursor_ahead_of_the_stream_is_refused(channel: grpc.aio.Channel) -> None:

@@ -7,6 +7,7 @@ window. Run by the background leader (app/background.py) every retention_interva
 | stock events (WatchStock) | older than retain_events_h and passed by every live stream | 7 days |
 | outbox rows | older than retain_outbox_h (and no longer needed by the sequencer) | 7 days |
 | ended reservations, their lines | ended longer than retain_reservations_h ago | 90 days |
+| capacity_usage rows | day over retain_capacity_days ago and no ACTIVE reservation holds it | 35 days |
 | stream cursors | not refreshed by their process (killed) for a while | 10 x watch_cursor_interval_s |
 
 Each batch (retention_batch rows) is its own short transaction that skips rows anyone holds and
@@ -45,6 +46,7 @@ class RetentionReport:
     outbox: int = 0
     reservations: int = 0
     cursors: int = 0
+    capacity: int = 0
 
 
 class Retention:
@@ -76,8 +78,10 @@ class Retention:
             reservations += n
             await asyncio.sleep(PAUSE_S)
         DELETED.labels("reservations").inc(reservations)
-        report = RetentionReport(idem, events, outbox, reservations, cursors)
-        if any((idem, events, outbox, reservations, cursors)):
+        capacity = await self._drain("capacity_usage", lambda c: pg_retention.purge_capacity(
+            c, s.retain_capacity_days, batch))
+        report = RetentionReport(idem, events, outbox, reservations, cursors, capacity)
+        if any((idem, events, outbox, reservations, cursors, capacity)):
             log.info("retention: deleted %s", report)
         return report
 

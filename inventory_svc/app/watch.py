@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 
 from inventory_svc.app.context import Context
 from inventory_svc.app.retention import Retention
@@ -36,6 +36,15 @@ from inventory_svc.storage.pg_base import translate_errors
 log = logging.getLogger(__name__)
 NUMBERED = Counter("inventory_watch_events_total", "Stock events numbered by the sequencer")
 SENT = Counter("inventory_watch_events_sent_total", "Stock events sent to WatchStock streams")
+LAG = Histogram(
+    "inventory_watch_lag_seconds",
+    "WatchStock lag from commit: stage=sequenced, a pass's earliest change until it was numbered"
+    " (one a pass); stage=sent, the last event of a batch a stream took until it was written"
+    " (one a batch)", ["stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
+BACKLOG = Gauge("inventory_watch_backlog_events",
+                "Stock changes committed but not numbered yet (counted after a full pass)",
+                multiprocess_mode="livemax")
 MIN_HEARTBEAT_S, MAX_HEARTBEAT_S = 0.1, 600.0
 VACUUM_ROWS, VACUUM_S = 20_000, 10.0  # stock_changes is vacuumed after this many rows or s
 Item = Delivery | SnapshotPage | Heartbeat
@@ -54,10 +63,16 @@ class Sequencer:
         """One pass: the events numbered (0 also when another replica's pass was running)."""
         with translate_errors():
             async with self.ctx.pg.pool.acquire(timeout=self.ctx.settings.pg_timeout_s) as conn:
-                n = await pg_watch.sequence_pass(conn)
+                done = await pg_watch.sequence_pass(conn)
+                n = done.events
                 if n:
                     NUMBERED.inc(n)
                     self._deleted += n
+                    if done.first_commit is not None:
+                        LAG.labels("sequenced").observe(
+                            max(0.0, time.time() - done.first_commit.timestamp()))
+                if n is not None:
+                    BACKLOG.set(done.backlog)
                 if self._deleted and (self._deleted >= VACUUM_ROWS or
                                       time.monotonic() - self._vacuumed >= VACUUM_S):
                     # Every pass scans stock_changes whole, dead rows included, and autovacuum
@@ -69,16 +84,19 @@ class Sequencer:
 
     async def run(self) -> None:
         """Passes every watch_sequence_ms until cancelled; a failed pass is logged, retried."""
-        while True:
-            n = 0
-            try:
-                n = await self.run_once()
-            except DomainError as exc:
-                log.warning("watch sequencer: %s", exc.message)
-            except Exception:
-                log.exception("watch sequencer failed")
-            if n < pg_watch.PASS_ROWS // 2:  # behind (a bulk load): the next pass at once
-                await asyncio.sleep(self.ctx.settings.watch_sequence_ms / 1000)
+        try:
+            while True:
+                n = 0
+                try:
+                    n = await self.run_once()
+                except DomainError as exc:
+                    log.warning("watch sequencer: %s", exc.message)
+                except Exception:
+                    log.exception("watch sequencer failed")
+                if n < pg_watch.PASS_ROWS // 2:  # behind (a bulk load): the next pass at once
+                    await asyncio.sleep(self.ctx.settings.watch_sequence_ms / 1000)
+        finally:
+            BACKLOG.set(0)  # another process runs it now: this one's last count is not the truth
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +188,11 @@ class WatchStream:
                 for ev in batch:
                     got = self.filter.deliver(ev)
                     if got is not None:
-                        yield got
+                        yield got  # back here once it is written
                         last_sent = time.monotonic()
+                        if ev is batch[-1]:  # one a batch: a metric per event would cost more
+                            LAG.labels("sent").observe(
+                                max(0.0, time.time() - ev.committed_at_us / 1e6))
                     st.position = ev.seq
                 st.position = max(st.position, covered)
                 if time.monotonic() - last_sent >= self.heartbeat_s:

@@ -92,6 +92,7 @@ class WatchHub:
         self._ring = _Ring()
         self._moved = asyncio.Condition()
         self._kick = asyncio.Event()
+        self._notices: list[str] = []  # NOTIFY payloads not applied yet
         self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._closed = False
@@ -204,12 +205,40 @@ class WatchHub:
             with contextlib.suppress(DomainError, asyncpg.PostgresError), translate_errors():
                 await pg_watch.drop_cursor(self.ctx.pg.pool, self.holder)
 
-    def _notified(self, *_: object) -> None:
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self._notices.append(payload)
         self._kick.set()
 
+    def _apply_notices(self) -> bool:
+        """Add the events the sequencer's notices carried to the ring: False if any notice
+        left a gap (it carried no events, or one was missed) that a read must fill."""
+        notices, self._notices = self._notices, []
+        if not notices:
+            return False  # woken by the poll, not a notice: look in Postgres
+        for payload in notices:
+            try:
+                last, events = pg_watch.parse_notice(payload)
+            except (ValueError, KeyError, IndexError, TypeError):
+                log.warning("watch: a notice the hub cannot read: %.80r", payload)
+                return False
+            if last <= self._ring.head:
+                continue
+            if not events or events[0].seq != self._ring.head + 1 or events[-1].seq != last:
+                return False
+            self._ring.extend(events, self.ctx.settings.watch_ring)
+        return True
+
     async def _read_new(self) -> None:
-        """Read what was numbered since the head; the latest `watch_ring` events at most (a
-        bulk import of a million rows is read by the streams that want it, from Postgres)."""
+        """Take what was numbered since the head: from the sequencer's notices when they
+        carried it, else from Postgres; the latest `watch_ring` events at most (a bulk import of
+        a million rows is read by the streams that want it, from Postgres)."""
+        before = self._ring.head
+        if self._apply_notices():
+            if self._ring.head > before:
+                self._cut_stalled()
+                async with self._moved:
+                    self._moved.notify_all()
+            return
         keep = self.ctx.settings.watch_ring
         while True:
             with translate_errors():

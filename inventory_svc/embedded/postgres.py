@@ -315,6 +315,9 @@ class EmbeddedPostgres(_ChildServer):
             "password_encryption=scram-sha-256",
             # The socket sits in a 0700 directory already; this keeps it closed if moved.
             "unix_socket_permissions=0700",
+            # WatchStock events carry their transaction's real commit time (else the time of its
+            # last change): what a consumer's lag is measured from
+            "track_commit_timestamp=on",
         ]
         if not self.durable:
             settings += ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]

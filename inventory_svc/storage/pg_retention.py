@@ -78,6 +78,29 @@ async def purge_reservations(conn: asyncpg.Connection, window_s: float, batch: i
     return int(row["n"]), row["last"]
 
 
+async def purge_capacity(conn: asyncpg.Connection, window_days: int, batch: int) -> int:
+    """capacity_usage rows of days more than `window_days` before today (never today's or a
+    later day's, whatever the window), but never one an ACTIVE reservation took a shipment on:
+    its release or expiry gives the shipment back on that row (migration 0004). No reservation
+    can take one on a past day, so a row none holds now stays free of them. The ACTIVE
+    reservations are looked at only when there is an old row at all (about once a day), through
+    their partial index (status = 'ACTIVE')."""
+    n: int = await conn.fetchval(
+        "WITH cut AS (SELECT current_date - GREATEST($1::int, 0) AS day),"
+        " held AS MATERIALIZED (SELECT r.capacity_day AS day, loc"
+        "  FROM reservations r, unnest(r.capacity_locations) AS loc"
+        "  WHERE r.status = 'ACTIVE' AND r.capacity_day < (SELECT day FROM cut)"
+        "   AND EXISTS (SELECT 1 FROM capacity_usage WHERE day < (SELECT day FROM cut))),"
+        " doomed AS (SELECT c.location_id, c.day FROM capacity_usage c"
+        "  WHERE c.day < (SELECT day FROM cut) AND NOT EXISTS (SELECT 1 FROM held h"
+        "   WHERE h.day = c.day AND h.loc = c.location_id)"
+        "  ORDER BY c.day, c.location_id LIMIT $2 FOR UPDATE OF c SKIP LOCKED),"
+        " gone AS (DELETE FROM capacity_usage c USING doomed d"
+        "  WHERE c.location_id = d.location_id AND c.day = d.day RETURNING 1)"
+        " SELECT count(*) FROM gone", window_days, batch)
+    return n
+
+
 async def purge_cursors(conn: asyncpg.Connection, stale_s: float) -> int:
     """Cursor rows of processes that stopped refreshing them (killed)."""
     n: int = await conn.fetchval(

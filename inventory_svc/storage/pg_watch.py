@@ -14,6 +14,7 @@ one row: the order its changes happened in) and each transaction's changes stay 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,141 +24,14 @@ import asyncpg
 from inventory_svc.domain.model import StockLevel
 from inventory_svc.domain.watch import EventKind, SnapshotRow, StockEvent
 
-NOTIFY_CHANNEL = "inventory_watch"
+NOTIFY_CHANNEL = "inventory_watch"  # (also named in migration 0008)
 
-# One statement, so one snapshot: the changes it deletes are exactly those it can see, and the
-# SKU totals it reads are the stock as those changes left it.
+# The pass (migration 0008) numbers in one statement, so one snapshot: the changes it deletes are
+# exactly those it can see, and the SKU totals it reads are the stock as those changes left it.
 # Changes numbered in one pass at most (whole transactions: one larger than this goes alone). A
 # bulk load leaves hundreds of thousands; numbering them in one statement outlasted the
 # statement timeout, so no pass ever finished (measured: the demo's 395k rows).
 PASS_ROWS = 20_000
-
-_SEQUENCE = """
-WITH txns AS (
-    SELECT xid, max(id) AS last_id, count(*) AS n FROM stock_changes GROUP BY xid
-),
-picked AS (
-    SELECT xid FROM (
-        SELECT xid, sum(n) OVER (ORDER BY last_id) AS upto,
-               row_number() OVER (ORDER BY last_id) AS k
-        FROM txns) w
-    WHERE upto <= $2::bigint OR k = 1
-),
-pend AS (
-    DELETE FROM stock_changes WHERE xid IN (SELECT xid FROM picked) RETURNING *
-),
--- a location's active flag or default safety stock changed: count the SKU totals anew
-reset AS (SELECT EXISTS (SELECT 1 FROM pend WHERE sku = '') AS yes),
-chg AS (SELECT * FROM pend WHERE sku <> ''),
-txn AS (
-    SELECT xid, max(id) AS last_id,
-           COALESCE(CASE WHEN current_setting('track_commit_timestamp')::bool
-                         THEN pg_xact_commit_timestamp(xid(xid)) END,
-                    max(changed_at)) AS committed_at
-    FROM chg GROUP BY xid
-),
-num AS (
-    SELECT c.*, t.committed_at, $1::bigint + row_number() OVER (ORDER BY t.last_id, c.id) AS seq
-    FROM chg c JOIN txn t USING (xid)
-),
--- the ledger rows of those transactions: what moved on_hand, and for which sale
-mv AS (
-    SELECT m.xid, m.sku, m.location_id, array_agg(DISTINCT m.kind) AS kinds,
-           array_remove(array_agg(DISTINCT m.reservation_id), '') AS rids,
-           array_remove(array_agg(DISTINCT m.order_ref), '') AS refs
-    FROM movements m WHERE m.xid IN (SELECT xid FROM txn)
-    GROUP BY m.xid, m.sku, m.location_id
-),
--- the reservations those transactions made or ended, at the rows they hold
-rs AS (
-    SELECT o.xid, rl.sku, rl.location_id, array_agg(DISTINCT o.payload->>'status') AS statuses,
-           array_agg(DISTINCT rl.reservation_id) AS rids,
-           array_remove(array_agg(DISTINCT r.order_ref), '') AS refs
-    FROM outbox o
-    JOIN reservation_lines rl ON rl.reservation_id = o.payload->>'reservation_id'
-    JOIN reservations r ON r.id = rl.reservation_id
-    WHERE o.xid IN (SELECT xid FROM txn) AND o.kind = 'RESERVATION'
-    GROUP BY o.xid, rl.sku, rl.location_id
-),
-ev AS (
-    SELECT n.*, l.active, mv.kinds, rs.statuses,
-           CASE WHEN l.active THEN GREATEST(n.on_hand - n.reserved - n.safety, 0)
-                - GREATEST(n.old_on_hand - n.old_reserved - n.old_safety, 0) ELSE 0 END AS d_remote,
-           CASE WHEN l.active THEN GREATEST(n.on_hand - n.reserved, 0)
-                - GREATEST(n.old_on_hand - n.old_reserved, 0) ELSE 0 END AS d_pos,
-           ARRAY(SELECT DISTINCT x FROM unnest(COALESCE(mv.rids, '{}') || COALESCE(rs.rids, '{}'))
-                 AS x ORDER BY x) AS rids,
-           ARRAY(SELECT DISTINCT x FROM unnest(COALESCE(mv.refs, '{}') || COALESCE(rs.refs, '{}'))
-                 AS x ORDER BY x) AS refs
-    FROM num n
-    JOIN locations l ON l.id = n.location_id
-    LEFT JOIN mv ON mv.xid = n.xid AND mv.sku = n.sku AND mv.location_id = n.location_id
-    LEFT JOIN rs ON rs.xid = n.xid AND rs.sku = n.sku AND rs.location_id = n.location_id
-),
--- each SKU's available-to-promise after this pass: the kept total moved by this pass's changes,
--- or (none kept, or a location changed) counted from the stock rows, which this statement sees
--- exactly as those changes left them
-moved AS (SELECT sku, sum(d_remote) AS d_remote, sum(d_pos) AS d_pos FROM ev GROUP BY sku),
-tot AS (
-    SELECT m.sku,
-           CASE WHEN a.sku IS NULL OR (SELECT yes FROM reset) THEN c.remote
-                ELSE a.remote + m.d_remote END AS remote,
-           CASE WHEN a.sku IS NULL OR (SELECT yes FROM reset) THEN c.pos
-                ELSE a.pos + m.d_pos END AS pos
-    FROM moved m
-    LEFT JOIN sku_availability a ON a.sku = m.sku
-    LEFT JOIN LATERAL (
-        SELECT COALESCE(sum(GREATEST(s.on_hand - s.reserved
-                                     - COALESCE(s.safety_stock, l.default_safety_stock), 0))
-                        FILTER (WHERE l.active), 0) AS remote,
-               COALESCE(sum(GREATEST(s.on_hand - s.reserved, 0)) FILTER (WHERE l.active), 0)
-                   AS pos
-        FROM stock s JOIN locations l ON l.id = s.location_id
-        -- (not counted at all where the kept total is used)
-        WHERE s.sku = m.sku AND (a.sku IS NULL OR (SELECT yes FROM reset))) c ON true
-),
--- after a change: the SKU's total after the pass, less what the pass's later changes did
-fin AS (
-    SELECT ev.*, t.remote - COALESCE(sum(ev.d_remote) OVER w, 0) AS remote_after,
-           t.pos - COALESCE(sum(ev.d_pos) OVER w, 0) AS pos_after
-    FROM ev JOIN tot t USING (sku)
-    WINDOW w AS (PARTITION BY ev.sku ORDER BY ev.seq
-                 ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING)
-),
-ins AS (
-    INSERT INTO stock_events (seq, kind, sku, location_id, on_hand, reserved, safety, d_on_hand,
-        d_reserved, version, stock_seq, location_active, sku_remote_before, sku_remote_after,
-        sku_pos_before, sku_pos_after, reservation_ids, order_refs, committed_at)
-    SELECT seq,
-        CASE
-            WHEN kinds IS NOT NULL THEN CASE
-                WHEN 'SALE' = ANY(kinds) THEN
-                    CASE WHEN reserved < old_reserved THEN 'COMMIT' ELSE 'SALE' END
-                WHEN 'RETURN' = ANY(kinds) THEN 'RETURN'
-                WHEN 'COUNT' = ANY(kinds) THEN 'COUNT'
-                WHEN 'IMPORT' = ANY(kinds) THEN 'IMPORT'
-                WHEN 'TRANSFER_OUT' = ANY(kinds) OR 'TRANSFER_IN' = ANY(kinds) THEN 'TRANSFER'
-                WHEN 'RECEIPT' = ANY(kinds) THEN 'RECEIPT'
-                ELSE 'ADJUSTMENT' END
-            WHEN reserved > old_reserved THEN 'RESERVE'
-            WHEN reserved < old_reserved THEN
-                CASE WHEN 'EXPIRED' = ANY(statuses) THEN 'EXPIRY' ELSE 'RELEASE' END
-            WHEN on_hand <> old_on_hand THEN 'ADJUSTMENT'
-            ELSE 'SAFETY_STOCK'
-        END,
-        sku, location_id, on_hand, reserved, safety, on_hand - old_on_hand,
-        reserved - old_reserved, version, stock_seq, active, remote_after - d_remote,
-        remote_after, pos_after - d_pos, pos_after, rids, refs, committed_at
-    FROM fin
-    RETURNING seq
-),
-keep AS (
-    INSERT INTO sku_availability (sku, remote, pos) SELECT sku, remote, pos FROM tot
-    ON CONFLICT (sku) DO UPDATE SET remote = EXCLUDED.remote, pos = EXCLUDED.pos
-)
-SELECT (SELECT count(*) FROM ins) AS n, (SELECT COALESCE(max(seq), $1::bigint) FROM ins) AS last,
-       CASE WHEN (SELECT yes FROM reset) THEN ARRAY(SELECT sku FROM tot) END AS recounted
-"""
 
 EVENT_COLUMNS = (
     "seq, kind, sku, location_id, on_hand, reserved, safety, d_on_hand, d_reserved, version,"
@@ -193,33 +67,39 @@ def event_of(r: asyncpg.Record) -> StockEvent:
         committed_at_us=_us(r["committed_at"]), sequenced_at_us=_us(r["sequenced_at"]))
 
 
-async def sequence_pass(conn: asyncpg.Connection) -> int | None:
+def parse_notice(payload: str) -> tuple[int, list[StockEvent] | None]:
+    """A sequencer pass's NOTIFY (migration 0008): the last sequence it took, and its events
+    when they fitted in the notice (None: read them from stock_events)."""
+    head, _, body = payload.partition(" ")
+    if not body:
+        return int(head), None
+    return int(head), [StockEvent(
+        seq=e[0], kind=EventKind(e[1]), sku=e[2], location_id=e[3], on_hand=e[4],
+        reserved=e[5], safety_stock=e[6], on_hand_delta=e[7], reserved_delta=e[8],
+        version=e[9], change_seq=e[10], location_active=e[11], sku_remote=(e[12], e[13]),
+        sku_pos=(e[14], e[15]), reservation_ids=tuple(e[16]), order_refs=tuple(e[17]),
+        committed_at_us=e[18], sequenced_at_us=e[19]) for e in json.loads(body)]
+
+
+@dataclass(frozen=True, slots=True)
+class PassResult:
+    """What one sequencer pass did: `events` numbered (None: another replica's pass held the
+    lock), when the earliest of them committed, and the changes left to number when the pass
+    was a full one (else 0)."""
+
+    events: int | None
+    first_commit: datetime | None = None
+    backlog: int = 0
+
+
+async def sequence_pass(conn: asyncpg.Connection | asyncpg.Pool) -> PassResult:
     """Number the committed changes not numbered yet (the oldest transactions' first, up to
-    PASS_ROWS), in one transaction on `conn`: the events made, or None when another pass holds
-    the lock. Readers are told by a NOTIFY on
-    NOTIFY_CHANNEL (sent at COMMIT, so never before the events can be read). An idle pass is
-    one indexed statement, not the big one."""
-    if await conn.fetchval("SELECT id FROM stock_changes ORDER BY id LIMIT 1") is None:
-        return 0
-    async with conn.transaction():
-        last = await conn.fetchval(
-            "SELECT last_seq FROM watch_state WHERE id = 1 FOR UPDATE SKIP LOCKED")
-        if last is None:
-            return None
-        # a generic plan: this statement runs many times a second and its shape never changes;
-        # planning it anew each time (the pool's force_custom_plan) would cost more than it runs
-        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        row = await conn.fetchrow(_SEQUENCE, last, PASS_ROWS)
-        n, new_last = int(row["n"]), int(row["last"])
-        if row["recounted"] is not None:
-            # totals kept for SKUs this pass did not count may be stale now: counted when next
-            # touched
-            await conn.execute("DELETE FROM sku_availability WHERE sku <> ALL($1::text[])",
-                               row["recounted"])
-        if n:
-            await conn.execute("UPDATE watch_state SET last_seq = $1 WHERE id = 1", new_last)
-            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(new_last))
-    return n
+    PASS_ROWS). One round trip: the pass is the function `watch_sequence_pass` (migration 0008),
+    which also moves the head and NOTIFYs NOTIFY_CHANNEL (sent at COMMIT, so never before the
+    events can be read)."""
+    row = await conn.fetchrow("SELECT * FROM watch_sequence_pass($1)", PASS_ROWS)
+    assert row is not None
+    return PassResult(row["events"], row["first_commit"], int(row["backlog"] or 0))
 
 
 async def head(conn: asyncpg.Connection | asyncpg.Pool) -> int:
