@@ -27,7 +27,7 @@ from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory.v1 import watch_service_pb2 as wp
 from inventory.v1 import watch_service_pb2_grpc as wp_grpc
-from inventory_svc.app.watch import Sequencer
+from inventory_svc.app.sequencer import Sequencer
 from inventory_svc.server import Running, serve
 from inventory_svc.storage import pg_watch
 from tests.conftest import Stores, World, make_world, settings_for, store_location, uid

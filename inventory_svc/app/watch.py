@@ -15,10 +15,11 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter
 
 from inventory_svc.app.context import Context
 from inventory_svc.app.retention import Retention
+from inventory_svc.app.sequencer import LAG, Sequencer
 from inventory_svc.app.watch_hub import PAGE, WatchHub, WatchStreamState
 from inventory_svc.domain import validation as val
 from inventory_svc.domain.errors import DomainError, FailedPrecondition
@@ -34,69 +35,9 @@ from inventory_svc.storage import pg_watch
 from inventory_svc.storage.pg_base import translate_errors
 
 log = logging.getLogger(__name__)
-NUMBERED = Counter("inventory_watch_events_total", "Stock events numbered by the sequencer")
 SENT = Counter("inventory_watch_events_sent_total", "Stock events sent to WatchStock streams")
-LAG = Histogram(
-    "inventory_watch_lag_seconds",
-    "WatchStock lag from commit: stage=sequenced, a pass's earliest change until it was numbered"
-    " (one a pass); stage=sent, the last event of a batch a stream took until it was written"
-    " (one a batch)", ["stage"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
-BACKLOG = Gauge("inventory_watch_backlog_events",
-                "Stock changes committed but not numbered yet (counted after a full pass)",
-                multiprocess_mode="livemax")
 MIN_HEARTBEAT_S, MAX_HEARTBEAT_S = 0.1, 600.0
-VACUUM_ROWS, VACUUM_S = 20_000, 10.0  # stock_changes is vacuumed after this many rows or s
 Item = Delivery | SnapshotPage | Heartbeat
-
-
-class Sequencer:
-    """Numbers committed stock changes (storage/pg_watch.py explains the order). One pass at a
-    time runs in all the replicas together; the others skip their turn."""
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self._deleted = 0  # stock_changes rows deleted since the last VACUUM of it
-        self._vacuumed = time.monotonic()
-
-    async def run_once(self) -> int:
-        """One pass: the events numbered (0 also when another replica's pass was running)."""
-        with translate_errors():
-            async with self.ctx.pg.pool.acquire(timeout=self.ctx.settings.pg_timeout_s) as conn:
-                done = await pg_watch.sequence_pass(conn)
-                n = done.events
-                if n:
-                    NUMBERED.inc(n)
-                    self._deleted += n
-                    if done.first_commit is not None:
-                        LAG.labels("sequenced").observe(
-                            max(0.0, time.time() - done.first_commit.timestamp()))
-                if n is not None:
-                    BACKLOG.set(done.backlog)
-                if self._deleted and (self._deleted >= VACUUM_ROWS or
-                                      time.monotonic() - self._vacuumed >= VACUUM_S):
-                    # Every pass scans stock_changes whole, dead rows included, and autovacuum
-                    # looks at a table once a minute: at 3,000 changes a second a pass would
-                    # read ~20 MB of dead rows (6 ms, measured) instead of a few pages.
-                    await conn.execute("VACUUM (SKIP_LOCKED) stock_changes")
-                    self._deleted, self._vacuumed = 0, time.monotonic()
-        return n or 0
-
-    async def run(self) -> None:
-        """Passes every watch_sequence_ms until cancelled; a failed pass is logged, retried."""
-        try:
-            while True:
-                n = 0
-                try:
-                    n = await self.run_once()
-                except DomainError as exc:
-                    log.warning("watch sequencer: %s", exc.message)
-                except Exception:
-                    log.exception("watch sequencer failed")
-                if n < pg_watch.PASS_ROWS // 2:  # behind (a bulk load): the next pass at once
-                    await asyncio.sleep(self.ctx.settings.watch_sequence_ms / 1000)
-        finally:
-            BACKLOG.set(0)  # another process runs it now: this one's last count is not the truth
 
 
 @dataclass(frozen=True, slots=True)
