@@ -7,7 +7,9 @@ InventoryService (and WatchService) SERVING. Meanwhile the routing kernels come 
 (routing_warmup.py: about a second from numba's cache, a compile in a child process on a first
 start); the RoutingService turns SERVING once they are in and inventory serves.
 Shutdown (SIGTERM/SIGINT): health NOT_SERVING → drain in-flight calls → stop background tasks
-(and a routing warm-up still under way) → close pools → stop embedded servers.
+(and a routing warm-up still under way) → close pools → stop embedded servers. Everything after
+the drain ends within a bound (stop_budget_s): what is still running then is logged as an ERROR
+and left behind, and the pools close under it, so a stuck task cannot hold a pod in Terminating.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,6 +35,7 @@ from inventory.v1 import watch_service_pb2 as wp
 from inventory.v1 import watch_service_pb2_grpc as wp_grpc
 from inventory_svc import tracing
 from inventory_svc.app.background import Reconciler, run_background
+from inventory_svc.app.cancelling import stop_if_cancelled
 from inventory_svc.app.context import Context
 from inventory_svc.app.reservations import ReservationService
 from inventory_svc.app.routing import RoutingService
@@ -61,6 +64,11 @@ SERVICE_NAMES = (INVENTORY, ROUTING, WATCH)
 __all__ = ["Running", "StartupError", "check_port", "embedded_stores", "serve"]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# After the drain, stopping the background tasks and closing the pools take at most the drain's
+# own grace again, capped here: inside the STOP_MARGIN_S (15 s) the worker supervisor allows
+# beyond the grace before it kills a worker (workers.py), and the pod's termination grace.
+STOP_BUDGET_S = 10.0
+POOL_CLOSE_MIN_S = 1.0  # a pool always gets this long to close gracefully, even past the budget
 
 
 @dataclass
@@ -182,6 +190,47 @@ async def _warm_routing(running: Running) -> None:
         await health_servicer.set(ROUTING, SERVING)
 
 
+def stop_budget_s(settings: Settings) -> float:
+    """How long everything after the drain may take (see STOP_BUDGET_S)."""
+    return max(POOL_CLOSE_MIN_S, min(settings.shutdown_grace_s, STOP_BUDGET_S))
+
+
+async def _stop_tasks(tasks: Sequence[asyncio.Task[Any]], until: float) -> None:
+    """Cancel `tasks` and wait for them until `until` (loop time). One still running then did
+    not honour its cancel (a bug: see app/cancelling.py for how an await can swallow
+    one): it is named in an ERROR and left behind, as a shutdown must end."""
+    for task in tasks:
+        task.cancel()
+    loop = asyncio.get_running_loop()
+    pending = {task for task in tasks if not task.done()}
+    if pending:
+        _, pending = await asyncio.wait(pending, timeout=max(0.0, until - loop.time()))
+    for task in tasks:
+        if task in pending:
+            log.error("shutdown: the task %s did not stop when cancelled; left behind (the "
+                      "pools close under it)", task.get_name())
+        elif not task.cancelled():
+            task.exception()  # retrieved: its failure was logged where it happened, if at all
+
+
+async def _close_within(what: str, close: Awaitable[None], until: float) -> bool:
+    """Await `close` until `until` (loop time, but at least POOL_CLOSE_MIN_S); False, logged
+    as an ERROR, when it did not finish (it is cancelled then)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(close)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=max(POOL_CLOSE_MIN_S, until - loop.time()))
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        log.error("shutdown: %s did not finish in time; cut short", what)
+        return False
+    task.result()
+    return True
+
+
 @contextlib.asynccontextmanager
 async def serve(settings: Settings, *, background_lock: int | None = None,
                 routing_in_background: bool = False,
@@ -205,6 +254,8 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
     redis.stale_drop_level = logging.INFO
     # INVENTORY_TRACING: before grpc.aio.server is made (its instrumentor patches that function)
     traced = tracing.setup(settings)
+    loop = asyncio.get_running_loop()
+    stop_by: float | None = None  # loop time by which the stop after the drain must be done
     try:
         await pg.migrate()
         ctx = Context(settings, pg, redis)
@@ -268,18 +319,21 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
         await server.start()
         running = Running(settings, port, ctx, stock, reservations, reconciler, health_servicer,
                           routing, watch, gate)
-        warming = asyncio.create_task(_warm_routing(running))
+        warming = asyncio.create_task(_warm_routing(running), name="routing warm-up")
         tasks: list[asyncio.Task[Any]] = []
         try:
             log.info("listening on %s:%d, not serving yet: checking redis against postgres",
                      settings.host, port)
             await reconciler.ensure_generation(startup=True)
+            stop_if_cancelled()  # a stop during the start ends it here even if a call hid it
             redis.stale_drop_level = logging.WARNING
             if prepare is not None:
                 await prepare(running)
+                stop_if_cancelled()
             tasks.append(asyncio.create_task(
-                run_background(ctx, reservations, reconciler, lock=background_lock)))
-            tasks.append(asyncio.create_task(loop_lag.run()))
+                run_background(ctx, reservations, reconciler, lock=background_lock),
+                name="background work (sweeper, reconciler, watch sequencer, location refresh)"))
+            tasks.append(asyncio.create_task(loop_lag.run(), name="loop lag probe"))
             if not routing_in_background:
                 await asyncio.shield(warming)  # its failure fails the start
             # What start-up built (modules, compiled kernels, the location cache) lives as long
@@ -297,18 +351,23 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
             yield running
         finally:
             await health_servicer.enter_graceful_shutdown()
-            await watch.close()  # streams end now (UNAVAILABLE, where to resume), not at the grace
+            # streams end now (UNAVAILABLE, where to resume), not at the grace
+            await _close_within("closing the WatchStock streams", watch.close(),
+                                loop.time() + stop_budget_s(settings))
             await server.stop(settings.shutdown_grace_s)
             if probes is not None:
                 await probes.stop(0)
-            await reservations.close()
-            for task in (*tasks, warming):
-                task.cancel()
-            for task in (*tasks, warming):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            stop_by = loop.time() + stop_budget_s(settings)
+            await _close_within("finishing the group commits in flight", reservations.close(),
+                                stop_by)
+            await _stop_tasks([*tasks, warming], stop_by)
     finally:
-        await redis.close()
-        await pg.close()
+        until = stop_by if stop_by is not None else loop.time() + stop_budget_s(settings)
+        await _close_within("closing the redis pool", redis.close(), until)
+        # asyncpg waits for every connection to be given back first: one a stuck task holds
+        # would hold the close for ever; cut short, the pool is terminated (asyncpg does that
+        # when its close is cancelled; done here again to be sure)
+        if not await _close_within("closing the postgres pool", pg.close(), until):
+            pg.pool.terminate()
         if traced is not None:
             traced.shutdown()  # exports the spans still queued

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from inventory_svc.app import metrics
+from inventory_svc.app.cancelling import nap, stop_if_cancelled
 from inventory_svc.app.context import Context
 from inventory_svc.app.reservations import ReservationService
 from inventory_svc.app.watch import run_watch_background
@@ -137,6 +138,7 @@ class Reconciler:
             after, skus = "", 0
             while page := await self.ctx.pg.stock_page(after, PAGE):
                 await self.ctx.redis.load(page, force=force)
+                stop_if_cancelled()
                 after = max(page)
                 skus += len(page)
                 if time.monotonic() - last >= PROGRESS_EVERY_S:
@@ -167,7 +169,7 @@ class Reconciler:
             while page := await self.ctx.pg.stock_page(after, RECONCILE_PAGE):
                 after = max(page)
                 total = _add(total, await self.reconcile(sorted(page)))
-                await asyncio.sleep(0)  # let waiting RPCs run between rounds
+                await nap(0)  # let waiting RPCs run between rounds
         else:
             assert since is not None
             changed: dict[str, set[str] | None] = dict(await self.ctx.pg.changed_since(since))
@@ -177,7 +179,7 @@ class Reconciler:
             for i in range(0, len(skus), RECONCILE_PAGE):
                 round_ = skus[i:i + RECONCILE_PAGE]
                 total = _add(total, await self.reconcile(round_, {s: changed[s] for s in round_}))
-                await asyncio.sleep(0)
+                await nap(0)
         # Levels behind by seq are routine under load (a commit's update on its way while the
         # pass reads); repairs, rebuilds and orphans are not.
         level = logging.WARNING if total.repaired or rebuilt or total.orphans_released else (
@@ -341,7 +343,7 @@ async def run_reconciler(ctx: Context, reconciler: Reconciler) -> None:
         except Exception:
             log.exception("reconciler failed")
         wake = min(next_pass, reconciler.next_hold_check() or next_pass)
-        await asyncio.sleep(max(0.0, wake - time.monotonic()))
+        await nap(max(0.0, wake - time.monotonic()))
 
 
 async def every(interval_s: float, name: str, step: Callable[[], Awaitable[object]]) -> None:
@@ -353,7 +355,7 @@ async def every(interval_s: float, name: str, step: Callable[[], Awaitable[objec
             log.warning("%s: %s", name, exc.message)
         except Exception:
             log.exception("%s failed", name)
-        await asyncio.sleep(interval_s)
+        await nap(interval_s)
 
 
 async def run_background(ctx: Context, reservations: ReservationService,
@@ -416,7 +418,7 @@ async def lead(settings: Settings, lock: int, work: Callable[[], Awaitable[None]
                 if conn is not None:
                     conn.terminate()
                     conn = None
-            await asyncio.sleep(retry_s)
+            await nap(retry_s)
     finally:
         if conn is not None:
             conn.terminate()  # the server ends the session: the lock is free for another worker
@@ -438,6 +440,7 @@ async def _while_alive(conn: asyncpg.Connection, work: Callable[[], Awaitable[No
         while not task.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(lost.wait(), check_s)
+            stop_if_cancelled()  # that wait_for may have swallowed our cancel (see there)
             if lost.is_set():
                 why = "its lock connection closed"
                 break

@@ -17,7 +17,6 @@ retention, and retention catches up over as many batches as it needs.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -27,6 +26,7 @@ from typing import TypeVar
 import asyncpg
 from prometheus_client import Counter
 
+from inventory_svc.app.cancelling import nap
 from inventory_svc.app.context import Context
 from inventory_svc.domain.errors import DomainError
 from inventory_svc.storage import pg_retention
@@ -76,7 +76,7 @@ class Retention:
                 pg_retention.purge_reservations, window_s=s.retain_reservations_h * HOUR_S,
                 batch=batch, after_id=after))
             reservations += n
-            await asyncio.sleep(PAUSE_S)
+            await nap(PAUSE_S)
         DELETED.labels("reservations").inc(reservations)
         capacity = await self._drain("capacity_usage", lambda c: pg_retention.purge_capacity(
             c, s.retain_capacity_days, batch))
@@ -94,7 +94,7 @@ class Retention:
                 log.warning("retention: %s", exc.message)
             except Exception:
                 log.exception("retention failed")
-            await asyncio.sleep(self.ctx.settings.retention_interval_s)
+            await nap(self.ctx.settings.retention_interval_s)
 
     async def _drain(self, table: str, step: Callable[[asyncpg.Connection], Awaitable[int]]
                      ) -> int:
@@ -106,7 +106,7 @@ class Retention:
             DELETED.labels(table).inc(n)
             if n < self.ctx.settings.retention_batch:
                 return total
-            await asyncio.sleep(PAUSE_S)
+            await nap(PAUSE_S)
 
     async def _batch(self, step: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """One step in its own transaction, which never waits long for a lock."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from prometheus_client import Counter, Gauge
 
+from inventory_svc.app.cancelling import nap, stop_if_cancelled
 from inventory_svc.app.context import Context
 from inventory_svc.domain.errors import DomainError, ResourceExhausted, Unavailable
 from inventory_svc.domain.watch import StockEvent
@@ -191,10 +192,11 @@ class WatchHub:
                         self._ready.set_exception(Unavailable(f"postgres unavailable: {exc!r}"))
                         self._ready = None  # the next stream tries again
                         return
-                    await asyncio.sleep(min(1.0, self.ctx.settings.watch_poll_s))
+                    await nap(min(1.0, self.ctx.settings.watch_poll_s))
                     continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._kick.wait(), self.ctx.settings.watch_poll_s)
+                stop_if_cancelled()  # that wait_for may have swallowed our cancel
                 self._kick.clear()
         finally:
             cursors.cancel()
@@ -276,7 +278,7 @@ class WatchHub:
         """Tell retention where this process's streams stand, every watch_cursor_interval_s."""
         had = False
         while True:
-            await asyncio.sleep(self.ctx.settings.watch_cursor_interval_s)
+            await nap(self.ctx.settings.watch_cursor_interval_s)
             try:
                 await self.save_cursors(had)
                 had = bool(self.streams)
