@@ -45,6 +45,9 @@ class Settings:
     reconcile_seq_window_s: float = 20.0
     pg_pool_min: int = 2
     pg_pool_max: int = 20
+    # connections a process keeps to Redis (one server; a cluster client pools per node): past
+    # it a command waits for one, up to redis_timeout_s
+    redis_pool_max: int = 100
     pg_timeout_s: float = 5.0
     # Reserve calls committed together in one transaction (app/group_commit.py), and Commit /
     # Release calls likewise (app/group_settle.py): at most this many a group; one group of each
@@ -153,6 +156,7 @@ class Settings:
              "must be >= 1")
         need(self.reconcile_seq_window_s >= 0, "reconcile_seq_window_s",
              self.reconcile_seq_window_s, "must be >= 0")
+        need(self.redis_pool_max >= 1, "redis_pool_max", self.redis_pool_max, "must be >= 1")
         need(1 <= self.pg_pool_min <= self.pg_pool_max, "pg_pool_max", self.pg_pool_max,
              "need 1 <= PG_POOL_MIN <= PG_POOL_MAX")
         need(self.group_commit_max >= 1, "group_commit_max", self.group_commit_max,

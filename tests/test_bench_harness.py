@@ -15,6 +15,13 @@ from benchmarks.load import cli
 from benchmarks.load.runner import BenchConfig, run_bench
 
 
+@pytest.fixture(autouse=True)
+def _no_shedding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service the harness starts takes its settings from the environment: no overload
+    shedding, as for every test service (a busy CI box's late loop is not this test's subject)."""
+    monkeypatch.setenv("INVENTORY_QUEUE_BUDGET_MS", "0")
+
+
 def test_harness_runs_two_scenarios_and_checks_invariants(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_bench(BenchConfig(

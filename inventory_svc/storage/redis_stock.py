@@ -185,7 +185,8 @@ class RedisStock:
         self.stale_drop_level = logging.WARNING
 
     @classmethod
-    def from_url(cls, url: str, *, cluster: bool, timeout_s: float) -> RedisStock:
+    def from_url(cls, url: str, *, cluster: bool, timeout_s: float,
+                 pool_max: int = 100) -> RedisStock:
         opts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         client: Client
         if cluster:
@@ -201,8 +202,13 @@ class RedisStock:
             if holder:
                 await holder[0]._check_run(conn)
 
-        client = aioredis.Redis.from_url(url, health_check_interval=10,
-                                         redis_connect_func=on_connect, **opts)
+        # A blocking pool: past `max_connections` a command waits (up to the timeout) for a
+        # connection to come back. redis-py's default pool raises MaxConnectionsError instead,
+        # and a burst of 200 concurrent calls on a busy box turned into UNAVAILABLE answers.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=pool_max, timeout=timeout_s, health_check_interval=10,
+            redis_connect_func=on_connect, **opts)
+        client = aioredis.Redis.from_pool(pool)
         stock = cls(client)
         holder.append(stock)
         return stock
