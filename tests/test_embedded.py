@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
+from inventory_svc.embedded.cluster import EmbeddedRedisCluster
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="Linux /proc and prctl"
@@ -151,6 +152,25 @@ def test_redis_context_manager_and_fixed_port(data_dir: Path) -> None:
         pid = server.pid
         assert pid is not None
     assert not server.running and not alive(pid)
+
+
+def test_a_new_cluster_node_whose_port_was_taken_meanwhile_starts_on_others(
+        data_dir: Path) -> None:
+    """A port is chosen free, then bound by the server: another process may take it in between
+    (seen on a busy box). A node of a cluster not formed yet moves to other ports."""
+    cluster = EmbeddedRedisCluster(data_dir / "cluster", masters=3)
+    node = cluster.nodes[0]
+    taken = node.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        try:
+            cluster.start()
+            assert node.port != taken
+            with node.client() as c:
+                assert c.cluster("INFO")["cluster_state"] == "ok"
+        finally:
+            cluster.kill()
 
 
 def test_redis_start_failure_is_a_clear_error(data_dir: Path) -> None:
