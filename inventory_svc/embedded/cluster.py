@@ -35,7 +35,7 @@ import redis
 from inventory_svc.embedded.binaries import valkey_server_binary
 from inventory_svc.embedded.errors import EmbeddedServerError
 from inventory_svc.embedded.files import _new_password, _read_password, _write_private_file
-from inventory_svc.embedded.process import _free_port, _PortInUse
+from inventory_svc.embedded.process import _free_port
 from inventory_svc.embedded.valkey import EmbeddedRedis
 
 SLOTS = 16384
@@ -99,8 +99,12 @@ class ClusterNode(EmbeddedRedis):
         # across restarts like the client port
         self.bus_port = _stable_port()
 
-    def new_ports(self) -> None:
-        """Other ports, for a node that has never run: its own were taken meanwhile."""
+    def _may_move(self) -> bool:
+        # a node that has been in the cluster must come back on its ports: the others know it
+        # by them; one of a cluster not formed yet is known to nobody
+        return not self._started_once and not (self.data_dir / "nodes.conf").exists()
+
+    def _move(self) -> None:
         self._port, self.bus_port = _stable_port(), _stable_port()
 
     @property
@@ -183,7 +187,7 @@ class EmbeddedRedisCluster:
             for node in self.nodes:
                 node.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 _write_private_file(node.password_path, self._password.encode())
-                self._start_node(node, fresh)
+                node.start()
             if fresh:
                 self._form()
             self.wait_ok(timeout)
@@ -191,20 +195,6 @@ class EmbeddedRedisCluster:
             self.kill()
             raise
         return self.url
-
-    @staticmethod
-    def _start_node(node: ClusterNode, fresh: bool) -> None:
-        """Start a node; on a cluster not formed yet, on other ports if another process took
-        its own between choosing and binding them (a node that has been in the cluster must come
-        back on its ports: the others know it by them)."""
-        for attempt in range(3 if fresh else 1):
-            try:
-                node.start()
-                return
-            except _PortInUse:
-                if attempt == 2 or not fresh:
-                    raise
-                node.new_ports()
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -323,7 +323,7 @@ class _ChildServer:
         with self._lock:
             if self.running:
                 return self.url
-            attempts = 3 if self._auto_port and not self._started_once else 1
+            attempts = 3 if self._may_move() else 1
             for attempt in range(attempts):
                 try:
                     self._start_once(timeout)
@@ -331,9 +331,17 @@ class _ChildServer:
                 except _PortInUse:
                     if attempt == attempts - 1:
                         raise
-                    self._port = _free_port()
+                    self._move()
             self._started_once = True
             return self.url
+
+    def _may_move(self) -> bool:
+        """Whether a port another process took between choosing and binding it may be traded
+        for another: only a port we chose, before anyone was told it."""
+        return self._auto_port and not self._started_once
+
+    def _move(self) -> None:
+        self._port = _free_port()
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop gracefully; SIGKILL if the server has not exited within timeout seconds."""
