@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -27,11 +28,11 @@ from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory.v1 import watch_service_pb2 as wp
 from inventory.v1 import watch_service_pb2_grpc as wp_grpc
-from inventory_svc.app.sequencer import Sequencer
+from inventory_svc.app.sequencer import HOLDER_QUERY, Sequencer
 from inventory_svc.server import Running, serve
 from inventory_svc.storage import pg_watch
 from tests.conftest import Stores, World, make_world, settings_for, store_location, uid
-from tests.faults.harness import ServiceProcess
+from tests.faults.harness import ServiceProcess, eventually
 from tests.grpc_helpers import details, expect_error
 
 Stub = api_grpc.InventoryServiceStub
@@ -70,14 +71,44 @@ class Reader:
         return msg
 
     async def until(self, done: Callable[[Reader], bool]) -> None:
-        async with asyncio.timeout(WAIT_S):
-            while not done(self):
-                await self.next()
+        try:
+            async with asyncio.timeout(WAIT_S):
+                while not done(self):
+                    await self.next()
+        except TimeoutError:
+            last = self.heartbeats[-1].head_sequence if self.heartbeats else None
+            raise AssertionError(
+                f"the stream did not get there in {WAIT_S} s ({len(self.events)} events, last"
+                f" heartbeat's head {last}); Postgres: {await numbering_state()}") from None
 
     async def snapshot_done(self) -> int:
         await self.until(lambda r: r.snapshot_seq is not None)
         assert self.snapshot_seq is not None
         return self.snapshot_seq
+
+
+STALL: dict[str, str] = {}  # the session's database_url, to say where a stalled stream stands
+
+
+@pytest.fixture(autouse=True)
+def _say_where_a_stall_stands(stores: Stores) -> None:
+    STALL["database_url"] = stores.database_url
+
+
+async def numbering_state() -> str:
+    """What a failure message needs when events stop coming: how far the sequencer got, what
+    is left to number, and a pass that holds everyone's turn (the service's own query)."""
+    conn = await asyncpg.connect(STALL["database_url"])
+    try:
+        head = await conn.fetchval("SELECT last_seq FROM watch_state WHERE id = 1")
+        left = await conn.fetchval("SELECT count(*) FROM stock_changes")
+        holder = await conn.fetchrow(HOLDER_QUERY)
+        passes = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '%sequencer'")
+    finally:
+        await conn.close()
+    return (f"last_seq {head}, {left} changes not numbered, {passes} sequencer connections,"
+            f" pass holding the turn: {dict(holder) if holder else None}")
 
 
 def watch(ch: grpc.aio.Channel, **kw: object) -> Reader:
@@ -303,6 +334,43 @@ async def test_the_events_a_sequencer_notice_carries_are_the_numbered_ones(
                 assert last == events[-1].seq
     finally:
         await conn.close()
+
+
+async def test_whatever_holds_the_sequencers_turn_too_long_is_named_and_then_it_goes_on(
+    stores: Stores, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Passes take turns on the watch_state row, so anything that holds it (a pass stuck on a
+    lock, a stray transaction) stops the events of every replica: after twice the statement
+    timeout a WARNING names it, and once it lets go the changes made meanwhile are numbered."""
+    caplog.set_level(logging.WARNING, logger="inventory_svc.app.sequencer")
+    async with serve(settings_for(stores, pg_timeout_s=0.5)) as svc, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
+        stub = api_grpc.InventoryServiceStub(ch)
+        w = await make_world(stub, locations=1, skus=1, on_hand=5)
+        reader = watch(ch, skus=w.skus)
+        await reader.until(lambda r: bool(r.heartbeats))
+        holder = await asyncpg.connect(stores.database_url,
+                                       server_settings={"application_name": "stray-transaction"})
+        try:
+            async with holder.transaction():
+                await holder.execute("SELECT 1 FROM watch_state WHERE id = 1 FOR UPDATE")
+                await stub.AdjustStock(api.AdjustStockRequest(
+                    sku=w.skus[0], location_id=w.locations[0], delta=2,
+                    reason=api.ADJUSTMENT_REASON_RECEIPT))
+
+                async def named() -> bool:
+                    return any("has been held elsewhere" in r.getMessage() for r in caplog.records)
+
+                await eventually(named, within=WAIT_S, what="a WARNING naming the holder")
+                assert not [e for e in reader.events if e.state.on_hand == 7]
+        finally:
+            await holder.close()
+        warning = next(r.getMessage() for r in caplog.records
+                       if "has been held elsewhere" in r.getMessage())
+        assert f"pid {holder.get_server_pid()} (stray-transaction)" in warning, warning
+        assert "FOR UPDATE" in warning, warning
+        await reader.until(lambda r: any(e.state.on_hand == 7 for e in r.events))
+        reader.call.cancel()
 
 
 async def test_a_cursor_ahead_of_the_stream_is_refused(channel: grpc.aio.Channel) -> None:

@@ -39,6 +39,22 @@ BACKLOG = Gauge("inventory_watch_backlog_events",
                 multiprocess_mode="livemax")
 VACUUM_ROWS, VACUUM_S = 20_000, 10.0  # stock_changes is vacuumed after this many rows or s
 RETRY_S = 1.0  # after a failed pass or connection
+# Who holds the turn (the watch_state row: a pass locks it FOR UPDATE, which shows in pg_locks as
+# a RowShareLock on the table; readers take AccessShareLock only), for how long, what it waits for
+# and who holds that: for the WARNING that names it
+HOLDER_QUERY = """
+SELECT a.pid, a.application_name, a.state, a.wait_event_type, a.wait_event,
+       extract(epoch FROM now() - a.xact_start)::float8 AS running_s, left(a.query, 120) AS query,
+       (SELECT string_agg(format('pid %s (%s, %s, in a transaction for %s s): %s', b.pid,
+                                 b.application_name, b.state,
+                                 round(extract(epoch FROM now() - b.xact_start)::numeric, 1),
+                                 left(b.query, 120)), '; ')
+        FROM pg_stat_activity b WHERE b.pid = ANY(pg_blocking_pids(a.pid))) AS blockers
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'relation' AND l.relation = 'watch_state'::regclass AND l.granted
+  AND l.mode IN ('RowShareLock', 'RowExclusiveLock') AND l.pid <> pg_backend_pid()
+ORDER BY a.xact_start LIMIT 1
+"""
 
 
 class Sequencer:
@@ -48,6 +64,8 @@ class Sequencer:
         self._vacuumed = time.monotonic()
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None  # the thread's
+        self._turn_lost_at: float | None = None  # since when others' passes held every turn
+        self._warned_at = 0.0
         self._wake: asyncio.Event | None = None  # (of the thread's loop)
 
     async def run_once(self, conn: asyncpg.Connection | None = None) -> int:
@@ -68,7 +86,10 @@ class Sequencer:
             if done.first_commit is not None:
                 LAG.labels("sequenced").observe(
                     max(0.0, time.time() - done.first_commit.timestamp()))
-        if n is not None:
+        if n is None:
+            await self._held_elsewhere(conn)
+        else:
+            self._turn_lost_at = None
             BACKLOG.set(done.backlog)
         if self._deleted and (self._deleted >= VACUUM_ROWS or
                               time.monotonic() - self._vacuumed >= VACUUM_S):
@@ -78,6 +99,29 @@ class Sequencer:
             await conn.execute("VACUUM (SKIP_LOCKED) stock_changes")
             self._deleted, self._vacuumed = 0, time.monotonic()
         return n or 0
+
+    async def _held_elsewhere(self, conn: asyncpg.Connection) -> None:
+        """Another pass has the turn. A pass ends within the statement timeout (each sequencer's
+        connection sets it in Postgres, so it holds even when that sequencer's process is gone);
+        whatever holds every turn for longer stops every stream of every replica, and is named
+        in a WARNING (once a minute) with what it waits for."""
+        now = time.monotonic()
+        if self._turn_lost_at is None:
+            self._turn_lost_at = now
+            return
+        if now - self._turn_lost_at < 2 * self.ctx.settings.pg_timeout_s or \
+                now - self._warned_at < 60.0:
+            return
+        self._warned_at = now
+        holder = await conn.fetchrow(HOLDER_QUERY)
+        log.warning(
+            "watch sequencer: the turn (the watch_state row) has been held elsewhere for %.0f s,"
+            " so no stock event is numbered: %s", now - self._turn_lost_at,
+            "it has ended meanwhile" if holder is None else
+            f"pid {holder['pid']} ({holder['application_name'] or 'no name'}), in a transaction"
+            f" for {holder['running_s']:.1f} s, {holder['state']}, waiting for"
+            f" {holder['wait_event_type'] or 'nothing'}/{holder['wait_event'] or '-'}, last"
+            f" statement {holder['query']!r}; blocked by: {holder['blockers'] or 'nobody'}")
 
     async def run(self) -> None:
         """Passes every watch_sequence_ms on the sequencer's thread until cancelled; then the
@@ -122,7 +166,13 @@ class Sequencer:
                         conn = await asyncpg.connect(
                             settings.database_url, timeout=settings.pg_timeout_s,
                             command_timeout=settings.pg_timeout_s,
-                            server_settings={"application_name": "inventory-svc sequencer"})
+                            server_settings={
+                                "application_name": "inventory-svc sequencer",
+                                # Postgres ends a pass that outlives it even when this process
+                                # is gone and cannot cancel it: a pass holds every sequencer's
+                                # turn while it runs
+                                "statement_timeout": str(int(settings.pg_timeout_s * 1000)),
+                            })
                     n = await self.run_once(conn)
                 except DomainError as exc:
                     log.warning("watch sequencer: %s", exc.message)

@@ -116,9 +116,12 @@ class WatchHub:
         """Start following the events (once; later calls wait for the first)."""
         if self._closed:
             raise Unavailable("the service is shutting down; resume on another replica")
+        if self._task is not None and self._task.done() and self._ready is not None:
+            # it ended by a bug (it logged it): its streams would wait for ever; start anew
+            self._ready = None
         if self._ready is None:
             self._ready = asyncio.get_running_loop().create_future()
-            self._task = asyncio.create_task(self._run())
+            self._task = asyncio.create_task(self._run(), name="watch hub")
         await asyncio.shield(self._ready)
 
     def add(self, state: WatchStreamState) -> None:
@@ -182,9 +185,12 @@ class WatchHub:
                                 self._ring.restart(await pg_watch.head(self.ctx.pg.pool))
                             self._ready.set_result(None)
                     await self._read_new()
-                except (DomainError, OSError, asyncpg.PostgresError,
-                        asyncpg.InterfaceError) as exc:
-                    log.warning("watch: following the events failed, retrying: %r", exc)
+                except Exception as exc:
+                    if isinstance(exc, (DomainError, OSError, asyncpg.PostgresError,
+                                        asyncpg.InterfaceError)):
+                        log.warning("watch: following the events failed, retrying: %r", exc)
+                    else:  # a bug: the streams of this process must not stop for it
+                        log.exception("watch: following the events failed, retrying")
                     if conn is not None:
                         conn.terminate()
                         conn = None
