@@ -59,6 +59,12 @@ class Settings:
     redis_timeout_s: float = 2.0
     max_concurrent_rpcs: int = 2_000
     shutdown_grace_s: float = 10.0
+    # On SIGTERM, health says NOT_SERVING at once and the calls that still come are served for
+    # this long before the server stops taking them: grpc's stop cancels a call that arrived but
+    # was not picked up yet (CANCELLED, though it never ran), so clients and load balancers must
+    # have moved away first. A client health-checking its replicas moves within a turn; behind
+    # a Kubernetes Service, endpoint removal takes seconds (k8s/deployment.yaml sets 5).
+    shutdown_delay_s: float = 1.0
     # Who may call (docs/SECURITY.md): "key:role[:LOC|PREFIX*...],..." and/or a TOML file of
     # principals. Neither: every call is an anonymous admin, allowed on loopback only.
     api_keys: str = ""
@@ -177,6 +183,8 @@ class Settings:
                      "import_max_rows", "import_max_bytes", "routing_concurrency"):
             need(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         need(self.queue_budget_ms >= 0, "queue_budget_ms", self.queue_budget_ms, "must be >= 0")
+        need(self.shutdown_delay_s >= 0, "shutdown_delay_s", self.shutdown_delay_s,
+             "must be >= 0")
         need(self.tracing in ("", "otlp", "console"), "tracing", self.tracing,
              "must be empty (off), otlp or console")
         need(0.0 <= self.tracing_sample <= 1.0, "tracing_sample", self.tracing_sample,

@@ -6,7 +6,8 @@ Postgres if needed → `prepare` (`serve --demo` loads the demo network there) �
 InventoryService (and WatchService) SERVING. Meanwhile the routing kernels come in
 (routing_warmup.py: about a second from numba's cache, a compile in a child process on a first
 start); the RoutingService turns SERVING once they are in and inventory serves.
-Shutdown (SIGTERM/SIGINT): health NOT_SERVING → drain in-flight calls → stop background tasks
+Shutdown (SIGTERM/SIGINT): health NOT_SERVING → still serving for shutdown_delay_s, while clients
+move away → stop taking calls and drain those in flight → stop background tasks
 (and a routing warm-up still under way) → close pools → stop embedded servers. Everything after
 the drain ends within a bound (stop_budget_s): what is still running then is logged as an ERROR
 and left behind, and the pools close under it, so a stuck task cannot hold a pod in Terminating.
@@ -352,6 +353,10 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
             yield running
         finally:
             await health_servicer.enter_graceful_shutdown()
+            if running.inventory_ready and settings.shutdown_delay_s > 0:
+                log.info("stopping: NOT_SERVING; the calls that still come are served for %g s"
+                         " while clients move to other replicas", settings.shutdown_delay_s)
+                await asyncio.sleep(settings.shutdown_delay_s)
             # streams end now (UNAVAILABLE, where to resume), not at the grace
             await _close_within("closing the WatchStock streams", watch.close(),
                                 loop.time() + stop_budget_s(settings))

@@ -16,7 +16,8 @@ operator started):
    that dies before it ever served during start-up fails the start (a bad port, an unreachable
    store: restarting would only hide it);
 4. on SIGTERM/SIGINT sends SIGTERM to every worker, each drains as a single process does, waits
-   for them (SIGKILL after shutdown_grace_s + STOP_MARGIN_S), then stops the embedded stores.
+   for them (SIGKILL after shutdown_delay_s + shutdown_grace_s + STOP_MARGIN_S), then stops the
+   embedded stores.
 
 Workers die with the supervisor even when it is killed with SIGKILL (PR_SET_PDEATHSIG). The
 sweeper and the reconciler run in one worker at a time, elected through Postgres
@@ -152,7 +153,7 @@ class Supervisor:
 
     async def stop(self) -> None:
         """SIGTERM to every worker; wait for them to drain and exit (SIGKILL when they take
-        longer than shutdown_grace_s + STOP_MARGIN_S)."""
+        longer than shutdown_delay_s + shutdown_grace_s + STOP_MARGIN_S)."""
         self._stopping = True
         self._halt.set()
         for slot in self.slots:
@@ -160,7 +161,8 @@ class Supervisor:
         if not self._tasks:
             return
         _, late = await asyncio.wait(self._tasks,
-                                     timeout=self.settings.shutdown_grace_s + STOP_MARGIN_S)
+                                     timeout=self.settings.shutdown_delay_s
+                                     + self.settings.shutdown_grace_s + STOP_MARGIN_S)
         if late:
             log.warning("%d worker(s) still running after the drain: killing them", len(late))
             for slot in self.slots:

@@ -200,7 +200,7 @@ def settings_for(stores: Stores, **overrides: object) -> Settings:
         redis_url=stores.redis_url, redis_cluster=stores.cluster,
         database_url=stores.database_url, port=0,
         sweep_interval_s=0.1, reconcile_interval_s=3600.0, pg_pool_max=40, min_ttl_s=1,
-        shutdown_grace_s=2.0,
+        shutdown_grace_s=2.0, shutdown_delay_s=0.0,
         # no overload shedding: a busy CI box must not turn a slow loop into RESOURCE_EXHAUSTED
         # (tests/security/test_shedding.py turns it on)
         queue_budget_ms=0,

@@ -65,7 +65,8 @@ PG_TIMEOUT_S = 3.0  # hold_timeout_s = 6 s: a hold cut off by kill -9 is an orph
 REPLICA_SETTINGS: dict[str, object] = dict(
     sweep_interval_s=0.2, reconcile_interval_s=1.0, reconcile_full_every=3,
     reconcile_seq_window_s=0.5, pg_timeout_s=PG_TIMEOUT_S, redis_timeout_s=5.0,
-    shutdown_grace_s=10.0, pg_pool_max=10)
+    # a replica out of the endpoints still serves for a second: the clients have moved by then
+    shutdown_grace_s=10.0, shutdown_delay_s=1.0, pg_pool_max=10)
 
 
 def free_port() -> int:

@@ -140,6 +140,8 @@ class ServiceProcess:
         env.update(INVENTORY_REDIS_URL=redis_url, INVENTORY_DATABASE_URL=database_url,
                    INVENTORY_PORT="0", INVENTORY_LOG_LEVEL="WARNING", INVENTORY_MIN_TTL_S="1",
                    INVENTORY_QUEUE_BUDGET_MS="0",  # no shedding on a busy CI box
+                   # stops at once: the tests whose clients move away on SIGTERM set a delay
+                   INVENTORY_SHUTDOWN_DELAY_S="0",
                    INVENTORY_WORKERS="1", PYTHONPATH=str(REPO))
         for name, value in settings.items():
             env["INVENTORY_" + name.upper()] = str(value)

@@ -11,6 +11,9 @@ from collections import Counter
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from inventory.v1 import common_pb2 as pb
+from inventory.v1 import inventory_service_pb2 as api
+from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.storage.redis_stock import hold_key
 from tests.conftest import Stores
 from tests.faults.harness import (
@@ -166,3 +169,31 @@ async def test_sigterm_under_load_drains_and_loses_nothing(stores: Stores, soak:
                     print(f"SIGTERM: {len(in_flight)} reservations in flight all answered, exit "
                           f"0 after {time.monotonic() - signalled:.2f}s; codes "
                           f"{dict(load.ledger.codes)}")
+
+
+async def test_after_sigterm_the_calls_that_still_come_are_served_while_health_says_not_serving(
+        stores: Stores) -> None:
+    """A client or load balancer learns of a stop from health (or from endpoint removal) a moment
+    after it: for INVENTORY_SHUTDOWN_DELAY_S the stopping replica still serves what comes, since
+    grpc's stop would cancel a call that had arrived but was not picked up yet (CANCELLED,
+    unrun). The delay here is longer than the test, which ends the process itself."""
+    async with own_site(stores) as site:
+        victim = await asyncio.to_thread(ServiceProcess(
+            site.redis_url, site.database_url, site.root, shutdown_delay_s=600).start)
+        try:
+            async with grpc.aio.insecure_channel(victim.target) as ch:
+                stub = api_grpc.InventoryServiceStub(ch)
+                w = await make_world(stub, locations=1, skus=1, on_hand=5)
+                watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
+                assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+                victim.terminate()
+                status = await asyncio.wait_for(watch.read(), 60)
+                assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                watch.cancel()
+                out = await stub.Reserve(api.ReserveRequest(lines=[pb.ReservationLine(
+                    sku=w.skus[0], location_id=w.locations[0], quantity=2)]), timeout=60)
+                assert out.reservation.status == pb.RESERVATION_STATUS_ACTIVE
+                # still there: it stops after the delay
+                assert victim.proc is not None and victim.proc.poll() is None
+        finally:
+            victim.kill()
