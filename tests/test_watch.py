@@ -105,10 +105,19 @@ async def numbering_state() -> str:
         holder = await conn.fetchrow(HOLDER_QUERY)
         passes = await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '%sequencer'")
+        trying = conn.transaction()  # a pass of our own, rolled back: does it fail, and how?
+        await trying.start()
+        try:
+            trial = dict(await conn.fetchrow("SELECT * FROM watch_sequence_pass(20000)"))
+        except asyncpg.PostgresError as exc:
+            trial = {"error": repr(exc)}
+        finally:
+            await trying.rollback()
     finally:
         await conn.close()
     return (f"last_seq {head}, {left} changes not numbered, {passes} sequencer connections,"
-            f" pass holding the turn: {dict(holder) if holder else None}")
+            f" pass holding the turn: {dict(holder) if holder else None}; a pass tried and"
+            f" rolled back: {trial}")
 
 
 def watch(ch: grpc.aio.Channel, **kw: object) -> Reader:
