@@ -1,6 +1,6 @@
 """RouteOrder end to end at 500 locations x 20 lines, in process, and where its time goes.
 
-    python -m benchmarks.route_latency [--mode kept|reread] [--calls 200]
+    python -m benchmarks.route_latency [--mode kept|reread] [--calls 200] [--no-uvloop]
 
 Starts embedded Valkey and PostgreSQL (no fsync) and the service in this process, loads 500
 stores and 20 SKUs with 0-5 units at every store (a dense instance: every location can serve
@@ -120,7 +120,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("kept", "reread"), default="kept")
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--no-uvloop", action="store_true",
+                    help="asyncio's own loop instead of uvloop (the service's, inventory_svc.cli)")
     args = ap.parse_args()
+    if not args.no_uvloop:
+        import uvloop
+
+        uvloop.install()
     asyncio.run(run(args.mode, args.calls))
 
 

@@ -175,6 +175,7 @@ class RedisStock:
         self._hydrate = client.register_script(_script("hydrate"))
         self._repair = client.register_script(_script("repair", uses=["bump"]))
         self._inspect = client.register_script(_script("inspect"))
+        self._markers = client.register_script(_script("markers"))
         self._settle = client.register_script(_script("settle", uses=["bump", "take"]))
         self._pipe = ScriptPipe(client)
         self._reader = HashReader(client)
@@ -460,12 +461,25 @@ class RedisStock:
     async def markers(self, skus: Sequence[str]) -> list[bytes | None]:
         """Each SKU's marker field "_": a count of the hash's changes (bump.lua), so a reader
         that keeps something derived from a hash knows by this one field whether it is still
-        current; None where not hydrated. One round trip."""
+        current; None where not hydrated. One round trip: one script on a single server, one
+        per hash slot on a cluster (markers.lua)."""
+        keys = [stock_key(sku) for sku in skus]
+        if not keys:
+            return []
+        if not self.cluster:
+            with translate_redis():
+                return list(await self._markers(keys=keys))
+        by_slot: dict[int, list[int]] = defaultdict(list)
+        for i, sku in enumerate(skus):
+            by_slot[_slot(sku)].append(i)
+        slots = sorted(by_slot)
         with translate_redis():
-            async with self.client.pipeline(transaction=False) as pipe:
-                for sku in skus:
-                    pipe.hget(stock_key(sku), "_")
-                got: list[bytes | None] = await pipe.execute()
+            replies = await self._run_scripts(
+                [(self._markers, [keys[i] for i in by_slot[slot]], []) for slot in slots])
+        got: list[bytes | None] = [None] * len(keys)
+        for slot, reply in zip(slots, replies, strict=True):
+            for i, mark in zip(by_slot[slot], reply, strict=True):
+                got[i] = mark
         return got
 
     async def load(self, snapshot: dict[str, list[StockLevel]], *, force: bool) -> int:

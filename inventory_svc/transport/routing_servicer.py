@@ -24,6 +24,9 @@ _POLICIES = {
     rp.ROUTING_POLICY_FEWEST_SPLITS: rm.Policy.FEWEST_SPLITS,
 }
 
+# (looked up once: an answer may exclude hundreds of locations)
+_REASONS = {r: rp.ExclusionReason.Value("EXCLUSION_REASON_" + r.name) for r in rm.ExclusionReason}
+
 
 def order_in(msg: rp.RoutingOrder, default_penalty: float) -> tuple[rm.Order, Channel]:
     pickup = msg.method == rp.FULFILMENT_METHOD_PICKUP
@@ -90,8 +93,7 @@ class RoutingServicer(rp_grpc.RoutingServiceServicer):
             out = rp.RouteOrderResponse(
                 alternatives=[plan_out(order, p) for p in result.alternatives],
                 excluded=[rp.ExcludedLocation(location_id=x.location_id,
-                                              reason=rp.ExclusionReason.Value(
-                                                  "EXCLUSION_REASON_" + x.reason.name))
+                                              reason=_REASONS[x.reason])
                           for x in result.exclusions],
                 shortfall=[rp.LineShortfall(sku=s.sku, requested=s.requested,
                                             obtainable=s.obtainable) for s in result.shortfall],
