@@ -2,7 +2,7 @@
 events/s.
 
     python -m benchmarks.watch_lag [--duration 20] [--skus 2000]
-    python -m benchmarks.watch_lag --bulk [--skus 2000]
+    python -m benchmarks.watch_lag --bulk [--skus 2000] [--per-message 100]
 
 Starts the harness's stack (embedded durable Valkey and PostgreSQL, the service with --demo),
 opens one unfiltered WatchStock stream from "now", and runs `inventory-bench --scenarios mixed`
@@ -46,8 +46,9 @@ from inventory.v1 import watch_service_pb2_grpc as wp_grpc
 class Watcher:
     """One stream, read on its own thread and loop (so the harness's load does not delay it)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, per_message: int = 0) -> None:
         self.target = target
+        self.per_message = per_message  # the request's max_events_per_message
         # (received, lag, sequencer's part of it) in seconds: commit -> numbered is the
         # sequencer's, numbered -> received the hub's and the stream's
         self.seen: list[tuple[float, float, float]] = []
@@ -69,7 +70,8 @@ class Watcher:
         async with grpc.aio.insecure_channel(self.target) as channel:
             watch = wp_grpc.WatchServiceStub(channel)
             while not self._stop.is_set():
-                request = wp.WatchStockRequest(heartbeat_ms=500)
+                request = wp.WatchStockRequest(heartbeat_ms=500,
+                                               max_events_per_message=self.per_message)
                 if after:
                     request.after_sequence = after
                 call = watch.WatchStock(request)
@@ -78,13 +80,15 @@ class Watcher:
                         if self._stop.is_set():
                             call.cancel()
                             return
-                        if item.WhichOneof("item") == "heartbeat":
+                        kind = item.WhichOneof("item")
+                        if kind == "heartbeat":
                             self.heads += 1
-                        elif item.WhichOneof("item") == "event":
-                            now = time.time()
-                            after = item.event.sequence
-                            ev = item.event
-                            self.last = ev.sequence
+                            continue
+                        if kind not in ("event", "events"):
+                            continue
+                        now = time.time()
+                        for ev in [item.event] if kind == "event" else item.events.events:
+                            after = self.last = ev.sequence
                             self.seen.append((
                                 now, now - ev.committed_at_unix_us / 1e6,
                                 (ev.sequenced_at_unix_us - ev.committed_at_unix_us) / 1e6))
@@ -153,12 +157,14 @@ def main() -> None:
     ap.add_argument("--skus", type=int, default=2000)
     ap.add_argument("--bulk", action="store_true",
                     help="no load: one import of every stock row, and how long its events take")
+    ap.add_argument("--per-message", type=int, default=0,
+                    help="the stream's max_events_per_message (0: one event a message)")
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="watch-lag-"))
     local = stack.LocalStack(skus=args.skus, log_dir=out)
     local.start()
     try:
-        watcher = Watcher(local.target)
+        watcher = Watcher(local.target, args.per_message)
         watcher.start()
         if args.bulk:
             asyncio.run(_bulk(local, watcher))

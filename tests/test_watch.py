@@ -54,6 +54,7 @@ class Reader:
     snapshot: list[wp.StockState] = field(default_factory=list)
     snapshot_seq: int | None = None
     heartbeats: list[wp.Heartbeat] = field(default_factory=list)
+    per_message: list[int] = field(default_factory=list)  # events in each message that had any
 
     async def next(self) -> wp.WatchStockResponse:
         msg = await self.call.read()
@@ -62,6 +63,10 @@ class Reader:
         item = msg.WhichOneof("item")
         if item == "event":
             self.events.append(msg.event)
+            self.per_message.append(1)
+        elif item == "events":
+            self.events.extend(msg.events.events)
+            self.per_message.append(len(msg.events.events))
         elif item == "snapshot":
             self.snapshot.extend(msg.snapshot.states)
             if msg.snapshot.done:
@@ -343,6 +348,38 @@ async def test_the_events_a_sequencer_notice_carries_are_the_numbered_ones(
                 assert last == events[-1].seq
     finally:
         await conn.close()
+
+
+async def test_events_go_several_a_message_when_the_consumer_asks(
+    stub: Stub, channel: grpc.aio.Channel
+) -> None:
+    """max_events_per_message: the events already waiting go together (an import's are numbered
+    in one pass), in sequence order and as many as asked at most; they are the events a stream of
+    one a message gets. Beyond 1,000 a message is refused."""
+    w = await make_world(stub, locations=3, skus=4, on_hand=1)
+    one, many = watch(channel, skus=w.skus), watch(channel, skus=w.skus, max_events_per_message=5)
+    for r in (one, many):
+        await r.until(lambda r: bool(r.heartbeats))  # at the head
+    for on_hand in (9, 10):  # two imports of 12 rows
+        await stub.ImportStock(iter([api.ImportStockRequest(rows=[
+            api.ImportRow(sku=sku, location_id=loc, on_hand=on_hand)
+            for sku in w.skus for loc in w.locations])]))
+
+    def imported(r: Reader) -> list[tuple[int, int]]:
+        return [(e.sequence, e.state.on_hand) for e in r.events if e.state.on_hand in (9, 10)]
+
+    for r in (one, many):
+        await r.until(lambda r: len(imported(r)) >= 24)
+    assert imported(many) == imported(one)
+    seqs = [s for s, _ in imported(many)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 24
+    assert set(one.per_message) == {1}
+    assert max(many.per_message) == 5, many.per_message
+    for r in (one, many):
+        r.call.cancel()
+    err = await expect_error(watch(channel, max_events_per_message=1001).next(),
+                             grpc.StatusCode.INVALID_ARGUMENT)
+    assert "max_events_per_message" in str(err.details())
 
 
 async def test_whatever_holds_the_sequencers_turn_too_long_is_named_and_then_it_goes_on(

@@ -25,6 +25,7 @@ from inventory_svc.domain import validation as val
 from inventory_svc.domain.errors import DomainError, FailedPrecondition
 from inventory_svc.domain.watch import (
     Delivery,
+    DeliveryBatch,
     Heartbeat,
     SnapshotPage,
     SnapshotRow,
@@ -37,7 +38,8 @@ from inventory_svc.storage.pg_base import translate_errors
 log = logging.getLogger(__name__)
 SENT = Counter("inventory_watch_events_sent_total", "Stock events sent to WatchStock streams")
 MIN_HEARTBEAT_S, MAX_HEARTBEAT_S = 0.1, 600.0
-Item = Delivery | SnapshotPage | Heartbeat
+MAX_PER_MESSAGE = PAGE  # events in one message at most (a read's worth)
+Item = Delivery | DeliveryBatch | SnapshotPage | Heartbeat
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,7 @@ class WatchStart:
     after_sequence: int | None = None
     snapshot: bool = False
     heartbeat_s: float = 0.0  # 0: the service's default
+    per_message: int = 1  # events a message at most (more than 1: DeliveryBatch items)
 
 
 def cursor_error(position: int, page: pg_watch.EventPage) -> FailedPrecondition | None:
@@ -112,6 +115,9 @@ class WatchStream:
                 if isinstance(item, Delivery):
                     st.sent = item.event.seq
                     SENT.inc()
+                elif isinstance(item, DeliveryBatch):
+                    st.sent = item.deliveries[-1].event.seq
+                    SENT.inc(len(item.deliveries))
         finally:
             self.hub.remove(st)
 
@@ -126,15 +132,19 @@ class WatchStream:
                     covered = batch[-1].seq
                 else:
                     batch, covered = await self._read(st.position)
-                for ev in batch:
-                    got = self.filter.deliver(ev)
-                    if got is not None:
-                        yield got  # back here once it is written
+                if self.start.per_message > 1:
+                    async for item in self._together(batch):
+                        yield item
                         last_sent = time.monotonic()
-                        if ev is batch[-1]:  # one a batch: a metric per event would cost more
-                            LAG.labels("sent").observe(
-                                max(0.0, time.time() - ev.committed_at_us / 1e6))
-                    st.position = ev.seq
+                else:
+                    for ev in batch:
+                        got = self.filter.deliver(ev)
+                        if got is not None:
+                            yield got  # back here once it is written
+                            last_sent = time.monotonic()
+                            if ev is batch[-1]:  # one a batch: a metric per event costs more
+                                _observe_sent(ev)
+                        st.position = ev.seq
                 st.position = max(st.position, covered)
                 if time.monotonic() - last_sent >= self.heartbeat_s:
                     yield self._heartbeat()
@@ -145,6 +155,27 @@ class WatchStream:
             if not await hub.wait_beyond(st.position, self.heartbeat_s):
                 yield self._heartbeat()
                 last_sent = time.monotonic()
+
+    async def _together(self, batch: list[StockEvent]) -> AsyncIterator[DeliveryBatch]:
+        """`batch`'s deliveries, per_message at most a message. The position moves past an
+        event only once the message that carries it (if any) is written."""
+        st, limit = self.state, self.start.per_message
+        waiting: list[Delivery] = []
+        got: Delivery | None = None
+        for ev in batch:
+            got = self.filter.deliver(ev)
+            if got is not None:
+                waiting.append(got)
+                if len(waiting) == limit:
+                    yield DeliveryBatch(tuple(waiting))
+                    waiting = []
+            if not waiting:
+                st.position = ev.seq
+        if waiting:
+            yield DeliveryBatch(tuple(waiting))
+            st.position = batch[-1].seq
+        if got is not None:  # the read's last event was sent (one a read, as unbatched)
+            _observe_sent(batch[-1])
 
     async def _read(self, position: int) -> tuple[list[StockEvent], int]:
         """Events after `position` from Postgres (only the filter's SKUs, if it names some),
@@ -185,6 +216,10 @@ class WatchStream:
             after = (last.sku, last.location_id)
 
 
+def _observe_sent(ev: StockEvent) -> None:
+    LAG.labels("sent").observe(max(0.0, time.time() - ev.committed_at_us / 1e6))
+
+
 class WatchService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -196,6 +231,8 @@ class WatchService:
         if start.heartbeat_s and not MIN_HEARTBEAT_S <= start.heartbeat_s <= MAX_HEARTBEAT_S:
             v.add("heartbeat_ms", f"{start.heartbeat_s * 1000:g} must be 0 (the service's"
                   f" default) or between {MIN_HEARTBEAT_S * 1000:g} and {MAX_HEARTBEAT_S * 1000:g}")
+        if not 0 <= start.per_message <= MAX_PER_MESSAGE:
+            v.add("max_events_per_message", f"{start.per_message} must be 0 to {MAX_PER_MESSAGE}")
         v.raise_if_any()
         await self.hub.start()
         task = asyncio.current_task()

@@ -137,6 +137,14 @@ class Delivery:
     sku_totals: bool  # the stream may see the SKU's availability over every location
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryBatch:
+    """Consecutive deliveries of one stream that go in one message (the consumer asked for
+    several events a message)."""
+
+    deliveries: tuple[Delivery, ...]
+
+
 def sees_all_locations(p: Principal) -> bool:
     """A principal with a location scope sees the stream of its locations only, unless its role
     manages every location's stock (erp, admin)."""

@@ -20,6 +20,7 @@ from inventory_svc.domain.watch import (
     AlertKind,
     AlertScope,
     Delivery,
+    DeliveryBatch,
     EventKind,
     Heartbeat,
     SnapshotPage,
@@ -57,11 +58,15 @@ def state_out(level: StockLevel, active: bool) -> wp.StockState:
 
 
 def delivery_out(d: Delivery, channel: Channel) -> wp.WatchStockResponse:
+    return wp.WatchStockResponse(event=event_out(d, channel))
+
+
+def event_out(d: Delivery, channel: Channel) -> wp.StockEvent:
     ev = d.event
     level = StockLevel(ev.sku, ev.location_id, ev.on_hand, ev.reserved, ev.safety_stock,
                        ev.version, ev.change_seq)
     before, after = ev.sku_available(channel) if d.sku_totals else (0, 0)
-    return wp.WatchStockResponse(event=wp.StockEvent(
+    return wp.StockEvent(
         sequence=ev.seq, kind=_KIND_OUT[ev.kind], state=state_out(level, ev.location_active),
         on_hand_delta=ev.on_hand_delta, reserved_delta=ev.reserved_delta,
         reservation_ids=ev.reservation_ids, order_refs=ev.order_refs,
@@ -70,7 +75,7 @@ def delivery_out(d: Delivery, channel: Channel) -> wp.WatchStockResponse:
         alerts=[wp.StockAlert(kind=_ALERT_OUT[a.kind], scope=_SCOPE_OUT[a.scope],
                               channel=_CHANNEL_OUT[a.channel], available_before=a.available_before,
                               available_after=a.available_after, threshold=a.threshold)
-                for a in d.alerts]))
+                for a in d.alerts])
 
 
 def snapshot_out(page: SnapshotPage) -> wp.WatchStockResponse:
@@ -82,6 +87,9 @@ def snapshot_out(page: SnapshotPage) -> wp.WatchStockResponse:
 def item_out(item: Item, channel: Channel) -> wp.WatchStockResponse:
     if isinstance(item, Delivery):
         return delivery_out(item, channel)
+    if isinstance(item, DeliveryBatch):
+        return wp.WatchStockResponse(events=wp.StockEventBatch(
+            events=[event_out(d, channel) for d in item.deliveries]))
     if isinstance(item, SnapshotPage):
         return snapshot_out(item)
     assert isinstance(item, Heartbeat)
@@ -111,7 +119,7 @@ class WatchServicer(wp_grpc.WatchServiceServicer):
                 max_ids=settings.max_ids_per_read)
             stream = await self.watch.open(filt, WatchStart(
                 after, start_field == "snapshot" and request.snapshot,
-                request.heartbeat_ms / 1000))
+                request.heartbeat_ms / 1000, request.max_events_per_message))
         except DomainError as err:
             await context.abort_with_status(to_status(err))
             return
