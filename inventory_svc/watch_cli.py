@@ -52,6 +52,9 @@ def add_parser(sub: Any) -> None:
     w.add_argument("--heartbeats", action="store_true", help="print heartbeats too")
     w.add_argument("--json", action="store_true", help="one JSON object per line")
     w.add_argument("--count", type=int, default=0, help="exit after this many events")
+    w.add_argument("--per-message", type=int, default=0, metavar="N",
+                   help="ask for up to N events a message (2-1000): faster behind a bulk change;"
+                        " still one line per event")
 
 
 def _channel_name(value: int) -> str:
@@ -99,7 +102,8 @@ async def run_watch(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         skus=args.sku, location_ids=args.location, location_prefix=args.location_prefix,
         channel=channel, kinds=[wp.StockEventKind.Value(f"STOCK_EVENT_KIND_{k}")
                                 for k in args.kind],
-        low_stock_threshold=args.low_stock, alerts_only=args.alerts_only)
+        low_stock_threshold=args.low_stock, alerts_only=args.alerts_only,
+        max_events_per_message=max(0, args.per_message))
     if args.after is not None:
         request.after_sequence = args.after
     elif args.snapshot:
@@ -111,23 +115,27 @@ async def run_watch(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         stub = wp_grpc.WatchServiceStub(ch)
         while True:
             try:
-                async for msg in stub.WatchStock(request, metadata=metadata):
+                async for got in stub.WatchStock(request, metadata=metadata):
                     pause = 0.2
-                    if msg.WhichOneof("item") == "heartbeat":
-                        request.after_sequence = msg.heartbeat.sequence
-                        if not args.heartbeats:
-                            continue
-                    elif msg.WhichOneof("item") == "snapshot" and msg.snapshot.done:
-                        request.after_sequence = msg.snapshot.sequence
-                    elif msg.WhichOneof("item") == "event":
-                        request.after_sequence = msg.event.sequence
-                    out.write((json.dumps(json_format.MessageToDict(msg)) if args.json
-                               else describe(msg, channel)) + "\n")
+                    # several events a message (--per-message): still a line each
+                    for msg in ([wp.WatchStockResponse(event=e) for e in got.events.events]
+                                if got.WhichOneof("item") == "events" else [got]):
+                        if msg.WhichOneof("item") == "heartbeat":
+                            request.after_sequence = msg.heartbeat.sequence
+                            if not args.heartbeats:
+                                continue
+                        elif msg.WhichOneof("item") == "snapshot" and msg.snapshot.done:
+                            request.after_sequence = msg.snapshot.sequence
+                        elif msg.WhichOneof("item") == "event":
+                            request.after_sequence = msg.event.sequence
+                        out.write((json.dumps(json_format.MessageToDict(msg)) if args.json
+                                   else describe(msg, channel)) + "\n")
+                        if msg.WhichOneof("item") == "event":
+                            printed += 1
+                            if args.count and printed >= args.count:
+                                out.flush()
+                                return 0
                     out.flush()
-                    if msg.WhichOneof("item") == "event":
-                        printed += 1
-                        if args.count and printed >= args.count:
-                            return 0
             except grpc.aio.AioRpcError as err:
                 if err.code() not in RESUMABLE:
                     print(f"inventory-svc watch: {err.code().name}: {err.details()}",

@@ -659,10 +659,12 @@ async def test_the_watch_command_prints_events_as_lines(stub: Stub, service: Run
              x["event"]["state"].get("reserved", "0")) for x in lines] == [
         ("STOCK_EVENT_KIND_COUNT", "12", "0"), ("STOCK_EVENT_KIND_RESERVE", "12", "2")]
     assert lines[1]["event"]["orderRefs"] == ["cli-1"]
-    # and as text, from the same place
+    # and as text, from the same place, asking for several events a message (both are numbered
+    # by now, so they come in one): still a line each
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "inventory_svc.cli", "watch", "--target",
         f"127.0.0.1:{service.port}", "--sku", sku, "--from", str(head), "--count", "2",
+        "--per-message", "10",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO)
     out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
     text = out.decode().splitlines()
