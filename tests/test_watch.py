@@ -408,7 +408,10 @@ async def test_whatever_holds_the_sequencers_turn_too_long_is_named_and_then_it_
                     return any("has been held elsewhere" in r.getMessage() for r in caplog.records)
 
                 await eventually(named, within=WAIT_S, what="a WARNING naming the holder")
-                assert not [e for e in reader.events if e.state.on_hand == 7]
+                # nothing numbered it meanwhile: its change still waits
+                assert await holder.fetchval(
+                    "SELECT count(*) FROM stock_changes WHERE sku = $1 AND on_hand = 7",
+                    w.skus[0]) == 1
         finally:
             await holder.close()
         warning = next(r.getMessage() for r in caplog.records
