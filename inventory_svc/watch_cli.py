@@ -120,17 +120,18 @@ async def run_watch(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                     # several events a message (--per-message): still a line each
                     for msg in ([wp.WatchStockResponse(event=e) for e in got.events.events]
                                 if got.WhichOneof("item") == "events" else [got]):
-                        if msg.WhichOneof("item") == "heartbeat":
+                        kind = msg.WhichOneof("item")
+                        if kind == "heartbeat":
                             request.after_sequence = msg.heartbeat.sequence
                             if not args.heartbeats:
                                 continue
-                        elif msg.WhichOneof("item") == "snapshot" and msg.snapshot.done:
+                        elif kind == "snapshot" and msg.snapshot.done:
                             request.after_sequence = msg.snapshot.sequence
-                        elif msg.WhichOneof("item") == "event":
+                        elif kind == "event":
                             request.after_sequence = msg.event.sequence
                         out.write((json.dumps(json_format.MessageToDict(msg)) if args.json
                                    else describe(msg, channel)) + "\n")
-                        if msg.WhichOneof("item") == "event":
+                        if kind == "event":
                             printed += 1
                             if args.count and printed >= args.count:
                                 out.flush()

@@ -132,19 +132,9 @@ class WatchStream:
                     covered = batch[-1].seq
                 else:
                     batch, covered = await self._read(st.position)
-                if self.start.per_message > 1:
-                    async for item in self._together(batch):
-                        yield item
-                        last_sent = time.monotonic()
-                else:
-                    for ev in batch:
-                        got = self.filter.deliver(ev)
-                        if got is not None:
-                            yield got  # back here once it is written
-                            last_sent = time.monotonic()
-                            if ev is batch[-1]:  # one a batch: a metric per event costs more
-                                _observe_sent(ev)
-                        st.position = ev.seq
+                async for item in self._deliveries(batch):
+                    yield item  # back here once it is written
+                    last_sent = time.monotonic()
                 st.position = max(st.position, covered)
                 if time.monotonic() - last_sent >= self.heartbeat_s:
                     yield self._heartbeat()
@@ -156,10 +146,13 @@ class WatchStream:
                 yield self._heartbeat()
                 last_sent = time.monotonic()
 
-    async def _together(self, batch: list[StockEvent]) -> AsyncIterator[DeliveryBatch]:
-        """`batch`'s deliveries, per_message at most a message. The position moves past an
-        event only once the message that carries it (if any) is written."""
-        st, limit = self.state, self.start.per_message
+    async def _deliveries(self, batch: list[StockEvent]) -> AsyncIterator[Item]:
+        """What the filter passes of `batch`: a Delivery a message, or (per_message > 1) up to
+        per_message of them a DeliveryBatch. The position moves past an event only once the
+        message that carries it (if any) is written."""
+        st = self.state
+        together = self.start.per_message > 1
+        limit = self.start.per_message if together else 1
         waiting: list[Delivery] = []
         got: Delivery | None = None
         for ev in batch:
@@ -167,15 +160,17 @@ class WatchStream:
             if got is not None:
                 waiting.append(got)
                 if len(waiting) == limit:
-                    yield DeliveryBatch(tuple(waiting))
+                    yield DeliveryBatch(tuple(waiting)) if together else got
                     waiting = []
             if not waiting:
                 st.position = ev.seq
         if waiting:
             yield DeliveryBatch(tuple(waiting))
             st.position = batch[-1].seq
-        if got is not None:  # the read's last event was sent (one a read, as unbatched)
-            _observe_sent(batch[-1])
+        # the lag of the read's last event, if it was sent (once a read: a metric per event
+        # would cost more)
+        if got is not None:
+            LAG.labels("sent").observe(max(0.0, time.time() - batch[-1].committed_at_us / 1e6))
 
     async def _read(self, position: int) -> tuple[list[StockEvent], int]:
         """Events after `position` from Postgres (only the filter's SKUs, if it names some),
@@ -214,10 +209,6 @@ class WatchStream:
                 return
             last = rows[-1].level
             after = (last.sku, last.location_id)
-
-
-def _observe_sent(ev: StockEvent) -> None:
-    LAG.labels("sent").observe(max(0.0, time.time() - ev.committed_at_us / 1e6))
 
 
 class WatchService:

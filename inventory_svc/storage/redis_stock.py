@@ -32,7 +32,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -149,8 +149,20 @@ def _rows(levels: Iterable[StockLevel], index: dict[str, int]) -> list[Any]:
     return args
 
 
+T = TypeVar("T")
+
+
 def _slot(sku: str) -> int:
     return key_slot(stock_key(sku).encode())
+
+
+def _slot_groups(items: Iterable[T], sku_of: Callable[[T], str]) -> list[list[T]]:
+    """`items` grouped by their SKU's hash slot, in ascending slot order: the order every
+    operation over several slots takes them in (one script per slot)."""
+    by_slot: dict[int, list[T]] = defaultdict(list)
+    for item in items:
+        by_slot[_slot(sku_of(item))].append(item)
+    return [by_slot[slot] for slot in sorted(by_slot)]
 
 
 def _script(name: str, *, uses: Sequence[str] = ()) -> str:
@@ -251,25 +263,21 @@ class RedisStock:
         and all in one round trip, the slots taken given back if another is short. The hold is
         recorded under `hold_id` (the reservation it is for) until `forget` or `give_back`."""
         hold_id = hold_id or "h" + secrets.token_hex(12)
-        by_slot: dict[int, list[Line]] = defaultdict(list)
-        for line in lines:
-            by_slot[key_slot(stock_key(line.sku).encode())].append(line)
+        groups = _slot_groups(lines, lambda line: line.sku)
         taken: list[Line] = []
         try:
-            slots = sorted(by_slot)
             first: list[Any] = [None]
-            if len(slots) > 1:  # every slot's hold in one round trip
+            if len(groups) > 1:  # every slot's hold in one round trip
                 # Until it answers, any of them may have been taken (on a cluster the nodes
                 # answer apart: one shard may fail while the others held).
                 taken = list(lines)
                 with translate_redis():
                     first = await self._run_scripts([
-                        (self._hold, *self._hold_call(by_slot[slot], pos=pos, hold_id=hold_id,
-                                                      force=False)) for slot in slots])
+                        (self._hold, *self._hold_call(group, pos=pos, hold_id=hold_id,
+                                                      force=False)) for group in groups])
                 taken = []
             shorts: list[Shortfall] = []
-            for slot, res in zip(slots, first, strict=True):
-                group = by_slot[slot]
+            for group, res in zip(groups, first, strict=True):
                 if res is not None and int(res[0]) == 0:
                     taken.extend(group)
                 elif res is not None and int(res[0]) == 2:
@@ -277,9 +285,8 @@ class RedisStock:
             if shorts:
                 raise InsufficientStock(tuple(shorts))
             # the rest (a single slot; or one to load from Postgres, or to wait on) in turn
-            for slot, res in zip(slots, first, strict=True):
+            for group, res in zip(groups, first, strict=True):
                 if res is None or int(res[0]) != 0:
-                    group = by_slot[slot]
                     await self._hold_slot(group, pos=pos, hydrate=hydrate, hold_id=hold_id)
                     taken.extend(group)
         except BaseException:
@@ -368,12 +375,8 @@ class RedisStock:
 
     def _settle_calls(self, hold_id: str, skus: Sequence[str],
                       committed: Sequence[StockLevel]) -> list[ScriptCall]:
-        by_slot: dict[int, list[str]] = defaultdict(list)
-        for sku in skus:
-            by_slot[_slot(sku)].append(sku)
         calls: list[ScriptCall] = []
-        for slot in sorted(by_slot):
-            group = by_slot[slot]
+        for group in _slot_groups(skus, str):
             keys = [stock_key(s) for s in group] + [hold_key(s) for s in group]
             index = {stock_key(s): i + 1 for i, s in enumerate(group)}
             rows = [lv for lv in committed if stock_key(lv.sku) in index]
@@ -394,10 +397,7 @@ class RedisStock:
         one slot are read in one script (inspect.lua), so of the same instant; the slots' scripts
         go in one round trip. Each record's time is moved onto the returned clock by the
         difference between its node's clock and that one (nodes of a cluster each have theirs)."""
-        by_slot: dict[int, list[str]] = defaultdict(list)
-        for sku in dict.fromkeys(skus):
-            by_slot[_slot(sku)].append(sku)
-        groups = [by_slot[slot] for slot in sorted(by_slot)]
+        groups = _slot_groups(dict.fromkeys(skus), str)
         def fields_of(sku: str) -> list[str]:  # inspect.lua's ARGV of one SKU
             wanted = None if only is None else only.get(sku)
             return [str(len(wanted)), *sorted(wanted)] if wanted else ["0"]
@@ -438,12 +438,8 @@ class RedisStock:
                 await self._run_scripts(calls)
 
     def _apply_calls(self, levels: Iterable[StockLevel]) -> list[ScriptCall]:
-        by_slot: dict[int, list[StockLevel]] = defaultdict(list)
-        for lv in levels:
-            by_slot[_slot(lv.sku)].append(lv)
         calls: list[ScriptCall] = []
-        for slot in sorted(by_slot):
-            group = by_slot[slot]
+        for group in _slot_groups(levels, lambda lv: lv.sku):
             keys = sorted({stock_key(lv.sku) for lv in group})
             index = {k: i + 1 for i, k in enumerate(keys)}
             calls.append((self._apply, keys, [len(group), *_rows(group, index)]))
@@ -463,22 +459,17 @@ class RedisStock:
         that keeps something derived from a hash knows by this one field whether it is still
         current; None where not hydrated. One round trip: one script on a single server, one
         per hash slot on a cluster (markers.lua)."""
-        keys = [stock_key(sku) for sku in skus]
-        if not keys:
+        if not skus:
             return []
-        if not self.cluster:
-            with translate_redis():
-                return list(await self._markers(keys=keys))
-        by_slot: dict[int, list[int]] = defaultdict(list)
-        for i, sku in enumerate(skus):
-            by_slot[_slot(sku)].append(i)
-        slots = sorted(by_slot)
+        # a single server runs a script over keys of any slots
+        groups = (_slot_groups(range(len(skus)), skus.__getitem__) if self.cluster
+                  else [list(range(len(skus)))])
         with translate_redis():
             replies = await self._run_scripts(
-                [(self._markers, [keys[i] for i in by_slot[slot]], []) for slot in slots])
-        got: list[bytes | None] = [None] * len(keys)
-        for slot, reply in zip(slots, replies, strict=True):
-            for i, mark in zip(by_slot[slot], reply, strict=True):
+                [(self._markers, [stock_key(skus[i]) for i in group], []) for group in groups])
+        got: list[bytes | None] = [None] * len(skus)
+        for group, reply in zip(groups, replies, strict=True):
+            for i, mark in zip(group, reply, strict=True):
                 got[i] = mark
         return got
 

@@ -57,10 +57,6 @@ def state_out(level: StockLevel, active: bool) -> wp.StockState:
         version=level.version, change_seq=level.seq, location_active=active)
 
 
-def delivery_out(d: Delivery, channel: Channel) -> wp.WatchStockResponse:
-    return wp.WatchStockResponse(event=event_out(d, channel))
-
-
 def event_out(d: Delivery, channel: Channel) -> wp.StockEvent:
     ev = d.event
     level = StockLevel(ev.sku, ev.location_id, ev.on_hand, ev.reserved, ev.safety_stock,
@@ -86,7 +82,7 @@ def snapshot_out(page: SnapshotPage) -> wp.WatchStockResponse:
 
 def item_out(item: Item, channel: Channel) -> wp.WatchStockResponse:
     if isinstance(item, Delivery):
-        return delivery_out(item, channel)
+        return wp.WatchStockResponse(event=event_out(item, channel))
     if isinstance(item, DeliveryBatch):
         return wp.WatchStockResponse(events=wp.StockEventBatch(
             events=[event_out(d, channel) for d in item.deliveries]))
