@@ -122,6 +122,9 @@ class Settings:
     retain_outbox_h: float = 168.0
     retain_reservations_h: float = 2160.0
     retain_capacity_days: int = 35
+    # The key filter (storage/redis_keys.py): bits of each of its buckets (a third of
+    # retain_idempotency_h each; up to 7 live at once); 0: none, every keyed loser asks Postgres
+    key_filter_bits: int = 2**25
 
     @property
     def hold_timeout_s(self) -> float:
@@ -183,6 +186,9 @@ class Settings:
                      "import_max_rows", "import_max_bytes", "routing_concurrency"):
             need(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         need(self.queue_budget_ms >= 0, "queue_budget_ms", self.queue_budget_ms, "must be >= 0")
+        need(self.key_filter_bits == 0 or 2**10 <= self.key_filter_bits <= 2**32,
+             "key_filter_bits", self.key_filter_bits,
+             "must be 0 (no key filter) or from 1024 to 2^32 (Redis's largest bitmap)")
         need(self.shutdown_delay_s >= 0, "shutdown_delay_s", self.shutdown_delay_s,
              "must be >= 0")
         need(self.tracing in ("", "otlp", "console"), "tracing", self.tracing,

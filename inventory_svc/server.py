@@ -47,6 +47,7 @@ from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis
 from inventory_svc.routing_warmup import bring_in
 from inventory_svc.startup import StartupError, check_port, hold_data_dir, port_problem
 from inventory_svc.storage.pg import PgStore
+from inventory_svc.storage.redis_keys import KeyFilter
 from inventory_svc.storage.redis_stock import RedisStock
 from inventory_svc.transport.admission import AdmissionInterceptor, ListCaps, LoopLag
 from inventory_svc.transport.gate import ServiceGate
@@ -254,6 +255,9 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
     # A start finds what the last run left: data built on an earlier Redis process (the embedded
     # Valkey restarts with the service) is routine to drop then; while serving it is not.
     redis.stale_drop_level = logging.INFO
+    if settings.key_filter_bits and not settings.redis_cluster:
+        redis.key_filter = KeyFilter(settings.key_filter_bits,
+                                     settings.retain_idempotency_h * 3600)
     # INVENTORY_TRACING: before grpc.aio.server is made (its instrumentor patches that function)
     traced = tracing.setup(settings)
     loop = asyncio.get_running_loop()

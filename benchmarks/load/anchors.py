@@ -50,13 +50,11 @@ def hold_record_key(key: str) -> str:
     return "bench-hold:" + key[key.index("{"):]
 
 
-def hold_call(script: str, key: str, hold_id: str) -> list[str | int]:
+def hold_call(key: str, hold_id: str) -> list[str | int]:
     """numkeys, KEYS and ARGV of one 1-unit, one-line hold, per the layout hold.lua's header
-    documents: with in-flight hold records (KEYS stock + record hashes, ARGV[3] the hold id) or
-    without (one KEYS per SKU, lines from ARGV[3])."""
-    if "hold id" in script.split("local ", 1)[0]:
-        return [2, key, hold_record_key(key), 0, 1, hold_id, 1, ANCHOR_LOCATION, 1]
-    return [1, key, 0, 1, 1, ANCHOR_LOCATION, 1]
+    documents (KEYS: the stock hash and its hold records; ARGV: not POS, one line, the hold id,
+    not forced, no key filter, then the line)."""
+    return [2, key, hold_record_key(key), 0, 1, hold_id, 0, 0, 1, ANCHOR_LOCATION, 1]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -178,10 +176,9 @@ class RedisEvalsha(Scenario):
         e, sha = self.env, self.params["sha"]
         keys = redis_keys(self.params["n_keys"])
         self.depth = e.knobs.redis_pipeline
-        script = self.params["script"]
         # Hold ids repeat across batches, so the hold-record hashes stay small.
         self.batches = [b"".join(_resp("EVALSHA", sha, *hold_call(
-            script, keys[e.rank() % len(keys)], f"a{e.wid}-{b}-{i}")) for i in range(self.depth))
+            keys[e.rank() % len(keys)], f"a{e.wid}-{b}-{i}")) for i in range(self.depth))
             for b in range(64)]
         self.free: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 

@@ -25,11 +25,13 @@ import asyncpg
 from inventory_svc.app import metrics
 from inventory_svc.app.cancelling import nap, stop_if_cancelled
 from inventory_svc.app.context import Context
+from inventory_svc.app.key_filter import KeyFilterKeeper
 from inventory_svc.app.reservations import ReservationService
 from inventory_svc.app.watch import run_watch_background
 from inventory_svc.config import Settings
 from inventory_svc.domain.errors import DomainError
 from inventory_svc.domain.model import StockLevel
+from inventory_svc.storage import redis_keys
 from inventory_svc.storage.pg import STOCK_SELECT, PgStore, levels_by_sku
 from inventory_svc.storage.pg_base import advisory_key, translate_errors
 from inventory_svc.storage.redis_stock import HoldRecord, encode_level
@@ -48,6 +50,7 @@ ORPHAN_MARGIN_S = 0.5  # beyond hold_timeout_s, for clocks and scheduling
 # A follower asks for the leader's lock this often, and the leader checks its lock connection
 # this often: a dead leader is replaced within about this long.
 LEAD_RETRY_S = 2.0
+KEY_FILTER_LOOK_S = 1.0  # how often the leader looks whether the key filter needs starting
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,10 @@ class Reconciler:
             else:
                 log.warning("redis holds data of another database (generation %r, this one's "
                             "%r): replacing it from postgres", redis_gen, pg_gen)
+            if redis_gen is not None and not self.ctx.redis.cluster:
+                # the key filter held another database's keys: a new one starts, filled from
+                # this database (the old bits can only send losers to Postgres)
+                await redis_keys.reset(self.ctx.redis.client)
             start = last = time.monotonic()
             after, skus = "", 0
             while page := await self.ctx.pg.stock_page(after, PAGE):
@@ -371,10 +378,14 @@ async def run_background(ctx: Context, reservations: ReservationService,
             if n < ctx.settings.sweep_batch:
                 break
 
+    keeper = KeyFilterKeeper(ctx)
+
     async def shared() -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(every(ctx.settings.sweep_interval_s, "expiry sweeper", sweep))
             tg.create_task(run_reconciler(ctx, reconciler))
+            if keeper.active:
+                tg.create_task(every(KEY_FILTER_LOOK_S, "key filter", keeper.step))
             tg.create_task(run_watch_background(ctx))  # stock event sequencer, retention
 
     async with asyncio.TaskGroup() as tg:

@@ -221,13 +221,16 @@ class ReservationService:
     async def _hold(self, lines: Sequence[Line], channel: Channel, idem: Idem | None,
                     res_id: str) -> Hold | Replay:
         """The Redis hold comes first, so calls that lose on stock (a flash sale's many) never
-        open a transaction. A keyed loser asks Postgres in one statement whether its key has an
-        answer to replay (or a call with it still running) before it says "short"."""
+        open a transaction. A keyed loser says "short" at once when Redis's key filter shows its
+        key never took stock; otherwise it asks Postgres in one statement whether its key has an
+        answer to replay (or a call with it still running) first."""
         try:
             return await self.ctx.redis.hold(lines, pos=channel is Channel.POS,
-                                             hydrate=self.ctx.hydrate, hold_id=res_id)
-        except InsufficientStock:
-            if idem is not None and (replay := await self.ctx.pg.replay_of(idem)):
+                                             hydrate=self.ctx.hydrate, hold_id=res_id,
+                                             key=idem.key if idem is not None else "")
+        except InsufficientStock as short:
+            if idem is not None and not short.key_unused and (
+                    replay := await self.ctx.pg.replay_of(idem)):
                 return Replay(replay)
             raise
 

@@ -64,7 +64,11 @@ class FailedPrecondition(DomainError):
 
 
 class InsufficientStock(FailedPrecondition):
-    def __init__(self, shortfalls: tuple[Shortfall, ...]) -> None:
+    """Short of stock. `key_unused`: the hold also showed that no call with this call's
+    idempotency key ever took stock, so there is no earlier answer to replay."""
+
+    def __init__(self, shortfalls: tuple[Shortfall, ...], *, key_unused: bool = False) -> None:
+        self.key_unused = key_unused
         detail = ", ".join(
             f"{s.sku}@{s.location_id}: requested {s.requested}, available {s.available}"
             for s in shortfalls

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections import defaultdict
 from collections.abc import (
     Awaitable,
@@ -41,11 +42,11 @@ from redis.crc import key_slot
 
 from inventory_svc.domain.errors import InsufficientStock, NotFound, Shortfall, Unavailable
 from inventory_svc.domain.model import Line, StockLevel
+from inventory_svc.storage.redis_keys import META_KEY, KeyFilter, KeyProbe
 from inventory_svc.storage.redis_reads import HashReader
 from inventory_svc.storage.script_pipe import ScriptCall, ScriptPipe
 
 log = logging.getLogger(__name__)
-META_KEY = "inv:meta"
 REDIS_ERRORS = (
     redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError,
     # a cluster failing over, or moving a slot: retry, nothing was confirmed
@@ -192,6 +193,8 @@ class RedisStock:
         self._pipe = ScriptPipe(client)
         self._reader = HashReader(client)
         self.cluster = isinstance(client, RedisCluster)
+        # which idempotency keys took stock (redis_keys.py); none on a cluster
+        self.key_filter: KeyFilter | None = None
         self.dropped_stale = 0  # times a connection found (and dropped) data built elsewhere
         # INFO while the service starts (what a restart leaves behind is routine then; the
         # server sets it), WARNING while it serves (Redis restarted under us)
@@ -258,12 +261,18 @@ class RedisStock:
 
     # ---- holds -----------------------------------------------------------------------------
     async def hold(self, lines: Sequence[Line], *, pos: bool, hydrate: Hydrator,
-                   hold_id: str = "") -> Hold:
+                   hold_id: str = "", key: str = "") -> Hold:
         """Hold every line or none: one atomic script per hash slot, slots in ascending order
         and all in one round trip, the slots taken given back if another is short. The hold is
-        recorded under `hold_id` (the reservation it is for) until `forget` or `give_back`."""
+        recorded under `hold_id` (the reservation it is for) until `forget` or `give_back`.
+
+        With the call's idempotency `key` and a key filter, a hold sets the key's bits, and a
+        short hold of one slot whose key never took stock says so (`InsufficientStock.
+        key_unused`): there is no earlier answer to replay."""
         hold_id = hold_id or "h" + secrets.token_hex(12)
         groups = _slot_groups(lines, lambda line: line.sku)
+        probe = (self.key_filter.probe(key, time.time())
+                 if key and self.key_filter is not None and not self.cluster else None)
         taken: list[Line] = []
         try:
             first: list[Any] = [None]
@@ -274,20 +283,24 @@ class RedisStock:
                 with translate_redis():
                     first = await self._run_scripts([
                         (self._hold, *self._hold_call(group, pos=pos, hold_id=hold_id,
-                                                      force=False)) for group in groups])
+                                                      force=False, probe=probe))
+                        for group in groups])
                 taken = []
             shorts: list[Shortfall] = []
             for group, res in zip(groups, first, strict=True):
                 if res is not None and int(res[0]) == 0:
                     taken.extend(group)
-                elif res is not None and int(res[0]) == 2:
+                elif res is not None and int(res[0]) in (2, 5):
+                    # 5 (the key never took stock) is not trusted across slots: a call with
+                    # the same key may hold one slot while this one reads another
                     shorts += self._shortfalls(group, res)
             if shorts:
                 raise InsufficientStock(tuple(shorts))
             # the rest (a single slot; or one to load from Postgres, or to wait on) in turn
             for group, res in zip(groups, first, strict=True):
                 if res is None or int(res[0]) != 0:
-                    await self._hold_slot(group, pos=pos, hydrate=hydrate, hold_id=hold_id)
+                    await self._hold_slot(group, pos=pos, hydrate=hydrate, hold_id=hold_id,
+                                          probe=probe if len(groups) == 1 else None)
                     taken.extend(group)
         except BaseException:
             if taken:
@@ -299,12 +312,13 @@ class RedisStock:
         return Hold(tuple(lines), hold_id)
 
     async def _hold_slot(self, lines: list[Line], *, pos: bool, hydrate: Hydrator,
-                         hold_id: str) -> None:
+                         hold_id: str, probe: KeyProbe | None) -> None:
         hydrations = 0
         waits = iter(IN_FLIGHT_WAITS_S)
         force = False
         while True:
-            keys, args = self._hold_call(lines, pos=pos, hold_id=hold_id, force=force)
+            keys, args = self._hold_call(lines, pos=pos, hold_id=hold_id, force=force,
+                                         probe=probe)
             with translate_redis():
                 (res,) = await self._run_scripts([(self._hold, keys, args)])
             code = int(res[0])
@@ -326,20 +340,25 @@ class RedisStock:
             elif code == 3:
                 line = lines[int(res[1]) - 1]
                 raise NotFound("stock", f"{line.sku}@{line.location_id}")
-            else:
-                raise InsufficientStock(tuple(self._shortfalls(lines, res)))
+            else:  # {2, ...}; or {5, ...}: the key never took stock
+                raise InsufficientStock(tuple(self._shortfalls(lines, res)),
+                                        key_unused=code == 5)
 
     @staticmethod
-    def _hold_call(lines: Sequence[Line], *, pos: bool, hold_id: str, force: bool
-                   ) -> tuple[list[str], list[Any]]:
+    def _hold_call(lines: Sequence[Line], *, pos: bool, hold_id: str, force: bool,
+                   probe: KeyProbe | None = None) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of hold.lua for lines of one hash slot."""
         skus = sorted({x.sku for x in lines})
         keys = [stock_key(s) for s in skus] + [hold_key(s) for s in skus]
         index = {stock_key(s): i + 1 for i, s in enumerate(skus)}
-        args: list[Any] = ["1" if pos else "0", len(lines), hold_id, "1" if force else "0"]
+        filtered = [META_KEY, *probe.buckets] if probe is not None else []
+        args: list[Any] = ["1" if pos else "0", len(lines), hold_id, "1" if force else "0",
+                           len(filtered)]
         for line in lines:
             args += [index[stock_key(line.sku)], line.location_id, line.quantity]
-        return keys, args
+        if probe is not None:
+            args += [probe.expire_at_ms, *probe.offsets]
+        return keys + filtered, args
 
     @staticmethod
     def _shortfalls(lines: Sequence[Line], res: list[Any]) -> list[Shortfall]:
