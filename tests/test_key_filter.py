@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest_asyncio
+from prometheus_client import REGISTRY
 
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
@@ -35,6 +36,11 @@ async def filter_complete(svc: Running) -> None:
             await asyncio.sleep(0.05)
 
 
+def filter_answers() -> float:
+    """Keyed calls short of stock that the key filter answered, in this process so far."""
+    return REGISTRY.get_sample_value("inventory_keyed_short_total", {"by": "key_filter"}) or 0.0
+
+
 def reserve(sku: str, loc: str, qty: int, key: str) -> api.ReserveRequest:
     return api.ReserveRequest(lines=[pb.ReservationLine(sku=sku, location_id=loc, quantity=qty)],
                               idempotency_key=key, order_ref="o", ttl_seconds=600)
@@ -51,12 +57,14 @@ async def test_a_loser_whose_key_never_took_stock_does_not_ask_postgres(
         winner = reserve(sku, loc, 3, uid("k"))
         first = await stub.Reserve(winner)
         before = pg.lookup_statements
+        answered = filter_answers()
         losers = [reserve(sku, loc, 1, uid("k")) for _ in range(20)]
         for err in await asyncio.gather(*(expect_error(stub.Reserve(r),
                                                        grpc.StatusCode.FAILED_PRECONDITION)
                                           for r in losers)):
             assert shortfalls(err) == [(sku, loc, 1, 0)]
         assert pg.lookup_statements == before, "a loser with a new key asked Postgres"
+        assert filter_answers() == answered + 20
         # the winner's key took stock: its repeat, short now, is the first answer
         assert await stub.Reserve(winner) == first
         assert pg.lookup_statements == before + 1

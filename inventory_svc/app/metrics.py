@@ -36,6 +36,12 @@ RECONCILE_ORPHANS = Counter(
 REDIS_REBUILDS = Counter(
     "inventory_redis_rebuilds_total",
     "Rebuilds of Redis from Postgres (Redis flushed, restarted empty or from another database)")
+KEYED_SHORT = Counter(
+    "inventory_keyed_short_total",
+    "Keyed Reserve/Sell/RouteAndReserve calls short of stock, by how they learned that their key"
+    " has no earlier answer: from Redis's key filter, or by asking Postgres (no filter, not yet"
+    " complete, a cluster, or the key's bits all set: a repeat, or the filter filling up)",
+    ["by"])
 EXPIRED = Counter(
     "inventory_reservations_expired_total", "Reservations the expiry sweeper expired")
 

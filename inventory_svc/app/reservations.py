@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from inventory_svc.app import metrics
 from inventory_svc.app.context import Context
 from inventory_svc.app.group_commit import GroupCommitter, Progress, reservation_event
 from inventory_svc.app.group_settle import SettleCommitter, Settled
@@ -229,8 +230,10 @@ class ReservationService:
                                              hydrate=self.ctx.hydrate, hold_id=res_id,
                                              key=idem.key if idem is not None else "")
         except InsufficientStock as short:
-            if idem is not None and not short.key_unused and (
-                    replay := await self.ctx.pg.replay_of(idem)):
+            if idem is None:
+                raise
+            metrics.KEYED_SHORT.labels("key_filter" if short.key_unused else "postgres").inc()
+            if not short.key_unused and (replay := await self.ctx.pg.replay_of(idem)):
                 return Replay(replay)
             raise
 
