@@ -10,7 +10,9 @@ from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.server import Running
-from tests.conftest import make_world
+from inventory_svc.storage.redis_reads import HashReader
+from inventory_svc.storage.redis_stock import stock_key
+from tests.conftest import make_world, uid
 
 Stub = api_grpc.InventoryServiceStub
 
@@ -57,3 +59,29 @@ async def test_reads_of_one_moment_agree(stub: Stub) -> None:
     for got, call in zip(answers, range(len(calls)), strict=True):
         wanted = {x: (5, 0) for x in (w.locations if call % 2 == 0 else w.locations[1:])}
         assert got == wanted
+
+
+async def test_a_hash_dropped_by_one_read_while_another_waits_fails_neither(
+        service: Running) -> None:
+    # Reads of successive loop turns run at once (one pipeline each). A read that finds a kept
+    # hash no longer hydrated drops it from the kept hashes; a read that counted it as kept
+    # before its own round trip, and is still waiting for a wide hash's reply, must still
+    # answer (it raised KeyError, so INTERNAL to every caller of its turn).
+    client = service.ctx.redis.client
+    reader = HashReader(client)
+    key, wide = stock_key(uid("SKU")), stock_key(uid("WIDE"))
+    # too wide to be kept: read whole every time, and slow to parse
+    await client.hset(wide, mapping={"_": "1", **{f"L{i}": "1:0:0:1:1:0" for i in range(60_000)}})
+    try:
+        for _ in range(10):
+            await client.hset(key, mapping={"_": "1", "L1": "1:0:0:1:1:0"})
+            await reader.read([key])  # kept
+            slow = asyncio.ensure_future(reader.read([key, wide]))  # counts `key` as kept
+            for _ in range(3):  # its pipeline is on its way
+                await asyncio.sleep(0)
+            await client.hdel(key, "_")  # unhydrated: the next read drops it from the kept
+            assert await reader.read([key]) == [{b"L1": b"1:0:0:1:1:0"}]
+            got = await slow
+            assert len(got[1]) == 60_001
+    finally:
+        await client.delete(key, wide)

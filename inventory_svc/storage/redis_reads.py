@@ -37,8 +37,10 @@ class HashReader:
     async def _read_many(self, batch: list[Read]) -> list[list[Fields] | BaseException]:
         whole = list(dict.fromkeys(k for keys, locs in batch if not locs for k in keys))
         some = list(dict.fromkeys((k, locs) for keys, locs in batch if locs for k in keys))
-        known = [k for k in whole if k in self._kept]
-        unknown = [k for k in whole if k not in self._kept]
+        # what is kept now: another batch may drop a hash from _kept while this one awaits
+        kept = {k: self._kept[k] for k in whole if k in self._kept}
+        known = list(kept)
+        unknown = [k for k in whole if k not in kept]
         async with self.client.pipeline(transaction=False) as pipe:
             for key in known:
                 pipe.hget(key, "_")
@@ -50,11 +52,12 @@ class HashReader:
         marks, full, partial = out[:len(known)], out[len(known):len(whole)], out[len(whole):]
         got: dict[str, Fields] = dict(zip(unknown, full, strict=True))
         moved = [k for k, mark in zip(known, marks, strict=True)
-                 if mark is None or self._kept[k].get(b"_") != mark]
+                 if mark is None or kept[k].get(b"_") != mark]
         for key in known:
             if key not in moved:
-                got[key] = self._kept[key]
-                self._kept.move_to_end(key)
+                got[key] = kept[key]
+                if key in self._kept:
+                    self._kept.move_to_end(key)
         if moved:  # changed since kept: read again, whole
             async with self.client.pipeline(transaction=False) as pipe:
                 for key in moved:
