@@ -31,9 +31,12 @@ async def quick(stores: Stores) -> AsyncIterator[Running]:
 
 
 async def filter_complete(svc: Running) -> None:
-    async with asyncio.timeout(FILLED_WITHIN_S):
-        while not (await redis_keys.filter_state(svc.ctx.redis.client))[1]:
-            await asyncio.sleep(0.05)
+    """Poll (bounded) until the service's keeper has filled the filter."""
+    for _ in range(int(FILLED_WITHIN_S / 0.05)):
+        if (await redis_keys.filter_state(svc.ctx.redis.client))[1]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the key filter was not complete within {FILLED_WITHIN_S} s")
 
 
 def filter_answers() -> float:
