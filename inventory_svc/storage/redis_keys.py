@@ -21,6 +21,7 @@ nodes, and the losers ask Postgres.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import secrets
@@ -63,14 +64,9 @@ class KeyFilter:
         """The probe of `key` looked up at `now_s`; its bits go to the bucket of `at_s` (the
         time it took stock; now by default)."""
         current = self.bucket_of(now_s if at_s is None else at_s)
-        now = self.bucket_of(now_s)
-        back = math.ceil((self.window_s + self.bucket_s) / self.bucket_s) + 1
-        looked = [b for b in range(now + 1, now - back - 1, -1) if b != current]
-        # a bucket lives until no key in it can still have an answer in Postgres (and a bucket
-        # more, for the replicas' clocks)
-        expire_at = (current + 1) * self.bucket_s + self.window_s + 2 * self.bucket_s
-        return KeyProbe(tuple(f"{BUCKET_PREFIX}{b}" for b in (current, *looked)),
-                        self.offsets(key), int(expire_at * 1000))
+        buckets, expire_at_ms = _buckets(self.bucket_s, self.window_s, current,
+                                         self.bucket_of(now_s))
+        return KeyProbe(buckets, self.offsets(key), expire_at_ms)
 
     def offsets(self, key: str) -> tuple[int, ...]:
         # double hashing (Kirsch-Mitzenmacher): two 64-bit halves of one digest give all bits
@@ -78,6 +74,18 @@ class KeyFilter:
         h1 = int.from_bytes(digest[:8], "little")
         h2 = int.from_bytes(digest[8:], "little") | 1
         return tuple((h1 + i * h2) % self.bits for i in range(HASHES))
+
+
+@functools.lru_cache(maxsize=16)  # the same few answers all day: every call asks
+def _buckets(bucket_s: float, window_s: float, current: int, now: int
+             ) -> tuple[tuple[str, ...], int]:
+    """The buckets to look in (`current`, where the bits go, first) and `current`'s expiry."""
+    back = math.ceil((window_s + bucket_s) / bucket_s) + 1
+    looked = [b for b in range(now + 1, now - back - 1, -1) if b != current]
+    # a bucket lives until no key in it can still have an answer in Postgres (and a bucket
+    # more, for the replicas' clocks)
+    expire_at = (current + 1) * bucket_s + window_s + 2 * bucket_s
+    return tuple(f"{BUCKET_PREFIX}{b}" for b in (current, *looked)), int(expire_at * 1000)
 
 
 async def filter_state(client: Any) -> tuple[str | None, bool]:
