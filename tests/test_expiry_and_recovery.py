@@ -103,6 +103,19 @@ async def test_redis_flushed_mid_run_is_rebuilt_and_nothing_is_lost(
     await assert_invariants(service, w.skus)
 
 
+async def test_an_order_of_many_skus_redis_lost_is_served(stub: Stub, service: Running) -> None:
+    # all five SKUs are loaded back before the hold (on one server one script holds the five
+    # lines, and finds all five missing at once)
+    w = await make_world(stub, locations=1, skus=5, on_hand=10)
+    await service.ctx.redis.client.flushall()
+    res = await stub.Reserve(api.ReserveRequest(lines=[
+        pb.ReservationLine(sku=sku, location_id=w.locations[0], quantity=3) for sku in w.skus]))
+    assert len(res.reservation.lines) == 5
+    out = await stub.GetAvailability(api.GetAvailabilityRequest(skus=w.skus))
+    assert [i.total_available for i in out.items] == [7] * 5
+    await assert_invariants(service, w.skus)
+
+
 async def expect_short(stub: Stub, sku: str, loc: str, qty: int) -> None:
     try:
         await stub.Reserve(api.ReserveRequest(lines=[

@@ -9,10 +9,11 @@ before it is trusted. Beside it, `hold:{sku}` (same slot) records the holds in f
 "ms;loc=qty;...", taken in the hold's own script and ended with its units (settle.lua) once
 Postgres has committed them, or they are given back.
 
-The same code runs on one server and on a Redis Cluster: every script's keys are of one SKU or
-of SKUs of one slot, calls of several slots go as one pipeline that the cluster client splits by
-node (following MOVED/ASK), and whatever a cluster says while a shard fails over or a slot moves
-(CLUSTERDOWN, TRYAGAIN, READONLY, a node gone) is UNAVAILABLE, as a lost server is.
+The same code runs on one server and on a Redis Cluster. On a cluster every script's keys are of
+one SKU or of SKUs of one slot, calls of several slots go as one pipeline that the cluster client
+splits by node (following MOVED/ASK), and whatever a cluster says while a shard fails over or a
+slot moves (CLUSTERDOWN, TRYAGAIN, READONLY, a node gone) is UNAVAILABLE, as a lost server is. On
+one server a call's SKUs all go in one script, whatever their slots.
 """
 
 from __future__ import annotations
@@ -157,9 +158,15 @@ def _slot(sku: str) -> int:
     return key_slot(stock_key(sku).encode())
 
 
-def _slot_groups(items: Iterable[T], sku_of: Callable[[T], str]) -> list[list[T]]:
+def _slot_groups(items: Iterable[T], sku_of: Callable[[T], str], *, cluster: bool
+                 ) -> list[list[T]]:
     """`items` grouped by their SKU's hash slot, in ascending slot order: the order every
-    operation over several slots takes them in (one script per slot)."""
+    operation over several slots takes them in (one script per slot). On one server (`cluster`
+    false) a script may use keys of any slot: one group, so a call of five SKUs is one script
+    (one atomic step, one command), not five."""
+    if not cluster:
+        whole = list(items)
+        return [whole] if whole else []
     by_slot: dict[int, list[T]] = defaultdict(list)
     for item in items:
         by_slot[_slot(sku_of(item))].append(item)
@@ -270,7 +277,7 @@ class RedisStock:
         short hold of one slot whose key never took stock says so (`InsufficientStock.
         key_unused`): there is no earlier answer to replay."""
         hold_id = hold_id or "h" + secrets.token_hex(12)
-        groups = _slot_groups(lines, lambda line: line.sku)
+        groups = _slot_groups(lines, lambda line: line.sku, cluster=self.cluster)
         probe = (self.key_filter.probe(key, time.time())
                  if key and self.key_filter is not None and not self.cluster else None)
         taken: list[Line] = []
@@ -328,7 +335,7 @@ class RedisStock:
                 hydrations += 1
                 if hydrations > 3:
                     raise Unavailable("redis keeps losing the stock of these SKUs; retry")
-                await hydrate([keys[int(res[1]) - 1][5:-1]])
+                await hydrate([keys[int(k) - 1][5:-1] for k in res[1:]])
             elif code == 4:
                 # Only holds in flight are in the way: their commits (a few ms) decide. Wait for
                 # them a little; past that, hold anyway and let Postgres decide under its lock.
@@ -395,7 +402,7 @@ class RedisStock:
     def _settle_calls(self, hold_id: str, skus: Sequence[str],
                       committed: Sequence[StockLevel]) -> list[ScriptCall]:
         calls: list[ScriptCall] = []
-        for group in _slot_groups(skus, str):
+        for group in _slot_groups(skus, str, cluster=self.cluster):
             keys = [stock_key(s) for s in group] + [hold_key(s) for s in group]
             index = {stock_key(s): i + 1 for i, s in enumerate(group)}
             rows = [lv for lv in committed if stock_key(lv.sku) in index]
@@ -416,7 +423,7 @@ class RedisStock:
         one slot are read in one script (inspect.lua), so of the same instant; the slots' scripts
         go in one round trip. Each record's time is moved onto the returned clock by the
         difference between its node's clock and that one (nodes of a cluster each have theirs)."""
-        groups = _slot_groups(dict.fromkeys(skus), str)
+        groups = _slot_groups(dict.fromkeys(skus), str, cluster=self.cluster)
         def fields_of(sku: str) -> list[str]:  # inspect.lua's ARGV of one SKU
             wanted = None if only is None else only.get(sku)
             return [str(len(wanted)), *sorted(wanted)] if wanted else ["0"]
@@ -458,7 +465,7 @@ class RedisStock:
 
     def _apply_calls(self, levels: Iterable[StockLevel]) -> list[ScriptCall]:
         calls: list[ScriptCall] = []
-        for group in _slot_groups(levels, lambda lv: lv.sku):
+        for group in _slot_groups(levels, lambda lv: lv.sku, cluster=self.cluster):
             keys = sorted({stock_key(lv.sku) for lv in group})
             index = {k: i + 1 for i, k in enumerate(keys)}
             calls.append((self._apply, keys, [len(group), *_rows(group, index)]))
@@ -480,9 +487,7 @@ class RedisStock:
         per hash slot on a cluster (markers.lua)."""
         if not skus:
             return []
-        # a single server runs a script over keys of any slots
-        groups = (_slot_groups(range(len(skus)), skus.__getitem__) if self.cluster
-                  else [list(range(len(skus)))])
+        groups = _slot_groups(range(len(skus)), skus.__getitem__, cluster=self.cluster)
         with translate_redis():
             replies = await self._run_scripts(
                 [(self._markers, [stock_key(skus[i]) for i in group], []) for group in groups])

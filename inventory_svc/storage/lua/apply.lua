@@ -1,5 +1,5 @@
 -- apply.lua: bring committed Postgres values into the read model, newer seq wins (take.lua).
--- KEYS[i]  stock hash of one SKU (all in one hash slot)
+-- KEYS[i]  stock hash of one SKU (on a cluster all of one hash slot)
 -- ARGV[1]  number of rows n; then per row: key index, location id, on_hand, reserved, safety,
 --          version, seq
 -- A row is taken only if its seq is newer than the one stored, so commits land in Postgres'

@@ -1,4 +1,5 @@
--- hold.lua: take an all-or-nothing hold on several lines whose keys share one hash slot.
+-- hold.lua: take an all-or-nothing hold on several lines whose keys share one hash slot
+-- (on a cluster; on one server a call's SKUs of any slots go in one script).
 -- KEYS[1..m]    stock hash of one SKU ("inv:{sku}"); field <location_id> =
 --               "on_hand:reserved:safety:version:seq:held" (the committed Postgres values, the
 --               seq they came with, and the units of holds in flight); field "_" marks the hash
@@ -23,7 +24,8 @@
 -- left behind lets the reconciler tell an orphaned hold (its replica died between Redis and
 -- Postgres) from one still in flight, and give it back exactly once.
 -- Returns  {0}                         all held
---          {1, k}                      KEYS[k] is not hydrated: load it from Postgres and retry
+--          {1, k, ...}                 KEYS[k] (and each k after it) is not hydrated: load them
+--                                      from Postgres and retry
 --          {2, line, available, ...}   short lines (1-based line number, committed units
 --                                      available); nothing held
 --          {5, line, available, ...}   the same, and the (complete) filter shows that no call
@@ -51,9 +53,11 @@ local function key_unused()
   end
   return true
 end
+local missing = {1}
 for k = 1, m do
-  if redis.call('HEXISTS', KEYS[k], '_') == 0 then return {1, k} end
+  if redis.call('HEXISTS', KEYS[k], '_') == 0 then missing[#missing + 1] = k end
 end
+if #missing > 1 then return missing end
 -- "k/loc" -> {key, loc, on_hand, reserved, safety, version, seq, held, this call's units}
 local fields = {}
 local order = {}

@@ -1,4 +1,5 @@
--- inspect.lua: what the reconciler reads of some SKUs of one hash slot, at one instant.
+-- inspect.lua: what the reconciler reads of some SKUs (of one hash slot on a
+-- cluster), at one instant.
 -- KEYS[1..m]    stock hashes of the SKUs ("inv:{sku}")
 -- KEYS[m+1..2m] their hold record hashes ("hold:{sku}"), in the same order
 -- ARGV          per stock hash, in KEYS order: n, then n location fields to read of it (with

@@ -1,5 +1,5 @@
 -- settle.lua: end one hold, exactly once, and bring in what its commit wrote.
--- KEYS[1..m]    stock hashes of the hold's SKUs (one hash slot)
+-- KEYS[1..m]    stock hashes of the hold's SKUs (of one hash slot on a cluster)
 -- KEYS[m+1..2m] their hold record hashes, in the same order
 -- ARGV[1]  hold id
 -- ARGV[2]  number of committed rows n (0 when the hold is given back: Postgres took none);
