@@ -14,6 +14,7 @@ from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.domain.errors import Aborted, AlreadyExists, DomainError
+from inventory_svc.domain.model import Line
 from inventory_svc.server import Running
 from inventory_svc.storage.pg_base import Idem, advisory_key
 from inventory_svc.transport.inventory_servicer import idem_for
@@ -181,3 +182,26 @@ async def expect_domain_error(call: Awaitable[object], kind: type[DomainError]) 
     except kind as err:
         return err.message
     raise AssertionError(f"expected {kind.__name__}")
+
+
+async def test_the_holds_of_a_group_end_together_and_each_exactly_once(
+    stub: Stub, service: Running,
+) -> None:
+    # A group commit ends its holds in one settle (one script on one server, one a slot on a
+    # cluster), holds of the same SKU included; ending them again changes nothing.
+    w = await make_world(stub, locations=1, skus=2, on_hand=10)
+    (a, b), loc = w.skus, w.locations[0]
+    redis, hydrate = service.ctx.redis, service.ctx.hydrate
+    first = await redis.hold([Line(a, loc, 2), Line(b, loc, 2)], pos=False, hydrate=hydrate,
+                             hold_id=uid("h"))
+    second = await redis.hold([Line(a, loc, 3)], pos=False, hydrate=hydrate, hold_id=uid("h"))
+
+    async def held() -> tuple[list[int], int]:
+        cached, holds, _ = await redis.inspect(w.skus)
+        return ([sum(c.held for c in cached[s] or ()) for s in w.skus],
+                sum(len(recs) for recs in holds.values()))
+
+    assert await held() == ([5, 2], 3)
+    for _ in range(2):
+        await redis.settle_many([(first, ()), (second, ())])
+        assert await held() == ([0, 0], 0)
