@@ -173,10 +173,6 @@ def _slot_groups(items: Iterable[T], sku_of: Callable[[T], str], *, cluster: boo
     return [by_slot[slot] for slot in sorted(by_slot)]
 
 
-def _skus_of(hold: Hold) -> list[str]:
-    return sorted({x.sku for x in hold.lines})
-
-
 def _script(name: str, *, uses: Sequence[str] = ()) -> str:
     """A Lua script, with the shared functions it `uses` (lua/<name>.lua) put in front."""
     lua = resources.files("inventory_svc.storage").joinpath("lua")
@@ -380,55 +376,44 @@ class RedisStock:
 
     async def give_back(self, hold: Hold) -> None:
         """Return held units, exactly once: only while the hold's record is still there."""
-        await self._settle_holds([(hold.id, _skus_of(hold))], ())
+        await self._settle_hold(hold.id, sorted({x.sku for x in hold.lines}), ())
 
     async def forget(self, hold: Hold, committed: Sequence[StockLevel]) -> None:
         """Postgres committed the hold: its units move from held to the `committed` levels."""
-        await self._settle_holds([(hold.id, _skus_of(hold))], committed)
+        await self._settle_hold(hold.id, sorted({x.sku for x in hold.lines}), committed)
 
     async def settle_many(self, settled: Sequence[tuple[Hold, Sequence[StockLevel]]],
                           levels: Iterable[StockLevel] = ()) -> None:
         """Many holds' ends (`forget` with their committed levels, or `give_back` with none) and
-        `apply_changes` of `levels` first, all in one round trip: on one server one script
-        ends them all."""
+        `apply_changes` of `levels` first, all in one round trip."""
         calls = self._apply_calls(levels)
-        if settled:
-            calls += self._settle_calls([(hold.id, _skus_of(hold)) for hold, _ in settled],
-                                        [lv for _, committed in settled for lv in committed])
+        for hold, committed in settled:
+            calls += self._settle_calls(hold.id, sorted({x.sku for x in hold.lines}), committed)
         if calls:
             with translate_redis():
                 await self._run_scripts(calls)
 
-    async def _settle_holds(self, holds: Sequence[tuple[str, Sequence[str]]],
-                            committed: Sequence[StockLevel]) -> int:
+    async def _settle_hold(self, hold_id: str, skus: Sequence[str],
+                           committed: Sequence[StockLevel]) -> int:
         with translate_redis():
             return sum(int(n) for n in await self._run_scripts(
-                self._settle_calls(holds, committed)))
+                self._settle_calls(hold_id, skus, committed)))
 
-    def _settle_calls(self, holds: Sequence[tuple[str, Sequence[str]]],
+    def _settle_calls(self, hold_id: str, skus: Sequence[str],
                       committed: Sequence[StockLevel]) -> list[ScriptCall]:
-        """settle.lua's calls for (hold id, its SKUs) pairs and the levels their commits wrote
-        (a newer seq wins, so the order of the levels does not matter)."""
         calls: list[ScriptCall] = []
-        skus = dict.fromkeys(s for _, of in holds for s in of)
         for group in _slot_groups(skus, str, cluster=self.cluster):
             keys = [stock_key(s) for s in group] + [hold_key(s) for s in group]
             index = {stock_key(s): i + 1 for i, s in enumerate(group)}
-            args: list[Any] = [0]
-            for hold_id, of in holds:
-                here = [index[stock_key(s)] for s in of if stock_key(s) in index]
-                if here:
-                    args[0] += 1
-                    args += [hold_id, len(here), *here]
             rows = [lv for lv in committed if stock_key(lv.sku) in index]
-            calls.append((self._settle, keys, [*args, len(rows), *_rows(rows, index)]))
+            calls.append((self._settle, keys, [hold_id, len(rows), *_rows(rows, index)]))
         return calls
 
     async def settle_record(self, sku: str, hold_id: str,
                             committed: Sequence[StockLevel] = ()) -> bool:
         """The reconciler's end of one SKU's record of a hold: an orphan's units are given back
         (no `committed`), a committed one's move to the `committed` levels."""
-        return bool(await self._settle_holds([(hold_id, [sku])], committed))
+        return bool(await self._settle_hold(hold_id, [sku], committed))
 
     async def inspect(
         self, skus: Sequence[str], only: Mapping[str, Collection[str] | None] | None = None
