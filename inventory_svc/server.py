@@ -255,9 +255,9 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
     # A start finds what the last run left: data built on an earlier Redis process (the embedded
     # Valkey restarts with the service) is routine to drop then; while serving it is not.
     redis.stale_drop_level = logging.INFO
-    if settings.key_filter_bits and not settings.redis_cluster:
-        redis.key_filter = KeyFilter(settings.key_filter_bits,
-                                     settings.retain_idempotency_h * 3600)
+    if settings.key_filter_bits:
+        redis.use_key_filter(KeyFilter(settings.key_filter_bits,
+                                       settings.retain_idempotency_h * 3600))
     # INVENTORY_TRACING: before grpc.aio.server is made (its instrumentor patches that function)
     traced = tracing.setup(settings)
     loop = asyncio.get_running_loop()

@@ -31,12 +31,12 @@ class KeyFilterKeeper:
 
     @property
     def active(self) -> bool:
-        return self.ctx.redis.key_filter is not None and not self.ctx.redis.cluster
+        return self.ctx.redis.key_filter is not None
 
     async def step(self) -> bool:
         """One look: start the filter, or fill it once its wait is over. True when complete."""
         shape = self.ctx.redis.key_filter
-        if shape is None or self.ctx.redis.cluster:
+        if shape is None:
             return False
         client = self.ctx.redis.client
         with translate_redis():

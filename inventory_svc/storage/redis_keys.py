@@ -91,14 +91,14 @@ def _buckets(bucket_s: float, window_s: float, current: int, now: int
 async def filter_state(client: Any) -> tuple[str | None, bool]:
     """The filter's epoch (None: no filter yet) and whether it is complete."""
     epoch, complete = await client.hmget(META_KEY, ["keys_epoch", "keys_complete"])
-    text = None if epoch is None else _text(epoch)
-    return text, text is not None and complete is not None and _text(complete) == text
+    text = None if epoch is None else text_of(epoch)
+    return text, text is not None and complete is not None and text_of(complete) == text
 
 
 async def start_epoch(client: Any) -> str:
     """Start a filter if none is (HSETNX: of many keepers one starts it); its epoch."""
     await client.hsetnx(META_KEY, "keys_epoch", secrets.token_hex(8))
-    return _text(await client.hget(META_KEY, "keys_epoch"))
+    return text_of(await client.hget(META_KEY, "keys_epoch"))
 
 
 async def reset(client: Any) -> None:
@@ -135,5 +135,6 @@ async def add_keys(client: Any, shape: KeyFilter, keys: Iterable[tuple[str, floa
     await pipe.execute()
 
 
-def _text(value: bytes | str) -> str:
+def text_of(value: bytes | str) -> str:
+    """A Redis reply as text (clients made with or without decode_responses)."""
     return value.decode() if isinstance(value, bytes) else value

@@ -43,7 +43,7 @@ from redis.crc import key_slot
 
 from inventory_svc.domain.errors import InsufficientStock, NotFound, Shortfall, Unavailable
 from inventory_svc.domain.model import Line, StockLevel
-from inventory_svc.storage.redis_keys import META_KEY, KeyFilter, KeyProbe
+from inventory_svc.storage.redis_keys import META_KEY, KeyFilter, KeyProbe, text_of
 from inventory_svc.storage.redis_reads import HashReader
 from inventory_svc.storage.script_pipe import ScriptCall, ScriptPipe
 
@@ -158,21 +158,6 @@ def _slot(sku: str) -> int:
     return key_slot(stock_key(sku).encode())
 
 
-def _slot_groups(items: Iterable[T], sku_of: Callable[[T], str], *, cluster: bool
-                 ) -> list[list[T]]:
-    """`items` grouped by their SKU's hash slot, in ascending slot order: the order every
-    operation over several slots takes them in (one script per slot). On one server (`cluster`
-    false) a script may use keys of any slot: one group, so a call of five SKUs is one script
-    (one atomic step, one command), not five."""
-    if not cluster:
-        whole = list(items)
-        return [whole] if whole else []
-    by_slot: dict[int, list[T]] = defaultdict(list)
-    for item in items:
-        by_slot[_slot(sku_of(item))].append(item)
-    return [by_slot[slot] for slot in sorted(by_slot)]
-
-
 def _script(name: str, *, uses: Sequence[str] = ()) -> str:
     """A Lua script, with the shared functions it `uses` (lua/<name>.lua) put in front."""
     lua = resources.files("inventory_svc.storage").joinpath("lua")
@@ -206,6 +191,24 @@ class RedisStock:
         # INFO while the service starts (what a restart leaves behind is routine then; the
         # server sets it), WARNING while it serves (Redis restarted under us)
         self.stale_drop_level = logging.WARNING
+
+    def _groups(self, items: Iterable[T], sku_of: Callable[[T], str]) -> list[list[T]]:
+        """`items` as the scripts take them. On a cluster, grouped by their SKU's hash slot in
+        ascending slot order (the order every operation over several slots takes them in, one
+        script per slot). On one server a script may use keys of any slot: one group, so a
+        call of five SKUs is one script (one atomic step, one command), not five."""
+        if not self.cluster:
+            whole = list(items)
+            return [whole] if whole else []
+        by_slot: dict[int, list[T]] = defaultdict(list)
+        for item in items:
+            by_slot[_slot(sku_of(item))].append(item)
+        return [by_slot[slot] for slot in sorted(by_slot)]
+
+    def use_key_filter(self, shape: KeyFilter | None) -> None:
+        """Keep (or not) the filter of keys that took stock; never on a cluster, where a call's
+        holds may run on several nodes (redis_keys.py)."""
+        self.key_filter = None if self.cluster else shape
 
     @classmethod
     def from_url(cls, url: str, *, cluster: bool, timeout_s: float,
@@ -274,12 +277,12 @@ class RedisStock:
         recorded under `hold_id` (the reservation it is for) until `forget` or `give_back`.
 
         With the call's idempotency `key` and a key filter, a hold sets the key's bits, and a
-        short hold of one slot whose key never took stock says so (`InsufficientStock.
+        short hold whose key never took stock says so (`InsufficientStock.
         key_unused`): there is no earlier answer to replay."""
         hold_id = hold_id or "h" + secrets.token_hex(12)
-        groups = _slot_groups(lines, lambda line: line.sku, cluster=self.cluster)
-        probe = (self.key_filter.probe(key, time.time())
-                 if key and self.key_filter is not None and not self.cluster else None)
+        groups = self._groups(lines, lambda line: line.sku)
+        # only on one server, where a call's lines are one group
+        probe = self.key_filter.probe(key, time.time()) if key and self.key_filter else None
         taken: list[Line] = []
         try:
             first: list[Any] = [None]
@@ -290,16 +293,13 @@ class RedisStock:
                 with translate_redis():
                     first = await self._run_scripts([
                         (self._hold, *self._hold_call(group, pos=pos, hold_id=hold_id,
-                                                      force=False, probe=probe))
-                        for group in groups])
+                                                      force=False)) for group in groups])
                 taken = []
             shorts: list[Shortfall] = []
             for group, res in zip(groups, first, strict=True):
                 if res is not None and int(res[0]) == 0:
                     taken.extend(group)
-                elif res is not None and int(res[0]) in (2, 5):
-                    # 5 (the key never took stock) is not trusted across slots: a call with
-                    # the same key may hold one slot while this one reads another
+                elif res is not None and int(res[0]) == 2:
                     shorts += self._shortfalls(group, res)
             if shorts:
                 raise InsufficientStock(tuple(shorts))
@@ -307,7 +307,7 @@ class RedisStock:
             for group, res in zip(groups, first, strict=True):
                 if res is None or int(res[0]) != 0:
                     await self._hold_slot(group, pos=pos, hydrate=hydrate, hold_id=hold_id,
-                                          probe=probe if len(groups) == 1 else None)
+                                          probe=probe)
                     taken.extend(group)
         except BaseException:
             if taken:
@@ -402,7 +402,7 @@ class RedisStock:
     def _settle_calls(self, hold_id: str, skus: Sequence[str],
                       committed: Sequence[StockLevel]) -> list[ScriptCall]:
         calls: list[ScriptCall] = []
-        for group in _slot_groups(skus, str, cluster=self.cluster):
+        for group in self._groups(skus, str):
             keys = [stock_key(s) for s in group] + [hold_key(s) for s in group]
             index = {stock_key(s): i + 1 for i, s in enumerate(group)}
             rows = [lv for lv in committed if stock_key(lv.sku) in index]
@@ -423,7 +423,7 @@ class RedisStock:
         one slot are read in one script (inspect.lua), so of the same instant; the slots' scripts
         go in one round trip. Each record's time is moved onto the returned clock by the
         difference between its node's clock and that one (nodes of a cluster each have theirs)."""
-        groups = _slot_groups(dict.fromkeys(skus), str, cluster=self.cluster)
+        groups = self._groups(dict.fromkeys(skus), str)
         def fields_of(sku: str) -> list[str]:  # inspect.lua's ARGV of one SKU
             wanted = None if only is None else only.get(sku)
             return [str(len(wanted)), *sorted(wanted)] if wanted else ["0"]
@@ -465,7 +465,7 @@ class RedisStock:
 
     def _apply_calls(self, levels: Iterable[StockLevel]) -> list[ScriptCall]:
         calls: list[ScriptCall] = []
-        for group in _slot_groups(levels, lambda lv: lv.sku, cluster=self.cluster):
+        for group in self._groups(levels, lambda lv: lv.sku):
             keys = sorted({stock_key(lv.sku) for lv in group})
             index = {k: i + 1 for i, k in enumerate(keys)}
             calls.append((self._apply, keys, [len(group), *_rows(group, index)]))
@@ -487,7 +487,7 @@ class RedisStock:
         per hash slot on a cluster (markers.lua)."""
         if not skus:
             return []
-        groups = _slot_groups(range(len(skus)), skus.__getitem__, cluster=self.cluster)
+        groups = self._groups(range(len(skus)), skus.__getitem__)
         with translate_redis():
             replies = await self._run_scripts(
                 [(self._markers, [stock_key(skus[i]) for i in group], []) for group in groups])
@@ -519,9 +519,7 @@ class RedisStock:
     async def generation(self) -> str | None:
         with translate_redis():
             value = await self.client.hget(META_KEY, "generation")
-        if value is None:
-            return None
-        return value if isinstance(value, str) else value.decode()
+        return None if value is None else text_of(value)
 
     async def set_generation(self, generation: str, built_on: str = "") -> None:
         """The marker: which Postgres the data comes from, and on which server process (run id)
@@ -533,9 +531,7 @@ class RedisStock:
     async def built_on(self) -> str | None:
         with translate_redis():
             value = await self.client.hget(META_KEY, "built_on")
-        if value is None:
-            return None
-        return value if isinstance(value, str) else value.decode()
+        return None if value is None else text_of(value)
 
     async def ping(self) -> bool:
         with translate_redis():

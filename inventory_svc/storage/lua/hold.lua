@@ -11,9 +11,9 @@
 -- ARGV[2]  number of lines n
 -- ARGV[3]  hold id (the reservation id the hold is for)
 -- ARGV[4]  1 to hold even where only the committed stock covers a line (Postgres decides), else 0
--- ARGV[5]  number f of filter keys after the hold records (0: the call has no idempotency key)
+-- ARGV[5]  number of filter keys after the hold records (0: the call has no idempotency key)
 -- then per line: key index (1..m), location id, quantity
--- then, with f > 0: the first bucket's expiry (Unix ms), and the key's bit offsets
+-- then, with filter keys: the first bucket's expiry (Unix ms), and the key's bit offsets
 -- Held units count against availability at once but are kept apart from the committed
 -- `reserved`: reads report only what Postgres committed, and a hold whose commit fails never
 -- showed. So a line is short for sure only when the committed stock cannot cover it. When it
@@ -36,8 +36,8 @@ local pos = ARGV[1] == '1'
 local n = tonumber(ARGV[2])
 local hold_id = ARGV[3]
 local force = ARGV[4] == '1'
-local f = tonumber(ARGV[5])
-local m = (#KEYS - f) / 2
+local filtered = tonumber(ARGV[5]) > 0
+local m = (#KEYS - tonumber(ARGV[5])) / 2
 local after = 6 + 3 * n  -- the filter's arguments, after the lines
 -- true if no call with this key took stock: some bit of it is clear in every bucket (a set
 -- bit may be another key's, a clear one proves absence), in a filter known complete
@@ -92,11 +92,11 @@ for i = 1, n do
   f[9] = f[9] + qty
 end
 if #short > 1 then
-  if f > 0 and key_unused() then short[1] = 5 end
+  if filtered and key_unused() then short[1] = 5 end
   return short
 end
 if wait then return {4} end
-if f > 0 then  -- before the commit is sent: a key Postgres may remember has its bits set
+if filtered then  -- before the commit is sent: a key Postgres may remember has its bits set
   local bucket = KEYS[2 * m + 2]
   for j = after + 1, #ARGV do redis.call('SETBIT', bucket, ARGV[j], 1) end
   redis.call('PEXPIREAT', bucket, ARGV[after])
