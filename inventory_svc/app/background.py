@@ -34,7 +34,7 @@ from inventory_svc.domain.model import StockLevel
 from inventory_svc.storage import redis_keys
 from inventory_svc.storage.pg import STOCK_SELECT, PgStore, levels_by_sku
 from inventory_svc.storage.pg_base import advisory_key, translate_errors
-from inventory_svc.storage.redis_stock import HoldRecord, encode_level
+from inventory_svc.storage.redis_stock import HoldRecord, encode_level, translate_redis
 
 log = logging.getLogger(__name__)
 REBUILD_LOCK = advisory_key("inventory:redis-rebuild")
@@ -137,10 +137,12 @@ class Reconciler:
             else:
                 log.warning("redis holds data of another database (generation %r, this one's "
                             "%r): replacing it from postgres", redis_gen, pg_gen)
-            if redis_gen is not None and not self.ctx.redis.cluster:
-                # the key filter held another database's keys: a new one starts, filled from
-                # this database (the old bits can only send losers to Postgres)
-                await redis_keys.reset(self.ctx.redis.client)
+            if redis_gen is not None:
+                # a key filter held another database's keys: a new one starts, filled from
+                # this database (the old bits can only send losers to Postgres); a cluster has
+                # none, and the reset finds nothing there
+                with translate_redis():
+                    await redis_keys.reset(self.ctx.redis.client)
             start = last = time.monotonic()
             after, skus = "", 0
             while page := await self.ctx.pg.stock_page(after, PAGE):
