@@ -67,15 +67,15 @@ def setup_redis_anchor(url: str, n_keys: int) -> dict[str, Any]:
 
     r = redis.Redis.from_url(url)
     try:
-        script = hold_script()
-        sha = r.script_load(script)
+        sha = r.script_load(hold_script())
         pipe = r.pipeline(transaction=False)
         for key in redis_keys(n_keys):
-            pipe.hset(key, mapping={"_": "1", ANCHOR_LOCATION: f"{_REDIS_ON_HAND}:0:0:1"})
+            # "on_hand:reserved:safety:version:seq:held", as hold.lua reads a field
+            pipe.hset(key, mapping={"_": "1", ANCHOR_LOCATION: f"{_REDIS_ON_HAND}:0:0:1:1:0"})
         pipe.execute()
     finally:
         r.close()
-    return {"redis_url": url, "sha": sha, "n_keys": n_keys, "script": script}
+    return {"redis_url": url, "sha": sha, "n_keys": n_keys}
 
 
 def cleanup_redis_anchor(params: dict[str, Any]) -> None:
