@@ -15,8 +15,8 @@ import logging
 import time
 
 from inventory_svc.app.context import Context
-from inventory_svc.storage import pg_retention, redis_keys
-from inventory_svc.storage.pg_base import translate_errors
+from inventory_svc.storage import redis_keys
+from inventory_svc.storage.pg_base import keys_page, translate_errors
 from inventory_svc.storage.redis_stock import translate_redis
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class KeyFilterKeeper:
             with translate_errors():
                 async with self.ctx.pg.pool.acquire(
                         timeout=self.ctx.settings.pg_timeout_s) as conn:
-                    page = await pg_retention.keys_page(
+                    page = await keys_page(
                         conn, list(redis_keys.TAKING_METHODS), window_s, after, PAGE)
             if not page:
                 break

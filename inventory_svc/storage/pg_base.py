@@ -138,6 +138,18 @@ async def look_up_keys(
     return [_claimed(idem, r["locked"], r) for idem, r in zip(idems, rows, strict=True)]
 
 
+async def keys_page(conn: asyncpg.Connection, methods: list[str], window_s: float, after: str,
+                    limit: int) -> list[tuple[str, float]]:
+    """Idempotency keys of `methods` younger than the window, after `after` in key order, with
+    when each was stored (Unix seconds): a page of what the key filter must hold."""
+    rows = await conn.fetch(
+        "SELECT key, extract(epoch FROM created_at)::float8 AS at FROM idempotency"
+        " WHERE key > $3 AND method = ANY($1::text[])"
+        "  AND created_at > now() - make_interval(secs => $2)"
+        " ORDER BY key LIMIT $4", methods, window_s, after, limit)
+    return [(r["key"], r["at"]) for r in rows]
+
+
 async def claim_keys(
     conn: asyncpg.Connection, idems: Sequence[Idem]
 ) -> list[bytes | DomainError | None]:
