@@ -176,6 +176,7 @@ class TcpProxy:
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[_Conn] = set()
+        self._serving: set[asyncio.Task[Any]] = set()  # one a connection, until it ends
         self._flowing: asyncio.Event
         self._stopped: asyncio.Event
 
@@ -300,7 +301,16 @@ class TcpProxy:
     async def _close_all(self) -> None:
         await self._unlisten()
         await self._drop_all(rst=False)
-        await asyncio.sleep(0)
+        # Let every connection's task end before the loop closes: a task destroyed pending logs
+        # its traceback from this thread, and CPython 3.11 formatting tracebacks in two threads
+        # at once can corrupt its AST state (gh-106905: a later ast.parse raises SystemError).
+        tasks = {t for t in self._serving if t is not asyncio.current_task()}
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=5)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._conns) >= self.max_connections:
@@ -308,6 +318,10 @@ class TcpProxy:
             writer.transport.abort()
             return
         self.stats.accepted += 1
+        me = asyncio.current_task()
+        if me is not None:
+            self._serving.add(me)
+            me.add_done_callback(self._serving.discard)
         conn = _Conn(self, reader, writer)
         self._conns.add(conn)
         with contextlib.suppress(asyncio.CancelledError):
