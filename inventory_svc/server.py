@@ -251,7 +251,10 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
                                max_size=settings.pg_pool_max, timeout_s=settings.pg_timeout_s)
     redis = RedisStock.from_url(settings.redis_url, cluster=settings.redis_cluster,
                                 timeout_s=settings.redis_timeout_s,
-                                pool_max=settings.redis_pool_max)
+                                pool_max=settings.redis_pool_max,
+                                # traced calls show their hot-path Redis commands: those go
+                                # through redis-py then, which OpenTelemetry instruments
+                                mux=not settings.tracing)
     # A start finds what the last run left: data built on an earlier Redis process (the embedded
     # Valkey restarts with the service) is routine to drop then; while serving it is not.
     redis.stale_drop_level = logging.INFO

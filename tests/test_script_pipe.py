@@ -9,19 +9,22 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from inventory_svc.storage.redis_mux import RedisMux
 from inventory_svc.storage.script_pipe import ScriptPipe
 from tests.conftest import Stores, uid
 
 
+@pytest.mark.parametrize("transport", ["redis-py", "mux"])
 async def test_calls_of_one_loop_turn_share_a_round_trip_and_keep_their_own_answers(
-    stores: Stores,
+    stores: Stores, transport: str,
 ) -> None:
     client = aioredis.Redis.from_url(stores.redis_url)
+    mux = RedisMux.for_url(stores.redis_url, timeout_s=10) if transport == "mux" else None
     try:
         incr = client.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
         fail = client.register_script("return redis.error_reply('refused: ' .. ARGV[1])")
         await client.script_flush()  # the first round trip meets NOSCRIPT and reloads
-        pipe = ScriptPipe(client)
+        pipe = ScriptPipe(client, mux)
         key = uid("counter")
 
         async def add(n: int) -> int:
@@ -48,4 +51,6 @@ async def test_calls_of_one_loop_turn_share_a_round_trip_and_keep_their_own_answ
         assert await add(1) == 1241
         assert pipe.round_trips == 3, "a call alone is a round trip of its own"
     finally:
+        if mux is not None:
+            await mux.aclose()
         await client.aclose()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from inventory_svc.storage.coalesce import Coalescer
+from inventory_svc.storage.redis_mux import RedisMux
 
 Fields = dict[bytes, bytes]
 Read = tuple[tuple[str, ...], tuple[str, ...]]  # the keys, and the locations (none: all)
@@ -23,8 +24,9 @@ KEPT_FIELDS = 200_000
 
 
 class HashReader:
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, mux: RedisMux | None = None) -> None:
         self.client = client
+        self.mux = mux
         self._reads: Coalescer[Read, list[Fields]] = Coalescer(self._read_many)
         self._kept: OrderedDict[str, Fields] = OrderedDict()
         self._kept_fields = 0
@@ -41,14 +43,9 @@ class HashReader:
         kept = {k: self._kept[k] for k in whole if k in self._kept}
         known = list(kept)
         unknown = [k for k in whole if k not in kept]
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key in known:
-                pipe.hget(key, "_")
-            for key in unknown:
-                pipe.hgetall(key)
-            for key, locs in some:
-                pipe.hmget(key, ["_", *locs])
-            out = await pipe.execute()
+        out = await self._execute([
+            *(("HGET", key, "_") for key in known), *(("HGETALL", key) for key in unknown),
+            *(("HMGET", key, "_", *locs) for key, locs in some)])
         marks, full, partial = out[:len(known)], out[len(known):len(whole)], out[len(whole):]
         got: dict[str, Fields] = dict(zip(unknown, full, strict=True))
         moved = [k for k, mark in zip(known, marks, strict=True)
@@ -59,10 +56,8 @@ class HashReader:
                 if key in self._kept:
                     self._kept.move_to_end(key)
         if moved:  # changed since kept: read again, whole
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key in moved:
-                    pipe.hgetall(key)
-                got.update(zip(moved, await pipe.execute(), strict=True))
+            got.update(zip(moved, await self._execute([("HGETALL", key) for key in moved]),
+                           strict=True))
         for key in [*unknown, *moved]:
             self._keep(key, got[key])
         parts: dict[tuple[str, tuple[str, ...]], Fields] = {
@@ -71,6 +66,23 @@ class HashReader:
                           if value is not None}
             for (key, locs), values in zip(some, partial, strict=True)}
         return [[parts[(k, locs)] if locs else got[k] for k in keys] for keys, locs in batch]
+
+    async def _execute(self, commands: list[tuple[str, ...]]) -> list[Any]:
+        """One pipeline; HGETALL's reply as a dict; the first error reply raised."""
+        if self.mux is None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                out: list[Any] = await pipe.execute()
+            return out
+        out = await self.mux.execute(commands)
+        for i, (command, reply) in enumerate(zip(commands, out, strict=True)):
+            if isinstance(reply, Exception):
+                raise reply
+            if command[0] == "HGETALL":
+                pairs = iter(reply)
+                out[i] = dict(zip(pairs, pairs, strict=True))
+        return out
 
     def _keep(self, key: str, fields: Fields) -> None:
         old = self._kept.pop(key, None)

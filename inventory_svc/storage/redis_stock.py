@@ -33,6 +33,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -44,6 +45,7 @@ from redis.crc import key_slot
 from inventory_svc.domain.errors import InsufficientStock, NotFound, Shortfall, Unavailable
 from inventory_svc.domain.model import Line, StockLevel
 from inventory_svc.storage.redis_keys import META_KEY, KeyFilter, KeyProbe, text_of
+from inventory_svc.storage.redis_mux import RedisMux
 from inventory_svc.storage.redis_reads import HashReader
 from inventory_svc.storage.script_pipe import ScriptCall, ScriptPipe
 
@@ -173,8 +175,10 @@ class Hold:
 
 
 class RedisStock:
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, mux: RedisMux | None = None) -> None:
         self.client = client
+        # the hot path's scripts and reads, on one server over plain TCP (redis_mux.py)
+        self.mux = mux
         self._hold = client.register_script(_script("hold", uses=["bump"]))
         self._apply = client.register_script(_script("apply", uses=["bump", "take"]))
         self._hydrate = client.register_script(_script("hydrate"))
@@ -182,8 +186,8 @@ class RedisStock:
         self._inspect = client.register_script(_script("inspect"))
         self._markers = client.register_script(_script("markers"))
         self._settle = client.register_script(_script("settle", uses=["bump", "take"]))
-        self._pipe = ScriptPipe(client)
-        self._reader = HashReader(client)
+        self._pipe = ScriptPipe(client, mux)
+        self._reader = HashReader(client, mux)
         self.cluster = isinstance(client, RedisCluster)
         # which idempotency keys took stock (redis_keys.py); none on a cluster
         self.key_filter: KeyFilter | None = None
@@ -212,7 +216,9 @@ class RedisStock:
 
     @classmethod
     def from_url(cls, url: str, *, cluster: bool, timeout_s: float,
-                 pool_max: int = 100) -> RedisStock:
+                 pool_max: int = 100, mux: bool = True) -> RedisStock:
+        """With `mux`, the scripts and reads of calls go through one pipelined connection
+        (redis_mux.py) where the URL allows it: one server over plain TCP."""
         opts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         client: Client
         if cluster:
@@ -226,7 +232,14 @@ class RedisStock:
         async def on_connect(conn: Any) -> None:
             await conn.on_connect()
             if holder:
-                await holder[0]._check_run(conn)
+                async def run(*command: Any) -> Any:
+                    await conn.send_command(*command)
+                    return await conn.read_response()
+                await holder[0]._check_run(run)
+
+        async def on_mux_connect(mux: RedisMux, link: Any) -> None:
+            if holder:
+                await holder[0]._check_run(partial(mux.run, link))
 
         # A blocking pool: past `max_connections` a command waits (up to the timeout) for a
         # connection to come back. redis-py's default pool raises MaxConnectionsError instead,
@@ -235,7 +248,18 @@ class RedisStock:
             url, max_connections=pool_max, timeout=timeout_s, health_check_interval=10,
             redis_connect_func=on_connect, **opts)
         client = aioredis.Redis.from_pool(pool)
-        stock = cls(client)
+        drops: set[asyncio.Task[None]] = set()
+
+        def drop_idle() -> None:
+            # The server closed the calls' connection: it may have gone away, and then every
+            # idle connection of the pool is dead too, and would fail the first command of the
+            # background work that takes it after a restart (redis-py does not send it again).
+            task = asyncio.ensure_future(pool.disconnect(inuse_connections=False))
+            drops.add(task)
+            task.add_done_callback(drops.discard)
+
+        stock = cls(client, RedisMux.for_url(url, timeout_s=timeout_s, on_connect=on_mux_connect,
+                                             on_lost=drop_idle) if mux else None)
         holder.append(stock)
         return stock
 
@@ -243,14 +267,14 @@ class RedisStock:
         """Scripts in one round trip, with those of concurrent calls (script_pipe)."""
         return await self._pipe.run(calls)
 
-    async def _check_run(self, conn: Any) -> None:
-        await conn.send_command("INFO", "server")
-        info = await conn.read_response()
+    async def _check_run(self, run: Callable[..., Awaitable[Any]]) -> None:
+        """On a new connection (`run` sends one command on it): drop data built on another
+        server process."""
+        info = await run("INFO", "server")
         run_id = _info_field(info, "run_id")
         if not run_id:
             return
-        await conn.send_command("EVAL", _script("checkrun"), 1, META_KEY, run_id)
-        if int(await conn.read_response()):
+        if int(await run("EVAL", _script("checkrun"), 1, META_KEY, run_id)):
             self.dropped_stale += 1
             log.log(self.stale_drop_level, "redis %s holds data built on another server process "
                     "(restarted from an older snapshot?): dropped, rebuilding from postgres", run_id)
@@ -267,6 +291,8 @@ class RedisStock:
         return _info_field(info, "run_id")
 
     async def close(self) -> None:
+        if self.mux is not None:
+            await self.mux.aclose()
         await self.client.aclose()
 
     # ---- holds -----------------------------------------------------------------------------

@@ -13,13 +13,15 @@ from redis.commands.core import AsyncScript
 
 from inventory_svc.domain.errors import Unavailable
 from inventory_svc.storage.coalesce import Coalescer
+from inventory_svc.storage.redis_mux import RedisMux
 
 ScriptCall = tuple[AsyncScript, list[str], list[Any]]  # a script, its KEYS and its ARGV
 
 
 class ScriptPipe:
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, mux: RedisMux | None = None) -> None:
         self.client = client
+        self.mux = mux
         self._turns: Coalescer[Sequence[ScriptCall], list[Any]] = Coalescer(self._send)
         self.round_trips = 0  # pipelines sent (a NOSCRIPT retry counts again)
 
@@ -42,7 +44,7 @@ class ScriptPipe:
         trip first). Calls refused with NOSCRIPT did not run: their scripts are loaded and they
         are sent again. A script's own error is returned in its place."""
         self.round_trips += 1
-        if len(calls) == 1:
+        if len(calls) == 1 and self.mux is None:
             script, keys, args = calls[0]
             try:
                 return [await script(keys=keys, args=args)]
@@ -51,13 +53,7 @@ class ScriptPipe:
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for _ in range(2):
-            async with self.client.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    script, keys, args = calls[i]
-                    # not pipe.evalsha: redis-py refuses that name in a cluster pipeline,
-                    # though the command itself is routed by its keys like any other
-                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                out = await pipe.execute(raise_on_error=False)
+            out = await self._evalsha([calls[i] for i in todo])
             missing = []
             for i, res in zip(todo, out, strict=True):
                 if isinstance(res, redis.exceptions.NoScriptError):
@@ -71,3 +67,16 @@ class ScriptPipe:
             todo = missing
             self.round_trips += 1
         raise Unavailable("redis keeps losing the service's scripts; retry")
+
+    async def _evalsha(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        commands = [("EVALSHA", script.sha, len(keys), *keys, *args)
+                    for script, keys, args in calls]
+        if self.mux is not None:
+            return await self.mux.execute(commands)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                # not pipe.evalsha: redis-py refuses that name in a cluster pipeline,
+                # though the command itself is routed by its keys like any other
+                pipe.execute_command(*command)
+            out: list[Any] = await pipe.execute(raise_on_error=False)
+        return out
