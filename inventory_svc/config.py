@@ -48,6 +48,9 @@ class Settings:
     # connections a process keeps to Redis (one server; a cluster client pools per node): past
     # it a command waits for one, up to redis_timeout_s
     redis_pool_max: int = 100
+    # the calls' scripts and reads through one pipelined connection a worker (one server over
+    # plain TCP, tracing off; storage/redis_mux.py); false: through redis-py's pool, as before
+    redis_mux: bool = True
     pg_timeout_s: float = 5.0
     # Reserve calls committed together in one transaction (app/group_commit.py), and Commit /
     # Release calls likewise (app/group_settle.py): at most this many a group; one group of each

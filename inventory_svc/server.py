@@ -254,7 +254,7 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
                                 pool_max=settings.redis_pool_max,
                                 # traced calls show their hot-path Redis commands: those go
                                 # through redis-py then, which OpenTelemetry instruments
-                                mux=not settings.tracing)
+                                mux=settings.redis_mux and not settings.tracing)
     # A start finds what the last run left: data built on an earlier Redis process (the embedded
     # Valkey restarts with the service) is routine to drop then; while serving it is not.
     redis.stale_drop_level = logging.INFO

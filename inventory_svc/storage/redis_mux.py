@@ -24,7 +24,7 @@ import redis.exceptions
 from redis._parsers import BaseParser
 from redis.asyncio.connection import parse_url
 
-Command = Sequence[str | bytes | int | float]
+Command = tuple[str | bytes | int | float, ...]
 # what a new connection runs before it serves anyone (RedisStock checks the data's server run)
 OnConnect = Callable[["RedisMux", "_Link"], Awaitable[None]]
 
@@ -97,23 +97,10 @@ class _Link(asyncio.Protocol):
         assert self.transport is not None
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self.batches.append(_Batch(future, len(commands), now))
-        self.transport.write(b"".join(_pack(c) for c in commands))
+        # hiredis's stub types the argument as a 1-tuple; it takes any number of arguments
+        self.transport.write(b"".join(
+            hiredis.pack_command(c) for c in commands))  # type: ignore[arg-type]
         return future
-
-
-def _pack(command: Command) -> bytes:
-    parts = [b"*%d\r\n" % len(command)]
-    for arg in command:
-        if isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, int):
-            data = b"%d" % arg
-        else:
-            data = repr(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
 
 
 class RedisMux:
