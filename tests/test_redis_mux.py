@@ -47,6 +47,7 @@ async def test_concurrent_batches_each_get_their_own_replies_in_order(stores: St
             assert isinstance(total, int)
         # every INCRBY ran once, in the order the batches were made
         assert [a[0] for a in answers] == [n * (n + 1) // 2 for n in range(1, 201)]
+        assert await mux.execute([]) == []
         (missing,) = await mux.execute([("EVALSHA", "0" * 40, 0)])
         assert isinstance(missing, redis.exceptions.NoScriptError)
         assert mux.connects == 1, "one connection serves every caller"
