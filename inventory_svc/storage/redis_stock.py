@@ -250,11 +250,17 @@ class RedisStock:
         client = aioredis.Redis.from_pool(pool)
         drops: set[asyncio.Task[None]] = set()
 
+        async def disconnect_idle() -> None:
+            try:
+                await pool.disconnect(inuse_connections=False)
+            except Exception as exc:  # closing a dead socket may fail; it is gone either way
+                log.debug("redis pool: idle connections dropped with an error: %r", exc)
+
         def drop_idle() -> None:
             # The server closed the calls' connection: it may have gone away, and then every
             # idle connection of the pool is dead too, and would fail the first command of the
             # background work that takes it after a restart (redis-py does not send it again).
-            task = asyncio.ensure_future(pool.disconnect(inuse_connections=False))
+            task = asyncio.ensure_future(disconnect_idle())
             drops.add(task)
             task.add_done_callback(drops.discard)
 
