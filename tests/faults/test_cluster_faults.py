@@ -229,6 +229,9 @@ async def test_orphaned_holds_on_every_master_are_given_back(pg_stores: Stores) 
 
 
 async def _orphans_released(svc: Any) -> bool:
-    report = await svc.reconciler.run_pass()
-    return bool(report.orphans_released) and not await svc.ctx.redis.skus_with_holds()
+    # Done when no hold is left, whichever pass gave the last ones back: the service's own hold
+    # check runs beside the test's passes and, on a busy box, may take the last of them (a
+    # pass of the test's then gives back none). check_all afterwards shows each went back once.
+    await svc.reconciler.run_pass()
+    return not await svc.ctx.redis.skus_with_holds()
 
