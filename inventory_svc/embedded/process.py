@@ -104,6 +104,21 @@ def _wait_gone(pids: Sequence[int], timeout: float) -> list[int]:
     return alive
 
 
+def _freeze(pid: int, timeout: float = 1.0) -> None:
+    """SIGSTOP pid and wait until it is stopped: a stopped process forks no more children, so
+    a list of its children taken afterwards is complete (Linux /proc; best effort elsewhere)."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = _proc_stat(pid)
+        if info is None or info[0] in ("T", "t", "Z", "X"):
+            return
+        time.sleep(0.001)
+
+
 def _reap(proc: subprocess.Popen[bytes], owner_pid: int, sig: int, timeout: float) -> None:
     """_terminate, but only in the process that started the child (and only if it still runs)."""
     if os.getpid() != owner_pid or proc.poll() is not None:
@@ -350,8 +365,10 @@ class _ChildServer:
     def kill(self) -> None:
         """SIGKILL the server (a crash, for fault tests); wait until it and its children exit."""
         # Postgres refuses to start while backends of a killed postmaster still hold its shared
-        # memory; they exit by themselves once they notice the postmaster is gone.
-        self._end(_kill, STOP_TIMEOUT)
+        # memory; they exit by themselves once they notice the postmaster is gone. The postmaster
+        # is frozen first: killed in the middle of a start, it was still forking its first
+        # processes, and one forked after the list of children was taken held the memory on.
+        self._end(_kill, STOP_TIMEOUT, freeze=True)
 
     def restart(self, timeout: float = START_TIMEOUT) -> str:
         """Stop (if running) and start again on the same port and data directory."""
@@ -411,13 +428,17 @@ class _ChildServer:
             self.kill()
             raise
 
-    def _end(self, end: Callable[[subprocess.Popen[bytes]], None], children_timeout: float) -> None:
-        """end() the child if it runs, wait up to children_timeout for its children to exit."""
+    def _end(self, end: Callable[[subprocess.Popen[bytes]], None], children_timeout: float,
+             *, freeze: bool = False) -> None:
+        """end() the child if it runs, wait up to children_timeout for its children to exit.
+        With `freeze` the child is stopped first, so that it forks none after the list."""
         with self._lock:
             proc = self._proc
             if proc is None:
                 return
             if proc.poll() is None:
+                if freeze:
+                    _freeze(proc.pid)
                 children = _child_pids(proc.pid)
                 end(proc)
                 _wait_gone(children, children_timeout)
