@@ -456,17 +456,13 @@ def search(cship: np.ndarray, ccpu: np.ndarray, crank: np.ndarray, cs: np.ndarra
     # against a pool that has only grown since), so it is skipped when bounds (1) and (3) of
     # the module docstring, taken over the kcur cheapest candidates, already reach thr[kcur].
     # On dense networks this skips the widest pass, which finds nothing, more often than not.
-    ship_k = 0.0
-    rc_k = 0.0
+    ship_k = cship[0]  # sums over the kcur cheapest: candidates are sorted by ship cost
+    rc_k = rc[rc_order[0]]
     for kcur in range(2, kmax + 1):
         if kcur > nc:
             break
-        if kcur == 2:
-            ship_k = cship[0] + cship[1]  # candidates are sorted by ship cost
-            rc_k = rc[rc_order[0]] + rc[rc_order[1]]
-        else:
-            ship_k += cship[kcur - 1]
-            rc_k += rc[rc_order[kcur - 1]]
+        ship_k += cship[kcur - 1]
+        rc_k += rc[rc_order[kcur - 1]]
         if max(u0 + pen * (kcur - 1) + ship_k, lag0 + rc_k) >= thr[kcur]:
             continue
         _dfs(cship, ccpu, crank, cs, qty, pen, split, kcur, k1, cov_ptr, eff_idx, eff, u0,

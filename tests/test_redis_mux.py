@@ -12,15 +12,13 @@ import redis.exceptions
 
 from inventory_svc.storage.redis_mux import RedisMux
 from tests.conftest import Stores, uid
+from tests.faults.harness import port_of, with_port
 from tests.faults.tcp_proxy import TcpProxy
 
 
-def _via(url: str, port: int) -> str:
-    """`url` with its host and port replaced by the proxy's."""
-    parts = urlsplit(url)
-    auth = parts.netloc.rpartition("@")[0]
-    return urlunsplit(parts._replace(netloc=f"{auth}@127.0.0.1:{port}" if auth
-                                     else f"127.0.0.1:{port}"))
+def _proxy_to(url: str) -> TcpProxy:
+    """A TCP proxy in front of the Redis at `url` (its clients use with_port(url, proxy.port))."""
+    return TcpProxy(urlsplit(url).hostname or "127.0.0.1", port_of(url))
 
 
 def _mux(url: str, timeout_s: float = 5.0) -> RedisMux:
@@ -58,10 +56,8 @@ async def test_concurrent_batches_each_get_their_own_replies_in_order(stores: St
 async def test_a_reset_connection_fails_the_batches_in_flight_and_the_next_one_reconnects(
     stores: Stores,
 ) -> None:
-    host, port = urlsplit(stores.redis_url).hostname, urlsplit(stores.redis_url).port
-    assert host and port
-    with TcpProxy(host, port) as proxy:
-        mux = _mux(_via(stores.redis_url, proxy.port))
+    with _proxy_to(stores.redis_url) as proxy:
+        mux = _mux(with_port(stores.redis_url, proxy.port))
         key = uid("mux-reset")
         try:
             assert await mux.execute([("SET", key, "1")]) == [b"OK"]
@@ -81,10 +77,8 @@ async def test_a_reset_connection_fails_the_batches_in_flight_and_the_next_one_r
 
 
 async def test_a_silent_connection_times_out_and_is_replaced(stores: Stores) -> None:
-    host, port = urlsplit(stores.redis_url).hostname, urlsplit(stores.redis_url).port
-    assert host and port
-    with TcpProxy(host, port) as proxy:
-        mux = _mux(_via(stores.redis_url, proxy.port), timeout_s=0.5)
+    with _proxy_to(stores.redis_url) as proxy:
+        mux = _mux(with_port(stores.redis_url, proxy.port), timeout_s=0.5)
         try:
             assert await mux.execute([("PING",)]) == [b"PONG"]
             proxy.blackhole()
@@ -122,10 +116,8 @@ async def test_the_run_check_runs_on_every_new_connection(stores: Stores) -> Non
         info = await mux.run(link, "INFO", "server")  # type: ignore[arg-type]
         seen.append(info)
 
-    host, port = urlsplit(stores.redis_url).hostname, urlsplit(stores.redis_url).port
-    assert host and port
-    with TcpProxy(host, port) as proxy:
-        mux = RedisMux.for_url(_via(stores.redis_url, proxy.port), timeout_s=5,
+    with _proxy_to(stores.redis_url) as proxy:
+        mux = RedisMux.for_url(with_port(stores.redis_url, proxy.port), timeout_s=5,
                                on_connect=on_connect)
         assert mux is not None
         try:

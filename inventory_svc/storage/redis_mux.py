@@ -93,10 +93,11 @@ class _Link(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def send(self, commands: Sequence[Command], now: float) -> asyncio.Future[list[Any]]:
+    def send(self, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
         assert self.transport is not None
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self.batches.append(_Batch(future, len(commands), now))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        self.batches.append(_Batch(future, len(commands), loop.time()))
         # hiredis's stub types the argument as a 1-tuple; it takes any number of arguments
         self.transport.write(b"".join(
             hiredis.pack_command(c) for c in commands))  # type: ignore[arg-type]
@@ -139,15 +140,15 @@ class RedisMux:
         link = self._link
         if link is None or link.lost is not None:
             link = await self._connect()
-        loop = asyncio.get_running_loop()
-        future = link.send(commands, loop.time())
+        future = link.send(commands)
         if self._watchdog is None:
-            self._watchdog = loop.call_later(self.timeout_s / 4, self._watch)
+            self._watchdog = asyncio.get_running_loop().call_later(self.timeout_s / 4,
+                                                                   self._watch)
         return await future
 
     async def run(self, link: _Link, *command: str | bytes | int) -> Any:
         """One command on `link` (for `on_connect`, before the link serves anyone)."""
-        (reply,) = await asyncio.wait_for(link.send([command], 0.0), self.timeout_s)
+        (reply,) = await asyncio.wait_for(link.send([command]), self.timeout_s)
         if isinstance(reply, redis.exceptions.RedisError):
             raise reply
         return reply
@@ -190,8 +191,9 @@ class RedisMux:
             if self.on_connect is not None:
                 await self.on_connect(self, link)
         except TimeoutError as exc:
-            link.fail(redis.exceptions.TimeoutError("redis did not answer the handshake"))
-            raise redis.exceptions.TimeoutError("redis did not answer the handshake") from exc
+            error = redis.exceptions.TimeoutError("redis did not answer the handshake")
+            link.fail(error)
+            raise error from exc
         except BaseException as exc:
             link.fail(redis.exceptions.ConnectionError(f"redis handshake failed: {exc}"))
             raise
@@ -208,3 +210,23 @@ class RedisMux:
         if self._link is not None:
             self._link.fail(redis.exceptions.ConnectionError("redis connection closed"))
             self._link = None
+
+
+async def pipeline(client: Any, mux: RedisMux | None, commands: Sequence[Command]) -> list[Any]:
+    """The replies to `commands` in order, an error reply in its place: over `mux` when there
+    is one, else as one redis-py pipeline of `client` (which routes each command by its keys on
+    a cluster). HGETALL's reply is a dict either way, as redis-py makes it."""
+    if mux is None:
+        async with client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                # execute_command, not pipe.evalsha: redis-py refuses that name in a cluster
+                # pipeline, though the command itself is routed by its keys like any other
+                pipe.execute_command(*command)
+            out: list[Any] = await pipe.execute(raise_on_error=False)
+        return out
+    out = await mux.execute(commands)
+    for i, command in enumerate(commands):
+        if command[0] == "HGETALL" and isinstance(out[i], list):
+            pairs = iter(out[i])
+            out[i] = dict(zip(pairs, pairs, strict=True))
+    return out

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from inventory_svc.storage.coalesce import Coalescer
-from inventory_svc.storage.redis_mux import RedisMux
+from inventory_svc.storage.redis_mux import RedisMux, pipeline
 
 Fields = dict[bytes, bytes]
 Read = tuple[tuple[str, ...], tuple[str, ...]]  # the keys, and the locations (none: all)
@@ -68,20 +68,11 @@ class HashReader:
         return [[parts[(k, locs)] if locs else got[k] for k in keys] for keys, locs in batch]
 
     async def _execute(self, commands: list[tuple[str, ...]]) -> list[Any]:
-        """One pipeline; HGETALL's reply as a dict; the first error reply raised."""
-        if self.mux is None:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                out: list[Any] = await pipe.execute()
-            return out
-        out = await self.mux.execute(commands)
-        for i, (command, reply) in enumerate(zip(commands, out, strict=True)):
+        """One pipeline (redis_mux.pipeline); the first error reply raised."""
+        out = await pipeline(self.client, self.mux, commands)
+        for reply in out:
             if isinstance(reply, Exception):
                 raise reply
-            if command[0] == "HGETALL":
-                pairs = iter(reply)
-                out[i] = dict(zip(pairs, pairs, strict=True))
         return out
 
     def _keep(self, key: str, fields: Fields) -> None:

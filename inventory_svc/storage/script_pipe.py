@@ -13,7 +13,7 @@ from redis.commands.core import AsyncScript
 
 from inventory_svc.domain.errors import Unavailable
 from inventory_svc.storage.coalesce import Coalescer
-from inventory_svc.storage.redis_mux import RedisMux
+from inventory_svc.storage.redis_mux import RedisMux, pipeline
 
 ScriptCall = tuple[AsyncScript, list[str], list[Any]]  # a script, its KEYS and its ARGV
 
@@ -69,14 +69,5 @@ class ScriptPipe:
         raise Unavailable("redis keeps losing the service's scripts; retry")
 
     async def _evalsha(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        commands = [("EVALSHA", script.sha, len(keys), *keys, *args)
-                    for script, keys, args in calls]
-        if self.mux is not None:
-            return await self.mux.execute(commands)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for command in commands:
-                # not pipe.evalsha: redis-py refuses that name in a cluster pipeline,
-                # though the command itself is routed by its keys like any other
-                pipe.execute_command(*command)
-            out: list[Any] = await pipe.execute(raise_on_error=False)
-        return out
+        return await pipeline(self.client, self.mux, [
+            ("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls])
