@@ -57,6 +57,9 @@ class Settings:
     # in Postgres at a time, another (up to this many lanes each) when every group there has been
     # there for stall_ms.
     group_commit_max: int = 64
+    # a group of plain reservations first tries one statement that locks, checks and writes
+    # outside a transaction (storage/pg_group.reserve_at_once); false: always the transaction
+    group_commit_one_statement: bool = True
     group_commit_lanes: int = 4
     group_commit_stall_ms: float = 20.0
     redis_timeout_s: float = 2.0

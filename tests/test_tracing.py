@@ -56,7 +56,7 @@ def ancestors(span: Span, by_id: dict[str, Span]) -> list[str]:
 
 def assert_one_trace_through_redis_and_postgres(call: Span, spans: list[Span]) -> None:
     """`call`'s trace holds it and, under it, the Redis commands and Postgres statements of a
-    Reserve: the hold's EVALSHA and the group commit's transaction with its writes."""
+    Reserve: the hold's EVALSHA and the group commit's statements."""
     assert call["kind"] == "SpanKind.SERVER" and call["attributes"]["rpc.system"] == "grpc"
     trace = {s["context"]["span_id"]: s for s in spans
              if s["context"]["trace_id"] == call["context"]["trace_id"]}
@@ -66,8 +66,10 @@ def assert_one_trace_through_redis_and_postgres(call: Span, spans: list[Span]) -
     assert "EVALSHA" in {s["name"] for s in under}, sorted(s["name"] for s in under)
     statements = [s for s in under if s["attributes"].get("db.system") == "postgresql"]
     names = [s["name"].rstrip(";") for s in statements]  # asyncpg sends "BEGIN;", "COMMIT;"
-    assert {"BEGIN", "COMMIT"} <= set(names), names
-    assert {"INSERT", "UPDATE", "WITH"} & set(names), names
+    # the group's write: one statement of its own, or in a transaction (the first group of a
+    # worker, before it has read Postgres' clock: app/group_commit)
+    assert "WITH" in names, names
+    assert ("BEGIN" in names) == ("COMMIT" in names), names
 
 
 async def test_a_reserve_is_one_trace_of_its_grpc_span_with_redis_and_postgres_under_it(

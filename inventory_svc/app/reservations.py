@@ -61,7 +61,8 @@ class ReservationService:
         s = ctx.settings
         self.group = GroupCommitter(ctx, max_group=s.group_commit_max,
                                     lanes=s.group_commit_lanes,
-                                    stall_s=s.group_commit_stall_ms / 1000)
+                                    stall_s=s.group_commit_stall_ms / 1000,
+                                    at_once=s.group_commit_one_statement)
         self.ends = SettleCommitter(ctx, max_group=s.group_commit_max,
                                     lanes=s.group_commit_lanes,
                                     stall_s=s.group_commit_stall_ms / 1000)

@@ -3,8 +3,9 @@ applies a pure domain check, and writes stock, ledger and outbox in one transact
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 
@@ -316,53 +317,17 @@ class PgStore(PgBase):
         the reservations and their lines, their outbox events and, with keys, their idempotency
         records. `levels` are the locked rows with their new `reserved`; returned with their new
         seqs."""
-        lines = [(x.reservation.id, ln) for x in new for ln in x.reservation.lines]
-        keyed = [x.record for x in new if x.record[0] is not None]
-        try:
+        with idempotency_taken():
             rows = await conn.fetch(
                 "WITH upd AS (UPDATE stock s SET reserved = c.reserved"
                 "  FROM unnest($1::text[], $2::text[], $3::bigint[]) AS c(sku, loc, reserved)"
                 "  WHERE s.sku = c.sku AND s.location_id = c.loc"
                 "  RETURNING s.sku, s.location_id, s.seq),"
-                # capacity: the locations as one comma-joined text each (location ids hold
-                # no comma), taken today in this transaction (lock_capacity's current_date)
-                " res AS (INSERT INTO reservations (id, status, channel, order_ref, created_at,"
-                "  expires_at, owner, capacity_day, capacity_locations)"
-                "  SELECT r.id, 'ACTIVE', r.channel, r.order_ref, r.created_at, r.expires_at,"
-                "   r.owner, CASE WHEN r.caps <> '' THEN current_date END,"
-                "   string_to_array(r.caps, ',')"
-                "  FROM unnest($4::text[], $5::text[], $6::text[], $7::timestamptz[],"
-                "   $8::timestamptz[], $18::text[], $19::text[])"
-                "   AS r(id, channel, order_ref, created_at, expires_at, owner, caps)),"
-                " lines AS (INSERT INTO reservation_lines"
-                "  (reservation_id, sku, location_id, quantity, requested)"
-                "  SELECT l.id, l.sku, l.loc, l.qty, l.qty"
-                "  FROM unnest($9::text[], $10::text[], $11::text[], $12::bigint[])"
-                "   AS l(id, sku, loc, qty)),"
-                " ob AS (INSERT INTO outbox (kind, payload)"
-                "  SELECT 'RESERVATION', e.payload FROM unnest($13::jsonb[])"
-                "   WITH ORDINALITY AS e(payload, i) ORDER BY e.i),"
-                " idem AS (INSERT INTO idempotency (key, method, request_hash, response)"
-                "  SELECT * FROM unnest($14::text[], $15::text[], $16::bytea[], $17::bytea[]))"
+                f" {reservation_inserts('true')}"
                 " SELECT sku, location_id, seq FROM upd",
                 [x.sku for x in levels], [x.location_id for x in levels],
-                [x.reserved for x in levels],
-                [x.reservation.id for x in new], [x.reservation.channel.value for x in new],
-                [x.reservation.order_ref for x in new],
-                [_from_ms(x.reservation.created_at_ms) for x in new],
-                [_from_ms(x.reservation.expires_at_ms) for x in new],
-                [i for i, _ in lines], [ln.sku for _, ln in lines],
-                [ln.location_id for _, ln in lines], [ln.quantity for _, ln in lines],
-                [json.dumps(x.event) for x in new],
-                [k[0] for k in keyed], [k[1] for k in keyed], [k[2] for k in keyed],
-                [k[3] for k in keyed],
-                [x.owner for x in new], [",".join(x.capacity_locations) for x in new],
+                [x.reserved for x in levels], *reservation_args(new),
             )
-        except asyncpg.UniqueViolationError as exc:
-            if "idempotency" not in str(exc.constraint_name or ""):
-                raise
-            # a first call with this key committed in the instant of our lookup: see Unit.claim
-            raise Aborted("an idempotency_key was just used; retry to get its answer") from exc
         seq = {(r["sku"], r["location_id"]): r["seq"] for r in rows}
         return [replace(x, seq=seq[(x.sku, x.location_id)]) for x in levels]
 
@@ -574,6 +539,64 @@ class PgStore(PgBase):
                 *args, after_id, limit,
             )
         return [_movement(r) for r in rows]
+
+
+def reservation_inserts(guard: str) -> str:
+    """The CTEs that insert new reservations, their lines, outbox events and idempotency
+    records from parameters $4-$19 (`reservation_args`), each only where `guard` (SQL) holds."""
+    return (
+        # capacity: the locations as one comma-joined text each (location ids hold no comma),
+        # taken today in this transaction (lock_capacity's current_date)
+        "res AS (INSERT INTO reservations (id, status, channel, order_ref, created_at,"
+        "  expires_at, owner, capacity_day, capacity_locations)"
+        "  SELECT r.id, 'ACTIVE', r.channel, r.order_ref, r.created_at, r.expires_at,"
+        "   r.owner, CASE WHEN r.caps <> '' THEN current_date END,"
+        "   string_to_array(r.caps, ',')"
+        "  FROM unnest($4::text[], $5::text[], $6::text[], $7::timestamptz[],"
+        "   $8::timestamptz[], $18::text[], $19::text[])"
+        f"   AS r(id, channel, order_ref, created_at, expires_at, owner, caps) WHERE {guard}),"
+        " lines AS (INSERT INTO reservation_lines"
+        "  (reservation_id, sku, location_id, quantity, requested)"
+        "  SELECT l.id, l.sku, l.loc, l.qty, l.qty"
+        "  FROM unnest($9::text[], $10::text[], $11::text[], $12::bigint[])"
+        f"   AS l(id, sku, loc, qty) WHERE {guard}),"
+        " ob AS (INSERT INTO outbox (kind, payload)"
+        "  SELECT 'RESERVATION', e.payload FROM unnest($13::jsonb[])"
+        f"   WITH ORDINALITY AS e(payload, i) WHERE {guard} ORDER BY e.i),"
+        " idem AS (INSERT INTO idempotency (key, method, request_hash, response)"
+        "  SELECT * FROM unnest($14::text[], $15::text[], $16::bytea[], $17::bytea[])"
+        f"   AS i(key, method, request_hash, response) WHERE {guard})"
+    )
+
+
+def reservation_args(new: Sequence[NewReservation]) -> list[list[object]]:
+    """Parameters $4-$19 of `reservation_inserts`."""
+    lines = [(x.reservation.id, ln) for x in new for ln in x.reservation.lines]
+    keyed = [x.record for x in new if x.record[0] is not None]
+    return [
+        [x.reservation.id for x in new], [x.reservation.channel.value for x in new],
+        [x.reservation.order_ref for x in new],
+        [_from_ms(x.reservation.created_at_ms) for x in new],
+        [_from_ms(x.reservation.expires_at_ms) for x in new],
+        [i for i, _ in lines], [ln.sku for _, ln in lines],
+        [ln.location_id for _, ln in lines], [ln.quantity for _, ln in lines],
+        [json.dumps(x.event) for x in new],
+        [k[0] for k in keyed], [k[1] for k in keyed], [k[2] for k in keyed],
+        [k[3] for k in keyed],
+        [x.owner for x in new], [",".join(x.capacity_locations) for x in new],
+    ]
+
+
+@contextlib.contextmanager
+def idempotency_taken() -> Iterator[None]:
+    """An idempotency record refused as a duplicate: a first call with the key committed in
+    the instant of our lookup (see Unit.claim), so ABORTED: a retry gets its answer."""
+    try:
+        yield
+    except asyncpg.UniqueViolationError as exc:
+        if "idempotency" not in str(exc.constraint_name or ""):
+            raise
+        raise Aborted("an idempotency_key was just used; retry to get its answer") from exc
 
 
 def _from_ms(ms: int) -> datetime:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -59,6 +60,26 @@ def idempotency_row(idem: Idem | None, result: Any) -> tuple[str | None, str, by
     if idem is None:
         return None, "", b"", b""
     return idem.key, idem.method, idem.fingerprint, idem.encode(result)
+
+
+class PgClock:
+    """Postgres' clock as this process last saw it (a transaction's `now()`), run on by the
+    process's monotonic clock: the time a statement that must carry its timestamps in its
+    parameters (app/group_commit's one-statement groups) stamps rows with. Its error is about
+    a round trip, as a transaction's own `now()` (taken at BEGIN) is."""
+
+    def __init__(self) -> None:
+        self._seen: tuple[int, float] | None = None  # (Postgres ms, monotonic s) of a reading
+
+    def saw(self, now: datetime) -> None:
+        self._seen = (to_ms(now), time.monotonic())
+
+    def now_ms(self) -> int | None:
+        """Postgres' time now in ms, None before the first reading."""
+        if self._seen is None:
+            return None
+        at_ms, at = self._seen
+        return at_ms + int((time.monotonic() - at) * 1000)
 
 
 def to_ms(ts: datetime | None) -> int:
@@ -251,6 +272,7 @@ class PgBase:
         self.pool = pool
         self.timeout_s = timeout_s  # also bounds waiting for a pooled connection
         self._lookups: Coalescer[Idem, bytes | None] = Coalescer(self._look_up)
+        self.clock = PgClock()
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int, max_size: int, timeout_s: float) -> Any:
@@ -270,6 +292,13 @@ class PgBase:
 
     async def close(self) -> None:
         await self.pool.close()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection, no transaction: each statement commits on its own."""
+        with translate_errors():
+            async with self.pool.acquire(timeout=self.timeout_s) as conn:
+                yield conn
 
     @contextlib.asynccontextmanager
     async def unit(self, idem: Idem | None) -> AsyncIterator[Unit]:

@@ -8,6 +8,9 @@ locks (see pg_base.claim_keys) — one round trip less per group than a lookup o
 Of Commit and Release, a group of reservations is locked in one statement, and everything it
 writes but the idempotency answers goes in one more.
 
+A group of plain reservations that fits, with no key in use, is one statement and no explicit
+transaction at all (`reserve_at_once`): it locks, checks and writes, and commits as it ends.
+
 Locks are taken in the order every path takes them: reservations (by id), then stock rows (by
 sku, location), then capacity rows (by location, day). A group therefore never deadlocks with
 another group, with a single call or with the expiry sweeper.
@@ -23,11 +26,25 @@ from datetime import date, datetime
 import asyncpg
 
 from inventory_svc.domain.errors import Aborted
-from inventory_svc.domain.model import Channel, Line, Movement, MovementKind, Reservation
+from inventory_svc.domain.model import (
+    Channel,
+    Line,
+    Movement,
+    MovementKind,
+    Reservation,
+    StockLevel,
+)
 from inventory_svc.domain.model import ReservationStatus as Status
 from inventory_svc.domain.rules import LockedStock, StockKey
-from inventory_svc.storage.pg import STOCK_COLUMNS, MovementDraft, stock_level
-from inventory_svc.storage.pg_base import to_ms
+from inventory_svc.storage.pg import (
+    STOCK_COLUMNS,
+    MovementDraft,
+    NewReservation,
+    reservation_args,
+    reservation_inserts,
+    stock_level,
+)
+from inventory_svc.storage.pg_base import advisory_key, to_ms
 
 _ANSWERS = ("SELECT key, method, request_hash, response FROM idempotency"
             " WHERE key = ANY($K::text[])")
@@ -79,6 +96,62 @@ async def lock_stock_and_answers(
               for r in rows if not r["answer"]}
     answers = {r["key"]: r for r in rows if r["answer"] and r["key"] is not None}
     return locked, rows[0]["now"], answers
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    """What a group asks of one stock row: its units, and whether any of them is for a
+    channel that must leave the row's safety stock (every channel but POS)."""
+
+    key: StockKey
+    units: int
+    buffered: bool
+
+
+async def reserve_at_once(
+    conn: asyncpg.Connection, new: Sequence[NewReservation], wants: Sequence[Want],
+) -> tuple[list[StockLevel] | None, datetime | None]:
+    """Reserve a whole group in one statement, outside a transaction: lock the rows in (sku,
+    location) order; if every row exists at an active location and has what the group asks
+    (leaving the safety stock if any unit is for a remote channel: stricter than the call by
+    call check, never looser), and every key's advisory lock is free, write what
+    `PgStore.write_reservations` writes; commit as the statement ends. Returns the rows' new
+    levels, or None when nothing was written: some check failed, or a key already has a
+    record (a repeat, or a first call that committed meanwhile). And Postgres' `now()`, when
+    the statement did not fail."""
+    ordered = sorted(wants, key=lambda w: w.key)
+    keys = [x.record[0] for x in new if x.record[0] is not None]
+    try:
+        rows = await conn.fetch(
+            "WITH lk AS (SELECT s.sku, s.location_id, w.qty,"
+            "  COALESCE(s.safety_stock, l.default_safety_stock) AS safety,"
+            "  l.active AND s.on_hand - s.reserved - CASE WHEN w.buffered"
+            "   THEN COALESCE(s.safety_stock, l.default_safety_stock) ELSE 0 END >= w.qty AS fits"
+            "  FROM unnest($1::text[], $2::text[], $3::bigint[], $20::bool[])"
+            "   AS w(sku, loc, qty, buffered)"
+            "  JOIN stock s ON s.sku = w.sku AND s.location_id = w.loc"
+            "  JOIN locations l ON l.id = s.location_id"
+            "  ORDER BY s.sku, s.location_id FOR UPDATE OF s),"
+            " go AS (SELECT count(*) = cardinality($1::text[]) AND coalesce(bool_and(fits), false)"
+            "  AND (SELECT coalesce(bool_and(pg_try_advisory_xact_lock(k)), true)"
+            "   FROM unnest($21::bigint[]) AS k) AS ok FROM lk),"
+            " upd AS (UPDATE stock s SET reserved = s.reserved + lk.qty FROM lk"
+            "  WHERE s.sku = lk.sku AND s.location_id = lk.location_id AND (SELECT ok FROM go)"
+            "  RETURNING s.sku, s.location_id, s.on_hand, s.reserved, lk.safety, s.version,"
+            "   s.seq),"
+            f" {reservation_inserts('(SELECT ok FROM go)')}"
+            " SELECT sku, location_id, on_hand, reserved, safety, version, seq, now() AS now"
+            " FROM upd UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, now()",
+            [w.key[0] for w in ordered], [w.key[1] for w in ordered],
+            [w.units for w in ordered], *reservation_args(new),
+            [w.buffered for w in ordered], [advisory_key(k) for k in keys],
+        )
+    except asyncpg.UniqueViolationError as exc:
+        if "idempotency" not in str(exc.constraint_name or ""):
+            raise
+        return None, None  # the statement failed: nothing was written
+    levels = [stock_level(r) for r in rows if r["sku"] is not None]
+    return (levels if len(levels) == len(ordered) else None), rows[0]["now"]
 
 
 async def lock_reservations(
