@@ -20,7 +20,7 @@ from inventory_svc.storage.pg_base import keys_page, translate_errors
 from inventory_svc.storage.redis_stock import translate_redis
 
 log = logging.getLogger(__name__)
-PAGE = 5_000
+PAGE = 500  # keys a step: its Redis script and its Python work stall their loops ~5 ms
 MARGIN_S = 1.0  # beyond hold_timeout_s: the holds' own clock and ours are not the same
 
 
