@@ -18,7 +18,7 @@ from inventory_svc.storage.pg_base import advisory_key, to_ms
 from tests.conftest import make_world, uid
 from tests.grpc_helpers import expect_error
 from tests.invariants import assert_invariants
-from tests.test_group_commit import wait_until
+from tests.test_group_commit import outcome, wait_until
 
 pytestmark = pytest.mark.redis_cluster
 
@@ -74,25 +74,18 @@ async def test_a_group_that_fits_is_one_statement_stamped_with_postgres_time(
 async def test_a_group_postgres_cannot_serve_whole_writes_nothing_then_goes_call_by_call(
     stub: Stub, service: Running,
 ) -> None:
-    group = service.reservations.group
     w = await make_world(stub, locations=1, skus=1, on_hand=10)
-    sku, loc = w.skus[0], w.locations[0]
+    sku, loc, group = w.skus[0], w.locations[0], service.reservations.group
     await stub.Reserve(api.ReserveRequest(lines=[line(sku, loc, 1)]))
     before = Counter(group.ways)
-
-    async def reserve_two() -> grpc.StatusCode:
-        try:
-            await stub.Reserve(api.ReserveRequest(lines=[line(sku, loc, 2)]))
-        except grpc.aio.AioRpcError as err:
-            return err.code()
-        return grpc.StatusCode.OK
+    two = api.ReserveRequest(lines=[line(sku, loc, 2)])
 
     # Redis holds 4 x 2 of the 9 it knows of; meanwhile 4 leave the shelf in Postgres, so
     # only 2 calls can have their units, whichever groups they were sent in.
     async with service.ctx.pg.pool.acquire() as conn:
         async with conn.transaction():
             await conn.execute("SELECT 1 FROM stock WHERE sku = $1 FOR UPDATE", sku)
-            calls = [asyncio.ensure_future(reserve_two()) for _ in range(4)]
+            calls = [asyncio.ensure_future(outcome(stub.Reserve(two))) for _ in range(4)]
             await wait_until(lambda: group.calls_in_flight == 4, "every call in Postgres")
             await conn.execute(
                 "UPDATE stock SET on_hand = on_hand - 4 WHERE sku = $1 AND location_id = $2",
