@@ -80,10 +80,11 @@ async def test_keyless_header_only_calls_hold_no_slot(stores: Stores, tmp_path: 
 
 async def test_oversized_keyless_calls_do_not_grow_the_service(stores: Stores,
                                                                tmp_path: Path) -> None:
-    """8 keyless 53 MiB calls: refused before they are read or decoded; the service process
-    grows by less than two of them (it used to grow by ~3 GiB: every one read and decoded). Not
-    less than one: on a busy box grpc's transport can take in a message or so before the
-    refusal reaches it (measured: 53 MiB once, under load, of 8 x 53 MiB sent)."""
+    """8 keyless 53 MiB calls: refused before they are decoded; the service process grows by
+    less than the bytes sent (424 MiB). A service that read and decoded each one holds at least
+    twice that (it used to grow by ~3 GiB). Not less than a message or two: on a busy box grpc's
+    transport takes in what the client sent before the refusal reaches it (measured under load:
+    53 MiB once, and 207 MiB once, beside a benchmark and the suite at a load average of 8)."""
     svc = ServiceProcess(stores.redis_url, stores.database_url, tmp_path, api_keys="k-erp:erp")
     svc.start()
     try:
@@ -106,7 +107,7 @@ async def test_oversized_keyless_calls_do_not_grow_the_service(stores: Stores,
                 health_pb2.HealthCheckResponse.SERVING
         codes = {r.code() if isinstance(r, grpc.aio.AioRpcError) else r for r in results}
         assert codes <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
-        assert after - before < 2 * len(big), f"grew by {(after - before) >> 20} MiB"
+        assert after - before < 8 * len(big), f"grew by {(after - before) >> 20} MiB"
     finally:
         svc.kill()
 
