@@ -90,6 +90,17 @@ class _Call:
     committed: list[StockLevel] = field(default_factory=list)  # its rows after the commit
     seen: list[StockLevel] = field(default_factory=list)  # the levels by which it was refused
 
+    def take(self, created_ms: int) -> tuple[Answer, NewReservation]:
+        """The call's answer and its write, were it taken at `created_ms` (Postgres' time)."""
+        res = Reservation(
+            self.res_id, ReservationStatus.ACTIVE, self.channel, self.order_ref,
+            tuple(sorted(self.lines, key=lambda x: (x.sku, x.location_id))),
+            created_ms, created_ms + self.ttl_s * 1000, 0)
+        result = res if self.answer_of is None else self.answer_of(res)
+        return result, NewReservation(res, reservation_event(res),
+                                      idempotency_row(self.idem, result), self.owner,
+                                      tuple(self.shipping_from))
+
 
 def reservation_event(res: Reservation) -> dict[str, object]:
     return {"reservation_id": res.id, "status": res.status.value, "order_ref": res.order_ref}
@@ -145,22 +156,17 @@ class GroupCommitter(Lanes[_Call]):
         """The group as one statement (storage/pg_group.reserve_at_once), its calls answered;
         False when that statement wrote nothing (a row short or missing in Postgres, a key in
         use or repeated): the group then goes the locked way, which answers each call."""
-        answers: list[Answer] = []
-        taken: list[NewReservation] = []
-        wants: dict[StockKey, Want] = {}
+        decided = [c.take(created) for c in group]
+        answers = [answer for answer, _ in decided]
+        taken = [write for _, write in decided]
+        units: collections.Counter[StockKey] = collections.Counter()
+        buffered: set[StockKey] = set()  # rows a remote channel takes from
         for c in group:
-            res = Reservation(
-                c.res_id, ReservationStatus.ACTIVE, c.channel, c.order_ref,
-                tuple(sorted(c.lines, key=lambda x: (x.sku, x.location_id))),
-                created, created + c.ttl_s * 1000, 0)
-            answers.append(result := res if c.answer_of is None else c.answer_of(res))
-            taken.append(NewReservation(res, reservation_event(res),
-                                        idempotency_row(c.idem, result), c.owner))
-            buffered = c.channel is not Channel.POS
             for x in c.lines:
-                k = (x.sku, x.location_id)
-                was = wants.get(k, Want(k, 0, False))
-                wants[k] = Want(k, was.units + x.quantity, was.buffered or buffered)
+                units[(x.sku, x.location_id)] += x.quantity
+                if c.channel is not Channel.POS:
+                    buffered.add((x.sku, x.location_id))
+        wants = [Want(k, n, k in buffered) for k, n in units.items()]
         sent = False
         try:
             async with asyncio.timeout_at(min(c.deadline for c in group)):
@@ -168,7 +174,7 @@ class GroupCommitter(Lanes[_Call]):
                     sent = True  # the statement is its own commit
                     for c in group:
                         c.progress.sent = True
-                    levels, now = await reserve_at_once(conn, taken, list(wants.values()))
+                    levels, now = await reserve_at_once(conn, taken, wants)
         except BaseException as exc:
             await self._fail(group, exc, sent=sent)
             return True
@@ -255,14 +261,8 @@ class GroupCommitter(Lanes[_Call]):
             except DomainError as exc:
                 answers[i] = exc
                 continue
-            res = Reservation(
-                c.res_id, ReservationStatus.ACTIVE, c.channel, c.order_ref,
-                tuple(sorted(c.lines, key=lambda x: (x.sku, x.location_id))),
-                created, created + c.ttl_s * 1000, 0)
-            answers[i] = result = res if c.answer_of is None else c.answer_of(res)
-            taken.append(NewReservation(res, reservation_event(res),
-                                        idempotency_row(c.idem, result), c.owner,
-                                        tuple(c.shipping_from)))
+            answers[i], write = c.take(created)
+            taken.append(write)
             for loc in c.shipping_from:
                 used[loc] = used.get(loc, 0) + 1
             for x in c.lines:

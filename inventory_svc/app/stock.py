@@ -98,6 +98,7 @@ BULK_TIMEOUT_S = 300.0
 # rows of an import checked, locked and written at a time, the event loop free in between
 IMPORT_SLICE = 1_000
 _ROW_KEY = operator.attrgetter("sku", "location_id")
+_ROW_NUMBER = operator.itemgetter(0)  # of a (row number, why) refusal
 
 
 async def _in_key_order(rows: Sequence[ImportRow]) -> Iterator[ImportRow]:
@@ -108,6 +109,19 @@ async def _in_key_order(rows: Sequence[ImportRow]) -> Iterator[ImportRow]:
         parts.append(sorted(rows[i:i + 10 * IMPORT_SLICE], key=_ROW_KEY))
         await asyncio.sleep(0)
     return heapq.merge(*parts, key=_ROW_KEY)
+
+
+def _import_refusal(r: ImportRow, row: LockedStock | None) -> DomainError | None:
+    """Why an import row cannot be taken (its row locked, None: its location is unknown)."""
+    if row is None:
+        return NotFound("location", r.location_id,
+                        f"rows[{r.row_number}]: location {r.location_id!r} not found")
+    if r.on_hand < row.level.reserved:
+        return FailedPrecondition(
+            f"rows[{r.row_number}]: on_hand {r.on_hand} of {r.sku}@{r.location_id}"
+            f" is below the {row.level.reserved} units reserved",
+            violation_type="BELOW_RESERVED", subject=f"rows[{r.row_number}]")
+    return None
 
 
 def _stock_event(level: StockLevel) -> tuple[str, str, dict[str, object]]:
@@ -324,15 +338,15 @@ class StockService:
             if u.replay is not None:
                 return Replay(u.replay)
             changed = 0
-            fault: tuple[int, DomainError] | None = None  # the first row (by number) refused
+            faults: list[tuple[int, DomainError]] = []  # each slice's first refused row
             while part := list(itertools.islice(ordered, IMPORT_SLICE)):
-                slice_changed, slice_fault = await self._import_slice(u.conn, part, reason,
-                                                                      write=fault is None)
-                changed += slice_changed
-                if slice_fault is not None and (fault is None or slice_fault[0] < fault[0]):
-                    fault = slice_fault  # the later slices are still checked, not written
-            if fault is not None:
-                raise fault[1]
+                # after a refusal the later slices are still checked, for an earlier row's
+                part_changed, fault = await self._import_slice(
+                    u.conn, part, reason, write=not faults)
+                changed += part_changed
+                faults += [fault] if fault else []
+            if faults:
+                raise min(faults, key=_ROW_NUMBER)[1]
             await PgStore.add_outbox(u.conn, "STOCK_IMPORTED", [
                 ("", "", {"rows": len(rows), "changed": changed})])
             result = ImportResult(len(rows), changed, len({r.sku for r in rows}))
@@ -349,41 +363,26 @@ class StockService:
     async def _import_slice(
         conn: asyncpg.Connection, rows: Sequence[ImportRow], reason: str, *, write: bool,
     ) -> tuple[int, tuple[int, DomainError] | None]:
-        """Lock (making missing rows) and check a slice of an import, and unless a fault came
-        before (`write` False) write it: the rows it changed, and its first fault by row
-        number."""
+        """Lock (making missing rows) and check a slice of an import, and unless a row of it
+        is refused or `write` is False (one before was) write it: the rows it changed, and its
+        first refused row by number, with why."""
         bulk = BULK_TIMEOUT_S
         locked = await PgStore.lock_stock(
             conn, [(r.sku, r.location_id) for r in rows], create=True, timeout=bulk)
+        faults = [(r.row_number, why) for r in rows
+                  if (why := _import_refusal(r, locked.get((r.sku, r.location_id))))]
+        if faults or not write:
+            return 0, min(faults, key=_ROW_NUMBER, default=None)
         changed: list[StockLevel] = []
         drafts: list[MovementDraft] = []
-        fault: tuple[int, DomainError] | None = None
         for r in rows:
-            row = locked.get((r.sku, r.location_id))
-            if row is None:
-                error: DomainError | None = NotFound(
-                    "location", r.location_id,
-                    f"rows[{r.row_number}]: location {r.location_id!r} not found")
-            elif r.on_hand < row.level.reserved:
-                error = FailedPrecondition(
-                    f"rows[{r.row_number}]: on_hand {r.on_hand} of {r.sku}@{r.location_id}"
-                    f" is below the {row.level.reserved} units reserved",
-                    violation_type="BELOW_RESERVED", subject=f"rows[{r.row_number}]")
-            else:
-                error = None
-            if error is not None:
-                if fault is None or r.row_number < fault[0]:
-                    fault = (r.row_number, error)
-                continue
-            assert row is not None
-            delta = r.on_hand - row.level.on_hand
-            if delta or row.level.version == 0:
-                changed.append(replace(row.level, on_hand=r.on_hand))
+            level = locked[(r.sku, r.location_id)].level
+            delta = r.on_hand - level.on_hand
+            if delta or level.version == 0:
+                changed.append(replace(level, on_hand=r.on_hand))
             if delta:
                 drafts.append(MovementDraft(r.sku, r.location_id, delta, MovementKind.IMPORT,
                                             reason))
-        if fault is not None or not write:
-            return 0, fault
         news = await PgStore.write_levels(conn, changed, timeout=bulk)
         after = {(n.sku, n.location_id): n.on_hand for n in news}
         await PgStore.add_movements(

@@ -587,6 +587,12 @@ def reservation_args(new: Sequence[NewReservation]) -> list[list[object]]:
     ]
 
 
+def key_taken(exc: asyncpg.UniqueViolationError) -> bool:
+    """Whether Postgres refused an idempotency record (its key has one already), rather than
+    another unique row."""
+    return "idempotency" in str(exc.constraint_name or "")
+
+
 @contextlib.contextmanager
 def idempotency_taken() -> Iterator[None]:
     """An idempotency record refused as a duplicate: a first call with the key committed in
@@ -594,7 +600,7 @@ def idempotency_taken() -> Iterator[None]:
     try:
         yield
     except asyncpg.UniqueViolationError as exc:
-        if "idempotency" not in str(exc.constraint_name or ""):
+        if not key_taken(exc):
             raise
         raise Aborted("an idempotency_key was just used; retry to get its answer") from exc
 

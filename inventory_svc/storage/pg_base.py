@@ -323,7 +323,7 @@ class PgBase:
         return self._lookups.sends
 
     async def _look_up(self, idems: list[Idem]) -> list[bytes | BaseException | None]:
-        async with self.pool.acquire(timeout=self.timeout_s) as conn:
+        async with self.connection() as conn:
             return list(await look_up_keys(conn, idems))
 
     async def migrate(self) -> list[str]:

@@ -25,7 +25,6 @@ from datetime import date, datetime
 
 import asyncpg
 
-from inventory_svc.domain.errors import Aborted
 from inventory_svc.domain.model import (
     Channel,
     Line,
@@ -40,6 +39,8 @@ from inventory_svc.storage.pg import (
     STOCK_COLUMNS,
     MovementDraft,
     NewReservation,
+    idempotency_taken,
+    key_taken,
     reservation_args,
     reservation_inserts,
     stock_level,
@@ -147,7 +148,7 @@ async def reserve_at_once(
             [w.buffered for w in ordered], [advisory_key(k) for k in keys],
         )
     except asyncpg.UniqueViolationError as exc:
-        if "idempotency" not in str(exc.constraint_name or ""):
+        if not key_taken(exc):
             raise
         return None, None  # the statement failed: nothing was written
     levels = [stock_level(r) for r in rows if r["sku"] is not None]
@@ -261,12 +262,9 @@ async def store_answers(
     """The idempotency rows (key, method, request hash, answer) of the group's keyed calls."""
     if not records:
         return
-    try:
+    with idempotency_taken():
         await conn.execute(
             "INSERT INTO idempotency (key, method, request_hash, response)"
             " SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[])",
             [r[0] for r in records], [r[1] for r in records], [r[2] for r in records],
             [r[3] for r in records])
-    except asyncpg.UniqueViolationError as exc:
-        # a first call with this key committed in the instant of our lookup: see Unit.claim
-        raise Aborted("an idempotency_key was just used; retry to get its answer") from exc
