@@ -32,7 +32,7 @@ from inventory_svc.app.sequencer import HOLDER_QUERY, Sequencer
 from inventory_svc.server import Running, serve
 from inventory_svc.storage import pg_watch
 from tests.conftest import Stores, World, make_world, settings_for, store_location, uid
-from tests.faults.harness import ServiceProcess, eventually
+from tests.faults.harness import ServiceProcess, eventually, own_site
 from tests.grpc_helpers import details, expect_error
 
 Stub = api_grpc.InventoryServiceStub
@@ -787,3 +787,34 @@ async def test_a_consumer_that_stops_reading_is_cut_off_and_nothing_else_is(
         got = [e.sequence for e in slow.events]
         assert got == sorted(set(got)) and len(got) < rounds * len(skus)
         fast.call.cancel()
+
+
+async def test_a_transaction_too_large_for_a_pass_in_time_is_still_numbered(
+        stores: Stores) -> None:
+    # A transaction's changes are numbered in one pass. With a statement timeout far below
+    # what numbering a 30k-row load takes, the sequencer's passes are cut off until one is
+    # given long enough (app/sequencer.py): the stream must not stop at the load.
+    async with own_site(stores) as site:
+        svc = ServiceProcess(site.redis_url, site.database_url, site.root, pg_timeout_s=0.2)
+        await asyncio.to_thread(svc.start)
+        try:
+            async with grpc.aio.insecure_channel(svc.target) as ch:
+                stub = api_grpc.InventoryServiceStub(ch)
+                loc = uid("L")
+                await stub.UpsertLocations(api.UpsertLocationsRequest(
+                    locations=[store_location(loc)]))
+                rows = [api.ImportRow(sku=f"{uid('S')}-{i}", location_id=loc, on_hand=1)
+                        for i in range(30_000)]
+                await stub.ImportStock(iter([api.ImportStockRequest(
+                    rows=rows[i:i + 5_000], reason="erp load") for i in range(0, 30_000, 5_000)]),
+                    timeout=300)
+            conn = await asyncpg.connect(site.database_url)
+            try:
+                async def numbered() -> bool:
+                    return await conn.fetchval("SELECT count(*) FROM stock_changes") == 0
+
+                await eventually(numbered, within=120, what="the load's changes numbered")
+            finally:
+                await conn.close()
+        finally:
+            svc.kill()

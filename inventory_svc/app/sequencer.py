@@ -39,6 +39,10 @@ BACKLOG = Gauge("inventory_watch_backlog_events",
                 multiprocess_mode="livemax")
 VACUUM_ROWS, VACUUM_S = 20_000, 10.0  # stock_changes is vacuumed after this many rows or s
 RETRY_S = 1.0  # after a failed pass or connection
+# A transaction's changes are numbered in one pass, so a bulk load's can outlast the statement
+# timeout, and then no pass would ever finish: after a pass is cut off at its timeout, the next
+# gets twice as long, up to this many times pg_timeout_s, and once one finishes, the usual time.
+PASS_TIMEOUT_GROWTH_MAX = 32
 # Who holds the turn (the watch_state row: a pass locks it FOR UPDATE, which shows in pg_locks as
 # a RowShareLock on the table; readers take AccessShareLock only), for how long, what it waits for
 # and who holds that: for the WARNING that names it
@@ -67,6 +71,7 @@ class Sequencer:
         self._turn_lost_at: float | None = None  # since when others' passes held every turn
         self._warned_at = 0.0
         self._wake: asyncio.Event | None = None  # (of the thread's loop)
+        self._pass_timeout_s = ctx.settings.pg_timeout_s  # what the next connection's pass gets
 
     async def run_once(self, conn: asyncpg.Connection | None = None) -> int:
         """One pass, on `conn` or a pooled connection: the events numbered (0 also when another
@@ -165,18 +170,26 @@ class Sequencer:
                     if conn is None or conn.is_closed():
                         conn = await asyncpg.connect(
                             settings.database_url, timeout=settings.pg_timeout_s,
-                            command_timeout=settings.pg_timeout_s,
+                            command_timeout=self._pass_timeout_s,
                             server_settings={
                                 "application_name": "inventory-svc sequencer",
                                 # Postgres ends a pass that outlives it even when this process
                                 # is gone and cannot cancel it: a pass holds every sequencer's
                                 # turn while it runs
-                                "statement_timeout": str(int(settings.pg_timeout_s * 1000)),
+                                "statement_timeout": str(int(self._pass_timeout_s * 1000)),
                             })
                     n = await self.run_once(conn)
+                    if self._pass_timeout_s > settings.pg_timeout_s:  # the long pass is done
+                        self._pass_timeout_s = settings.pg_timeout_s
+                        conn.terminate()  # the next connection has the usual timeout
+                        conn = None
                 except DomainError as exc:
                     log.warning("watch sequencer: %s", exc.message)
                     pause = RETRY_S
+                    if isinstance(exc.__cause__, asyncpg.QueryCanceledError | TimeoutError):
+                        self._pass_timeout_s = min(
+                            2 * self._pass_timeout_s,
+                            PASS_TIMEOUT_GROWTH_MAX * settings.pg_timeout_s)
                 except Exception:
                     log.exception("watch sequencer failed")
                     pause = RETRY_S
