@@ -9,6 +9,7 @@ from google.rpc import error_details_pb2
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
+from inventory_svc.app.stock import IMPORT_SLICE
 from inventory_svc.server import Running
 from tests.conftest import make_world, store_location, uid
 from tests.grpc_helpers import bad_fields, details, expect_error, shortfalls
@@ -162,22 +163,21 @@ async def test_find_nearby_nearest_first_with_enough_stock(stub: Stub) -> None:
     assert "lat" in bad_fields(err)
 
 
-async def test_an_import_refused_late_changes_nothing_and_names_its_first_row(
+async def test_an_import_refused_in_a_later_slice_changes_nothing_and_names_its_first_row(
     stub: Stub, service: Running,
 ) -> None:
-    # One transaction: a row refused late in sku order undoes the rest, and the answer names
-    # the refused row with the lowest number.
+    # An import is checked and written a slice at a time (in sku order) in one transaction.
     locs = [uid("IMP") for _ in range(2)]
     await stub.UpsertLocations(api.UpsertLocationsRequest(
         locations=[store_location(x) for x in locs]))
     prefix = uid("SLICE")
-    last = f"{prefix}-zzz"  # sorts after every other SKU of the load
+    last = f"{prefix}-zzz"  # sorts after every other SKU of the load: the last slice
     await stub.SetStock(api.SetStockRequest(sku=last, location_id=locs[0], on_hand=10))
     await stub.Reserve(api.ReserveRequest(lines=[
         pb.ReservationLine(sku=last, location_id=locs[0], quantity=8)]))
     rows = [api.ImportRow(sku=last, location_id=locs[0], on_hand=7)]  # row 0: below reserved
     rows += [api.ImportRow(sku=f"{prefix}-{i:06d}", location_id=locs[i % 2], on_hand=5)
-             for i in range(3_000)]
+             for i in range(3 * IMPORT_SLICE)]
     rows[5].location_id = uid("NOPE")  # row 5, in the first slice: no such location
 
     err = await expect_error(stub.ImportStock(iter([api.ImportStockRequest(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Callable, Collection, Hashable, Sequence
+import heapq
+import itertools
+import operator
+from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import asyncpg
@@ -11,7 +15,13 @@ import asyncpg
 from inventory_svc.app.context import Context
 from inventory_svc.app.returns import ReturnService
 from inventory_svc.domain import validation as val
-from inventory_svc.domain.errors import Aborted, FailedPrecondition, NotFound, quote
+from inventory_svc.domain.errors import (
+    Aborted,
+    DomainError,
+    FailedPrecondition,
+    NotFound,
+    quote,
+)
 from inventory_svc.domain.model import (
     Channel,
     ImportRow,
@@ -85,6 +95,33 @@ class Nearby:
 
 # A bulk load of a few hundred thousand rows legitimately runs for many seconds.
 BULK_TIMEOUT_S = 300.0
+# rows of an import checked, locked and written at a time, the event loop free in between
+IMPORT_SLICE = 1_000
+_ROW_KEY = operator.attrgetter("sku", "location_id")
+_ROW_NUMBER = operator.itemgetter(0)  # of a (row number, why) refusal
+
+
+async def _in_key_order(rows: Sequence[ImportRow]) -> Iterator[ImportRow]:
+    """The rows in (sku, location) order: sorted in parts, the loop free in between, and merged
+    as they are taken (one sort of 155k rows held the event loop for a quarter of a second)."""
+    parts = []
+    for i in range(0, len(rows), 10 * IMPORT_SLICE):
+        parts.append(sorted(rows[i:i + 10 * IMPORT_SLICE], key=_ROW_KEY))
+        await asyncio.sleep(0)
+    return heapq.merge(*parts, key=_ROW_KEY)
+
+
+def _import_refusal(r: ImportRow, row: LockedStock | None) -> DomainError | None:
+    """Why an import row cannot be taken (its row locked, None: its location is unknown)."""
+    if row is None:
+        return NotFound("location", r.location_id,
+                        f"rows[{r.row_number}]: location {r.location_id!r} not found")
+    if r.on_hand < row.level.reserved:
+        return FailedPrecondition(
+            f"rows[{r.row_number}]: on_hand {r.on_hand} of {r.sku}@{r.location_id}"
+            f" is below the {row.level.reserved} units reserved",
+            violation_type="BELOW_RESERVED", subject=f"rows[{r.row_number}]")
+    return None
 
 
 def _stock_event(level: StockLevel) -> tuple[str, str, dict[str, object]]:
@@ -272,9 +309,15 @@ class StockService:
     async def import_stock(
         self, rows: Sequence[ImportRow], reason: str, idem: Idem | None
     ) -> ImportResult | Replay:
+        """All rows or none, in one transaction, taken a slice of IMPORT_SLICE rows at a time
+        (in (sku, location) order, the order every path locks rows in): between slices the
+        event loop serves the worker's other calls, which a 100k-row load held up for seconds
+        when it was checked, locked and written whole (benchmarks/import_stall.py)."""
         v = val.Violations()
         seen: dict[tuple[str, str], int] = {}
-        for r in rows:
+        for i, r in enumerate(rows):
+            if i % IMPORT_SLICE == IMPORT_SLICE - 1:
+                await asyncio.sleep(0)
             field = f"rows[{r.row_number}]"
             v.sku(f"{field}.sku", r.sku)
             v.location_id(f"{field}.location_id", r.location_id)
@@ -290,54 +333,70 @@ class StockService:
             v.add("rows", "at least one row is required")
         v.text("reason", reason)
         v.raise_if_any()
+        ordered = await _in_key_order(rows)
         async with self.ctx.pg.unit(idem) as u:
             if u.replay is not None:
                 return Replay(u.replay)
-            bulk = BULK_TIMEOUT_S
-            locked = await PgStore.lock_stock(
-                u.conn, [(r.sku, r.location_id) for r in rows], create=True, timeout=bulk)
-            changed: list[StockLevel] = []
-            drafts: list[MovementDraft] = []
-            for r in rows:
-                row = locked.get((r.sku, r.location_id))
-                if row is None:
-                    raise NotFound("location", r.location_id,
-                                   f"rows[{r.row_number}]: location {r.location_id!r} not found")
-                if r.on_hand < row.level.reserved:
-                    raise FailedPrecondition(
-                        f"rows[{r.row_number}]: on_hand {r.on_hand} of {r.sku}@{r.location_id}"
-                        f" is below the {row.level.reserved} units reserved",
-                        violation_type="BELOW_RESERVED", subject=f"rows[{r.row_number}]")
-                delta = r.on_hand - row.level.on_hand
-                if delta or row.level.version == 0:
-                    changed.append(replace(row.level, on_hand=r.on_hand))
-                if delta:
-                    drafts.append(MovementDraft(r.sku, r.location_id, delta, MovementKind.IMPORT,
-                                                reason))
-            news = await PgStore.write_levels(u.conn, changed, timeout=bulk)
-            after = {(n.sku, n.location_id): n.on_hand for n in news}
-            await PgStore.add_movements(
-                u.conn, drafts, [after[(d.sku, d.location_id)] for d in drafts], timeout=bulk,
-                returning=False)
-            safety = [r for r in rows if r.safety_stock is not None]
-            if safety:
-                await u.conn.execute(
-                    "UPDATE stock s SET safety_stock = c.safety, version = s.version + 1"
-                    " FROM unnest($1::text[], $2::text[], $3::bigint[]) AS c(sku, loc, safety)"
-                    " WHERE s.sku = c.sku AND s.location_id = c.loc",
-                    [r.sku for r in safety], [r.location_id for r in safety],
-                    [r.safety_stock for r in safety], timeout=bulk)
+            changed = 0
+            faults: list[tuple[int, DomainError]] = []  # each slice's first refused row
+            while part := list(itertools.islice(ordered, IMPORT_SLICE)):
+                # after a refusal the later slices are still checked, for an earlier row's
+                part_changed, fault = await self._import_slice(
+                    u.conn, part, reason, write=not faults)
+                changed += part_changed
+                faults += [fault] if fault else []
+            if faults:
+                raise min(faults, key=_ROW_NUMBER)[1]
             await PgStore.add_outbox(u.conn, "STOCK_IMPORTED", [
-                ("", "", {"rows": len(rows), "changed": len(changed)})])
-            result = ImportResult(len(rows), len(changed), len({r.sku for r in rows}))
+                ("", "", {"rows": len(rows), "changed": changed})])
+            result = ImportResult(len(rows), changed, len({r.sku for r in rows}))
             await u.remember(result)
         # Safety changes bumped versions beyond what we hold: reload the touched SKUs whole.
         skus = sorted({r.sku for r in rows})
-        for i in range(0, len(skus), 500):
-            chunk = skus[i:i + 500]
+        for i in range(0, len(skus), 100):  # 100 SKUs a step, ~4k levels: a short stall
+            chunk = skus[i:i + 100]
             await self.ctx.publish(
                 lv for levels in (await self.ctx.pg.stock_of_skus(chunk)).values() for lv in levels)
         return result
+
+    @staticmethod
+    async def _import_slice(
+        conn: asyncpg.Connection, rows: Sequence[ImportRow], reason: str, *, write: bool,
+    ) -> tuple[int, tuple[int, DomainError] | None]:
+        """Lock (making missing rows) and check a slice of an import, and unless a row of it
+        is refused or `write` is False (one before was) write it: the rows it changed, and its
+        first refused row by number, with why."""
+        bulk = BULK_TIMEOUT_S
+        locked = await PgStore.lock_stock(
+            conn, [(r.sku, r.location_id) for r in rows], create=True, timeout=bulk)
+        faults = [(r.row_number, why) for r in rows
+                  if (why := _import_refusal(r, locked.get((r.sku, r.location_id))))]
+        if faults or not write:
+            return 0, min(faults, key=_ROW_NUMBER, default=None)
+        changed: list[StockLevel] = []
+        drafts: list[MovementDraft] = []
+        for r in rows:
+            level = locked[(r.sku, r.location_id)].level
+            delta = r.on_hand - level.on_hand
+            if delta or level.version == 0:
+                changed.append(replace(level, on_hand=r.on_hand))
+            if delta:
+                drafts.append(MovementDraft(r.sku, r.location_id, delta, MovementKind.IMPORT,
+                                            reason))
+        news = await PgStore.write_levels(conn, changed, timeout=bulk)
+        after = {(n.sku, n.location_id): n.on_hand for n in news}
+        await PgStore.add_movements(
+            conn, drafts, [after[(d.sku, d.location_id)] for d in drafts], timeout=bulk,
+            returning=False)
+        safety = [r for r in rows if r.safety_stock is not None]
+        if safety:
+            await conn.execute(
+                "UPDATE stock s SET safety_stock = c.safety, version = s.version + 1"
+                " FROM unnest($1::text[], $2::text[], $3::bigint[]) AS c(sku, loc, safety)"
+                " WHERE s.sku = c.sku AND s.location_id = c.loc",
+                [r.sku for r in safety], [r.location_id for r in safety],
+                [r.safety_stock for r in safety], timeout=bulk)
+        return len(changed), None
 
     async def _lock_one(self, conn: asyncpg.Connection, sku: str, location_id: str) -> LockedStock:
         rows = await PgStore.lock_stock(conn, [(sku, location_id)], create=True)

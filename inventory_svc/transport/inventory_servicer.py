@@ -17,6 +17,7 @@ from inventory_svc.app.group_settle import Settled
 from inventory_svc.app.reservations import ReservationService
 from inventory_svc.app.returns import ReturnResult
 from inventory_svc.app.stock import (
+    IMPORT_SLICE,
     ImportResult,
     StockChange,
     StockService,
@@ -191,6 +192,8 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
                 for r in msg.rows:
                     rows.append(ImportRow(len(rows), r.sku, r.location_id, r.on_hand,
                                           r.safety_stock if r.HasField("safety_stock") else None))
+                    if len(rows) % IMPORT_SLICE == 0:  # a large message: other calls go between
+                        await asyncio.sleep(0)
             idem = idem_for("ImportStock", digest.digest(), key, encode)
             return _replayed(await self.stock.import_stock(rows, reason, idem),
                              api.ImportStockResponse, encode)
