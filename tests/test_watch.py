@@ -791,11 +791,13 @@ async def test_a_consumer_that_stops_reading_is_cut_off_and_nothing_else_is(
 
 async def test_a_transaction_too_large_for_a_pass_in_time_is_still_numbered(
         stores: Stores) -> None:
-    # A transaction's changes are numbered in one pass. With a statement timeout far below
-    # what numbering a 30k-row load takes, the sequencer's passes are cut off until one is
-    # given long enough (app/sequencer.py): the stream must not stop at the load.
+    # A transaction's changes are numbered in one pass. With a statement timeout below what
+    # numbering a 100k-row load takes (0.85 s here), the sequencer's passes are cut off until
+    # one is given long enough (app/sequencer.py): the stream must not stop at the load. (Not
+    # lower than 0.5 s: the whole service has that timeout, and on a busy box 0.2 s failed its
+    # start, opening a connection, and its import.)
     async with own_site(stores) as site:
-        svc = ServiceProcess(site.redis_url, site.database_url, site.root, pg_timeout_s=0.2)
+        svc = ServiceProcess(site.redis_url, site.database_url, site.root, pg_timeout_s=0.5)
         await asyncio.to_thread(svc.start)
         try:
             async with grpc.aio.insecure_channel(svc.target) as ch:
@@ -804,9 +806,9 @@ async def test_a_transaction_too_large_for_a_pass_in_time_is_still_numbered(
                 await stub.UpsertLocations(api.UpsertLocationsRequest(
                     locations=[store_location(loc)]))
                 rows = [api.ImportRow(sku=f"{uid('S')}-{i}", location_id=loc, on_hand=1)
-                        for i in range(30_000)]
+                        for i in range(100_000)]
                 await stub.ImportStock(iter([api.ImportStockRequest(
-                    rows=rows[i:i + 5_000], reason="erp load") for i in range(0, 30_000, 5_000)]),
+                    rows=rows[i:i + 10_000], reason="erp load") for i in range(0, 100_000, 10_000)]),
                     timeout=300)
             conn = await asyncpg.connect(site.database_url)
             try:
