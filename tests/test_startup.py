@@ -429,7 +429,10 @@ async def test_sigterm_during_the_start_stops_it_in_order(stores: Stores) -> Non
     the start: the process unwinds what it began and exits 0, without ever serving."""
     async with own_site(stores) as site:
         admin = aioredis.Redis.from_url(site.redis_url)
-        svc = ServiceProcess(site.redis_url, site.database_url, site.root, log_level="INFO")
+        # held for as long as the test needs: the check's 2 s default timed out first when a
+        # busy box (load 12) took that long to deliver and handle the signal
+        svc = ServiceProcess(site.redis_url, site.database_url, site.root, log_level="INFO",
+                             redis_timeout_s=120)
         try:
             await admin.execute_command("CLIENT", "PAUSE", 600_000, "WRITE")
             svc.proc = await asyncio.to_thread(
