@@ -11,10 +11,10 @@
 -- The numbering pass of 0008 is kept as watch_number_pass. watch_sequence_pass (the name the
 -- service calls) first looks whether the statistics hide a large queue: at least analyze_at
 -- changes wait, and more than twice what the statistics promise (scaled to the table's current
--- size, as the planner does; counted up to pass_rows). Then it
--- analyzes stock_changes, which invalidates the cached plan, so the pass is planned again with
--- the queue's real size. (ANALYZE runs inside a transaction. On a table the service's role does
--- not own it only warns, and the pass goes on as before.)
+-- size, as the planner does; counted up to pass_rows). Then it analyzes stock_changes, which
+-- invalidates the cached plan, so the pass is planned again with the queue's real size. (ANALYZE
+-- runs inside a transaction. On a table the service's role does not own it only warns, and the
+-- pass goes on as before.)
 --
 -- Returns what watch_number_pass returns.
 ALTER FUNCTION watch_sequence_pass(bigint) RENAME TO watch_number_pass;
