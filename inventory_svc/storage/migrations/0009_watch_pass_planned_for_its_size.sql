@@ -9,12 +9,13 @@
 -- the sequencer gives it, so WatchStock stopped.
 --
 -- The numbering pass of 0008 is kept as watch_number_pass. watch_sequence_pass (the name the
--- service calls) first looks whether the statistics hide a large queue: at least analyze_at
--- changes wait, and more than twice what the statistics promise (scaled to the table's current
--- size, as the planner does; counted up to pass_rows). Then it analyzes stock_changes, which
--- invalidates the cached plan, so the pass is planned again with the queue's real size. (ANALYZE
--- runs inside a transaction. On a table the service's role does not own it only warns, and the
--- pass goes on as before.)
+-- service calls) first counts the queue, up to analyze_at rows. When at least that many changes
+-- wait, it analyzes stock_changes, which invalidates the cached plan, and has the pass planned
+-- again with nested loops off: a large pass is planned with the queue's real size and with hash
+-- joins between its CTEs, whatever else the statistics say. (Checking first whether the
+-- statistics were off was not enough: a full suite beside a benchmark still saw a 98k-change
+-- pass run for over 77 s, spilling to temporary files.) ANALYZE runs inside a transaction. On a
+-- table the service's role does not own it only warns, and the pass goes on.
 --
 -- Returns what watch_number_pass returns.
 ALTER FUNCTION watch_sequence_pass(bigint) RENAME TO watch_number_pass;
@@ -24,26 +25,20 @@ CREATE FUNCTION watch_sequence_pass(
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    -- below this many changes the worst plan costs a few ms: not worth an ANALYZE
+    -- below this many changes the worst plan costs a few ms
     analyze_at CONSTANT bigint := 500;
     waiting bigint;
-    estimated double precision;
 BEGIN
     -- the usual case costs one short index range: fewer than analyze_at changes wait
     SELECT count(*) INTO waiting FROM (SELECT 1 FROM stock_changes ORDER BY id LIMIT analyze_at) s;
     IF waiting >= analyze_at THEN
-        SELECT count(*) INTO waiting FROM (SELECT 1 FROM stock_changes LIMIT pass_rows) s;
-        -- what the planner will expect (NULL: no pages, or never analyzed, and it sizes the
-        -- table from its pages)
-        SELECT CASE WHEN c.relpages > 0 AND c.reltuples >= 0
-                    THEN c.reltuples / c.relpages
-                         * (pg_relation_size(c.oid) / current_setting('block_size')::bigint)
-               END
-        INTO estimated
-        FROM pg_class c WHERE c.oid = 'stock_changes'::regclass;
-        IF estimated < waiting / 2 THEN
-            ANALYZE stock_changes;
-        END IF;
+        -- No nested loop but the LATERAL lookups, which take one index probe per transaction
+        -- or SKU: a loop over a CTE is what turned quadratic. SET LOCAL ends with this pass's
+        -- transaction; the plan made under it is kept until the next invalidation (the
+        -- sequencer's VACUUM of the queue, within 10 s).
+        SET LOCAL enable_nestloop = off;
+        -- the statistics as they are now, which also invalidates the cached plan: planned again
+        ANALYZE stock_changes;
     END IF;
     SELECT p.events, p.first_commit, p.backlog INTO events, first_commit, backlog
     FROM watch_number_pass(pass_rows) p;
