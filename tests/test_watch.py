@@ -827,8 +827,8 @@ async def test_a_bulk_load_is_planned_for_when_the_queues_statistics_say_it_is_e
         stub: Stub, channel: grpc.aio.Channel, service: Running) -> None:
     # The change queue's statistics are taken when it is (nearly) empty: by the sequencer's own
     # VACUUM of it, or autovacuum's. Planned from them, a pass joins as if one change waited,
-    # quadratic in the changes (98k took 33 s: benchmarks/watch_pass.py). Migration 0009: a pass
-    # that finds many more changes than the statistics promise analyzes the queue first.
+    # quadratic in the changes (98k took 33 s; benchmarks/watch_pass.py). Migration 0009: a pass
+    # of 500 or more changes analyzes the queue first and is planned again.
     pool = service.ctx.pg.pool
     w = await make_world(stub, locations=2, skus=1, on_hand=1)
     reader = watch(channel, location_ids=w.locations)
