@@ -4,14 +4,16 @@
 
 Starts an embedded Postgres (not durable) and applies the migrations. Then:
 
-1. **A bulk load when the change queue's statistics say it is empty** (autovacuum's view of a
-   drained queue): BULK stock rows changed in one transaction, and one pass over them timed
-   twice, each in a transaction rolled back so both see the same queue, on a fresh connection:
+1. **A bulk load when the change queue's statistics say it is empty** (what the sequencer's
+   VACUUM or autovacuum leaves of a drained queue): BULK stock rows changed in one transaction,
+   and one pass over them timed twice, each in a transaction rolled back so both see the same
+   queue, on a fresh connection:
    `watch_number_pass` alone (the pass as 0008 left it, planned from those statistics) and then
-   `watch_sequence_pass` (0009: it analyzes the queue first when the statistics hide it).
+   `watch_sequence_pass` (0009: past 500 waiting changes it analyzes the queue and has the pass
+   planned again, nested loops off).
 2. **The steady state:** ROUNDS passes after a transaction of ROWS changes, and as many idle
-   passes, alternating the two functions in blocks of 50: what 0009's look at the statistics
-   adds to every pass.
+   passes, alternating the two functions in blocks of 50: what 0009's count of the queue adds
+   to every pass.
 """
 
 from __future__ import annotations
