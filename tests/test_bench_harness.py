@@ -6,13 +6,21 @@ timings are asserted: this is a benchmark's plumbing, not a benchmark."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
+import asyncpg
+import psutil
 import pytest
 
 from benchmarks.load import cli
 from benchmarks.load.runner import BenchConfig, run_bench
+from benchmarks.load.stack import LocalStack
+from benchmarks.load.standby import APPLICATION_NAME
+from inventory_svc.embedded import EmbeddedPostgres
 
 
 @pytest.fixture(autouse=True)
@@ -98,3 +106,78 @@ def test_harness_measures_ours_against_the_peer_through_a_latency_proxy(tmp_path
     assert "| ours ÷ peer |" in report and "| peer ÷ echo |" in report
     assert "Latency proxy at each saturated step" in report
     assert "Invariant check of the peer's database" in report
+
+
+def test_a_standby_profile_makes_every_commit_wait_for_the_standby() -> None:
+    """`--store-latency standby=…`: Postgres gets a streaming standby behind the latency proxy,
+    and a commit is not answered until the standby has it (a paused standby holds a commit in
+    SyncRep); stopping the stack takes the setting back, so a kept data directory started alone
+    later does not hang at its first commit."""
+    data_dir = Path(tempfile.mkdtemp(prefix="inventory-bench-"))
+    stack = LocalStack(skus=20, log_dir=data_dir / "log", data_dir=data_dir,
+                       latency={"standby": 0.001})
+    try:
+        stack.start()
+        assert "standby" in stack.pids()
+        asyncio.run(_commits_wait_for(stack))
+    finally:
+        stack.stop()
+    try:
+        alone = EmbeddedPostgres(data_dir / "postgres", durable=True)
+        asyncio.run(_no_standby_named(alone.start(timeout=60)))
+        alone.stop()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def _commits_wait_for(stack: LocalStack) -> None:
+    primary = await asyncpg.connect(stack.database_url)
+    writer = await asyncpg.connect(stack.database_url)
+    try:
+        assert await primary.fetchval(
+            "SELECT sync_state FROM pg_stat_replication WHERE application_name = $1",
+            APPLICATION_NAME) == "sync"
+        await primary.execute("CREATE TABLE standby_probe (x int)")
+        standby = psutil.Process(stack.standby.pid)
+        paused = [standby, *standby.children(recursive=True)]
+        for p in paused:
+            p.suspend()
+        try:
+            commit = asyncio.create_task(writer.execute("INSERT INTO standby_probe VALUES (1)"))
+            backend = writer.get_server_pid()
+            waits: list[str | None] = []
+            for _ in range(600):  # the commit's backend is seen waiting for the standby
+                waits.append(await primary.fetchval(
+                    "SELECT wait_event FROM pg_stat_activity WHERE pid = $1", backend))
+                if waits[-1] == "SyncRep":
+                    break
+                await asyncio.sleep(0.05)
+            assert waits[-1] == "SyncRep", waits[-5:]
+            assert not commit.done()
+        finally:
+            for p in paused:
+                p.resume()
+        await asyncio.wait_for(commit, 60)
+        replica = await asyncpg.connect(stack.standby.url)
+        try:
+            assert await replica.fetchval("SELECT pg_is_in_recovery()") is True
+            for _ in range(600):  # flushed there before the commit was answered; replayed soon
+                if await replica.fetchval("SELECT to_regclass('standby_probe')") is not None \
+                        and await replica.fetchval("SELECT count(*) FROM standby_probe") == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert await replica.fetchval("SELECT count(*) FROM standby_probe") == 1
+        finally:
+            await replica.close()
+    finally:
+        await writer.close()
+        await primary.close()
+
+
+async def _no_standby_named(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        assert await conn.fetchval("SHOW synchronous_standby_names") == ""
+        await conn.execute("CREATE TABLE after_the_run (x int)")  # a commit: answered
+    finally:
+        await conn.close()

@@ -32,6 +32,8 @@ report gives every figure as the median over the rounds and as ratios ours / pee
 The peer runs availability, reserve, cart, flash-sale and flash-hot; other scenarios run on ours.
 --store-latency postgres=1ms,redis=0.2ms puts a latency proxy between each service and its stores
 (one-way delay, added each way: 1ms is a 2 ms longer round trip); the report names the profile.
+Adding standby=1ms gives Postgres a real synchronous standby (pg_basebackup, streaming) behind
+the proxy: every commit, ours and the peer's, waits ~3 ms for its flush, holding its row locks.
 Both need the stack the harness starts (no --target).
 """
 
@@ -41,6 +43,7 @@ examples:
   inventory-bench --scenarios reserve,route --profile reserve,route
   inventory-bench --peer --scenarios reserve,flash-sale,flash-hot,cart,availability --fractions 0.7
   inventory-bench --peer --store-latency postgres=1ms,redis=0.2ms --scenarios reserve,flash-hot
+  inventory-bench --peer --store-latency postgres=1ms,redis=0.2ms,standby=1ms --scenarios reserve,flash-hot
   inventory-bench --target 127.0.0.1:50051 --database-url postgresql://postgres@127.0.0.1:5432/inventory \\
       --mode open --rate 500 --scenarios mixed --no-anchors
 """
@@ -113,7 +116,9 @@ def parser() -> argparse.ArgumentParser:
     a("--peer-outbox", action="store_true",
       help="the peer also writes the RESERVATION outbox events ours writes")
     a("--store-latency", default=d.store_latency, metavar="PROFILE",
-      help="one-way delay to the stores, e.g. postgres=1ms,redis=0.2ms (default: localhost)")
+      help="one-way delay to the stores, e.g. postgres=1ms,redis=0.2ms (default: localhost); "
+           "standby=1ms also gives Postgres a synchronous standby that far away, so every "
+           "commit waits for it (managed Postgres with high availability)")
     a("--redis-cluster", type=int, default=d.redis_cluster, metavar="N",
       help="own stack: Redis is a local Redis Cluster of N masters (no EVALSHA anchor or Redis "
            "check then)")

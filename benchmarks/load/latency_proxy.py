@@ -1,6 +1,7 @@
 """A network-latency profile for the stores: a TCP proxy that delivers every chunk a fixed
 one-way delay after it arrived, in each direction, in order (`--store-latency postgres=1ms,
-redis=0.2ms`: +1 ms each way to Postgres, a round trip 2 ms longer; +0.2 ms each way to Redis).
+redis=0.2ms`: +1 ms each way to Postgres, a round trip 2 ms longer; +0.2 ms each way to Redis;
+`standby=1ms` also gives Postgres a synchronous standby 1 ms away, see benchmarks/load/standby.py).
 
 Built not to be the bottleneck of what it measures: one process for every route (the harness
 measures its CPU), asyncio protocols (no task, no stream buffer per connection, no task per
@@ -39,21 +40,22 @@ from typing import Any
 # the profile
 
 
-_SPEC = re.compile(r"^\s*(postgres|redis)\s*=\s*([0-9.]+)\s*(ms|us|µs|s)?\s*$")
+_SPEC = re.compile(r"^\s*(postgres|redis|standby)\s*=\s*([0-9.]+)\s*(ms|us|µs|s)?\s*$")
 _UNIT_S = {"ms": 1e-3, "us": 1e-6, "µs": 1e-6, "s": 1.0, None: 1e-3}
 
 
 def parse_profile(text: str) -> dict[str, float]:
     """`postgres=1ms,redis=0.2ms` -> {"postgres": 0.001, "redis": 0.0002} (one-way seconds,
-    added in each direction); "" or "localhost" -> {}."""
+    added in each direction; "standby" is the way between Postgres and its synchronous standby);
+    "" or "localhost" -> {}."""
     if not text or text.strip() in ("localhost", "none"):
         return {}
     out: dict[str, float] = {}
     for part in text.split(","):
         m = _SPEC.match(part)
         if not m:
-            raise ValueError(f"--store-latency: {part!r} is not STORE=DELAY (STORE postgres or "
-                             "redis, DELAY like 1ms, 200us)")
+            raise ValueError(f"--store-latency: {part!r} is not STORE=DELAY (STORE postgres, "
+                             "redis or standby, DELAY like 1ms, 200us)")
         out[m[1]] = float(m[2]) * _UNIT_S[m[3]]
     return out
 

@@ -168,7 +168,8 @@ class LocalStack:
     """The embedded default, started by the harness so it can reach Redis and Postgres directly;
     with `peer`, the Postgres-only peer beside it; with `latency` ({"postgres": s, "redis": s},
     one-way), the services reach their stores through a latency proxy (the harness itself, for
-    set-up and checks, does not). With `redis_cluster` N > 0, Redis is a Redis Cluster of N
+    set-up and checks, does not); with "standby" in it, Postgres has a synchronous standby that
+    far away. With `redis_cluster` N > 0, Redis is a Redis Cluster of N
     masters (inventory_svc.embedded.cluster) instead of one server."""
 
     def __init__(self, *, skus: int, log_dir: Path, data_dir: Path | None = None,
@@ -188,6 +189,7 @@ class LocalStack:
                              "cluster's nodes announce their own")
         self.redis: Any = None
         self.pg: Any = None
+        self.standby: Any = None
         self.service: subprocess.Popen[bytes] | None = None
         self.target = ""
         self.proxy: ProxyProcess | None = None
@@ -212,8 +214,12 @@ class LocalStack:
             routes["ours-postgres"] = ("127.0.0.1", port_of(database_url), self.latency["postgres"])
             if self.peer_options is not None:
                 routes["peer-postgres"] = routes["ours-postgres"]
+        if "standby" in self.latency:
+            routes["standby"] = ("127.0.0.1", port_of(database_url), self.latency["standby"])
         if routes:
             self.proxy = ProxyProcess(routes, self.log_dir / "proxy.log")
+        if self.proxy is not None and "standby" in self.proxy.ports:
+            self._start_standby(database_url)
         port = free_port()
         env = {k: v for k, v in os.environ.items()
                if k not in ("INVENTORY_PORT", "INVENTORY_HOST", "INVENTORY_DATA_DIR")}
@@ -230,6 +236,18 @@ class LocalStack:
         wait_serving(self.target, "inventory.v1.RoutingService", timeout_s=600)
         if self.peer_options is not None:
             self._start_peer(database_url, self.peer_options)
+
+    def _start_standby(self, database_url: str) -> None:
+        """A synchronous standby behind the proxy's `standby` route: from here on every commit
+        (ours, the peer's, the harness's) waits for its flush (benchmarks/load/standby.py)."""
+        from benchmarks.load.standby import EmbeddedStandby, make_synchronous
+
+        assert self.proxy is not None
+        self.standby = EmbeddedStandby(
+            self.data_dir / "standby", source_port=self.proxy.ports["standby"],
+            password=self.pg.password)
+        self.standby.start(timeout=300)
+        make_synchronous(database_url)
 
     def _via(self, route: str, url: str) -> str:
         """The URL a service uses for a store: the proxy's port when the route has a delay."""
@@ -272,7 +290,8 @@ class LocalStack:
             out["proxy"] = self.proxy.pid
         redis = self.redis.nodes if self.redis_cluster else [self.redis]
         for name, server in (*((("redis" if i == 0 else f"redis-{i}"), r)  # a cluster: each node
-                               for i, r in enumerate(redis)), ("postgres", self.pg)):
+                               for i, r in enumerate(redis)), ("postgres", self.pg),
+                             ("standby", self.standby)):
             if server is not None and server.pid is not None:
                 out[name] = server.pid
         return out
@@ -280,9 +299,14 @@ class LocalStack:
     def stop(self) -> None:
         stop_process(self.peer)
         stop_process(self.service)
+        if self.standby is not None:
+            from benchmarks.load.standby import make_asynchronous
+
+            with contextlib.suppress(Exception):
+                make_asynchronous(self.database_url)
         if self.proxy is not None:
             self.proxy.stop()
-        for server in (self.pg, self.redis):
+        for server in (self.pg, self.standby, self.redis):
             if server is not None:
                 with contextlib.suppress(Exception):
                     server.stop()

@@ -15,7 +15,8 @@ from typing import Any
 
 from benchmarks.load.scenarios import SCENARIOS
 
-SERVER_PROCESSES = {"ours": ("service", "redis", "postgres"), "peer": ("peer", "postgres")}
+SERVER_PROCESSES = {"ours": ("service", "redis", "postgres", "standby"),
+                    "peer": ("peer", "postgres", "standby")}
 OWN_PROCESS = {"ours": "service", "peer": "peer"}
 FLASH = ("flash-sale", "flash-hot")
 
