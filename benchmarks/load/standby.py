@@ -19,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import asyncpg
 
 from inventory_svc.embedded import EmbeddedPostgres
-from inventory_svc.embedded.files import _open_log, _write_private_file
+from inventory_svc.embedded.files import _write_private_file
 
 APPLICATION_NAME = "bench_standby"
 BASEBACKUP_TIMEOUT_S = 300.0
@@ -51,26 +50,16 @@ class EmbeddedStandby(EmbeddedPostgres):
         scratch = self._pgdata.with_name(self._pgdata.name + ".basebackup")
         if scratch.exists():
             shutil.rmtree(scratch)
-        log = _open_log(self.log_path)
         try:
-            proc = self._spawn(
+            self._run_logged(
                 [str(bin_dir / "pg_basebackup"), "-D", str(scratch), "-h", "127.0.0.1",
                  "-p", str(self._source_port), "-U", "postgres", "-X", "stream",
-                 "--checkpoint=fast", "-w"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                 "--checkpoint=fast", "-w"], BASEBACKUP_TIMEOUT_S, "pg_basebackup",
                 # by environment, not on a command line that ps shows
                 env=dict(os.environ, PGPASSWORD=self._source_password))
-        finally:
-            os.close(log)
-        try:
-            code = proc.wait(BASEBACKUP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            code = None
-        if code != 0:
+        except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
-            raise RuntimeError(f"pg_basebackup failed ({code}); log {self.log_path}")
+            raise
         owner = (self._user.pw_uid, self._user.pw_gid) if self._user is not None else None
         _write_private_file(scratch / "standby.signal", b"", owner)
         conninfo = (f"host=127.0.0.1 port={self._source_port} user=postgres "

@@ -224,12 +224,13 @@ class EmbeddedPostgres(_ChildServer):
             os.chown(path, self._user.pw_uid, self._user.pw_gid)
         os.chmod(path, 0o700)
 
-    def _run_logged(self, args: list[str], timeout: float, what: str) -> None:
+    def _run_logged(self, args: list[str], timeout: float, what: str,
+                    env: dict[str, str] | None = None) -> None:
         """Run a postgres tool as the server's user, its output appended to the log."""
         log_start = _log_size(self.log_path)
         log = _open_log(self.log_path)
         try:
-            proc = self._spawn(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            proc = self._spawn(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         finally:
             os.close(log)
         try:
