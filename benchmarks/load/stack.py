@@ -243,6 +243,9 @@ class LocalStack:
         from benchmarks.load.standby import EmbeddedStandby, make_synchronous
 
         assert self.proxy is not None
+        # a fresh copy each time: one kept from an earlier run (--data-dir) may need WAL the
+        # primary has recycled since
+        shutil.rmtree(self.data_dir / "standby", ignore_errors=True)
         self.standby = EmbeddedStandby(
             self.data_dir / "standby", source_port=self.proxy.ports["standby"],
             password=self.pg.password)
