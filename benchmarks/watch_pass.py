@@ -19,6 +19,7 @@ Starts an embedded Postgres (not durable) and applies the migrations. Then:
 from __future__ import annotations
 
 import asyncio
+import shutil
 import statistics
 import sys
 import tempfile
@@ -121,7 +122,8 @@ def main() -> None:
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 30_000
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2_000
     small = int(sys.argv[3]) if len(sys.argv) > 3 else 10
-    server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="watch-pass-")) / "pg", durable=False)
+    scratch = Path(tempfile.mkdtemp(prefix="watch-pass-"))
+    server = EmbeddedPostgres(scratch / "pg", durable=False)
     url = server.start()
     try:
         asyncio.run(make_stock(url, rows))
@@ -130,6 +132,7 @@ def main() -> None:
         asyncio.run(steady(url, rounds, small))
     finally:
         server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from benchmarks.load.runner import BenchConfig, run_bench
 from benchmarks.load.stack import LocalStack
 from benchmarks.load.standby import APPLICATION_NAME
 from inventory_svc.embedded import EmbeddedPostgres
+from tests.faults.harness import eventually
 
 
 @pytest.fixture(autouse=True)
@@ -145,14 +146,13 @@ async def _commits_wait_for(stack: LocalStack) -> None:
         try:
             commit = asyncio.create_task(writer.execute("INSERT INTO standby_probe VALUES (1)"))
             backend = writer.get_server_pid()
-            waits: list[str | None] = []
-            for _ in range(600):  # the commit's backend is seen waiting for the standby
-                waits.append(await primary.fetchval(
-                    "SELECT wait_event FROM pg_stat_activity WHERE pid = $1", backend))
-                if waits[-1] == "SyncRep":
-                    break
-                await asyncio.sleep(0.05)
-            assert waits[-1] == "SyncRep", waits[-5:]
+
+            async def waits_for_the_standby() -> bool:
+                return await primary.fetchval(
+                    "SELECT wait_event FROM pg_stat_activity WHERE pid = $1", backend) == "SyncRep"
+
+            await eventually(waits_for_the_standby, within=30,
+                             what="the commit's backend waiting for the standby (SyncRep)")
             assert not commit.done()
         finally:
             for p in paused:
@@ -161,12 +161,12 @@ async def _commits_wait_for(stack: LocalStack) -> None:
         replica = await asyncpg.connect(stack.standby.url)
         try:
             assert await replica.fetchval("SELECT pg_is_in_recovery()") is True
-            for _ in range(600):  # flushed there before the commit was answered; replayed soon
-                if await replica.fetchval("SELECT to_regclass('standby_probe')") is not None \
-                        and await replica.fetchval("SELECT count(*) FROM standby_probe") == 1:
-                    break
-                await asyncio.sleep(0.05)
-            assert await replica.fetchval("SELECT count(*) FROM standby_probe") == 1
+
+            async def replayed() -> bool:  # flushed there before the commit was answered
+                return await replica.fetchval("SELECT to_regclass('standby_probe')") is not None \
+                    and await replica.fetchval("SELECT count(*) FROM standby_probe") == 1
+
+            await eventually(replayed, within=30, what="the committed row on the standby")
         finally:
             await replica.close()
     finally:

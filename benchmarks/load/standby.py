@@ -73,24 +73,24 @@ class EmbeddedStandby(EmbeddedPostgres):
         """Nothing to set: the roles and their passwords are the primary's."""
 
 
-async def _alter_system(primary_url: str, statement: str) -> None:
+async def _alter_system(primary_url: str, statement: str, *, wait_s: float = 0.0) -> None:
+    """Run an ALTER SYSTEM (a setting of the server, not of a session: the services' own
+    connections must wait too) and reload; with `wait_s`, then wait on the same connection until
+    the standby is synchronous."""
     conn = await asyncpg.connect(primary_url)
     try:
-        # ALTER SYSTEM: a setting of the server, not of a session (the services' own
-        # connections must wait too)
         await conn.execute(statement)
         await conn.execute("SELECT pg_reload_conf()")
-    finally:
-        await conn.close()
-
-
-async def _sync_state(primary_url: str) -> str | None:
-    conn = await asyncpg.connect(primary_url)
-    try:
-        state: str | None = await conn.fetchval(
-            "SELECT sync_state FROM pg_stat_replication WHERE application_name = $1",
-            APPLICATION_NAME)
-        return state
+        if not wait_s:
+            return
+        deadline = time.monotonic() + wait_s
+        while (state := await conn.fetchval(
+                "SELECT sync_state FROM pg_stat_replication WHERE application_name = $1",
+                APPLICATION_NAME)) != "sync":
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the standby is not synchronous after {wait_s:g} s ({state})")
+            await asyncio.sleep(0.2)
     finally:
         await conn.close()
 
@@ -98,12 +98,8 @@ async def _sync_state(primary_url: str) -> str | None:
 def make_synchronous(primary_url: str, timeout_s: float = 60.0) -> None:
     """Make the primary wait for the standby at every commit, once the standby streams."""
     asyncio.run(_alter_system(
-        primary_url, f"ALTER SYSTEM SET synchronous_standby_names = '{APPLICATION_NAME}'"))
-    deadline = time.monotonic() + timeout_s
-    while (state := asyncio.run(_sync_state(primary_url))) != "sync":
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the standby is not synchronous after {timeout_s:g} s ({state})")
-        time.sleep(0.2)
+        primary_url, f"ALTER SYSTEM SET synchronous_standby_names = '{APPLICATION_NAME}'",
+        wait_s=timeout_s))
 
 
 def make_asynchronous(primary_url: str) -> None:
