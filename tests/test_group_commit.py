@@ -69,13 +69,26 @@ async def test_queued_calls_commit_as_one_group_and_each_gets_its_own_answer(
     def arrived() -> int:
         return group.queued + group.calls_in_flight
 
+    hot_calls: list[asyncio.Future[grpc.StatusCode]] = []
+
+    def groups_in_flight(n: int) -> Callable[[], bool]:
+        return lambda: group.in_flight == n
+
+    def send_hot() -> None:
+        hot_calls.append(asyncio.ensure_future(outcome(stub.Reserve(api.ReserveRequest(lines=[
+            pb.ReservationLine(sku=sku, location_id=hot, quantity=1)])))))
+
     async with service.ctx.pg.pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT 1 FROM stock WHERE sku = $1 AND location_id = $2 FOR UPDATE",
                            sku, hot)
-        hot_calls = [asyncio.ensure_future(outcome(stub.Reserve(api.ReserveRequest(lines=[
-            pb.ReservationLine(sku=sku, location_id=hot, quantity=1)])))) for _ in range(20)]
-        await wait_until(lambda: arrived() == 20 and group.in_flight == group.lanes,
-                         "hot calls in every lane")
+        # One call a lane, each sent once the one before it waits in Postgres: sent all at
+        # once, they would fill as many lanes as the waves they happen to arrive in.
+        for lane in range(1, group.lanes + 1):
+            send_hot()
+            await wait_until(groups_in_flight(lane), f"a hot call in lane {lane}")
+        for _ in range(20 - group.lanes):
+            send_hot()
+        await wait_until(lambda: arrived() == 20, "the other hot calls queued")
         repeat = asyncio.ensure_future(raw(first.SerializeToString()))
         refused = asyncio.ensure_future(expect_error(stub.Reserve(reused),
                                                      grpc.StatusCode.ALREADY_EXISTS))
