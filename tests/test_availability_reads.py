@@ -10,8 +10,8 @@ from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.server import Running
+from inventory_svc.storage.redis_layout import stock_key
 from inventory_svc.storage.redis_reads import HashReader
-from inventory_svc.storage.redis_stock import stock_key
 from tests.conftest import make_world, uid
 
 Stub = api_grpc.InventoryServiceStub

@@ -15,7 +15,7 @@ from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.app.background import Reconciler
 from inventory_svc.app.context import Context
 from inventory_svc.server import Running
-from inventory_svc.storage.redis_stock import stock_key
+from inventory_svc.storage.redis_layout import stock_key
 from tests.conftest import make_world
 from tests.invariants import assert_invariants
 

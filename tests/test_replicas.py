@@ -38,7 +38,8 @@ from inventory_svc.app.reservations import ReservationService
 from inventory_svc.config import Settings
 from inventory_svc.embedded.cluster import EmbeddedRedisCluster
 from inventory_svc.storage.pg import PgStore
-from inventory_svc.storage.redis_stock import RedisStock, hold_key, stock_key
+from inventory_svc.storage.redis_layout import hold_key, stock_key
+from inventory_svc.storage.redis_stock import RedisStock
 from tests.conftest import Stores, uid
 from tests.faults.harness import (
     ALLOWED_DURING_FAULTS,

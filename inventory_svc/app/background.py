@@ -34,7 +34,8 @@ from inventory_svc.domain.model import StockLevel
 from inventory_svc.storage import redis_keys
 from inventory_svc.storage.pg import STOCK_SELECT, PgStore, levels_by_sku
 from inventory_svc.storage.pg_base import advisory_key, translate_errors
-from inventory_svc.storage.redis_stock import HoldRecord, encode_level, translate_redis
+from inventory_svc.storage.redis_layout import HoldRecord, encode_level
+from inventory_svc.storage.redis_stock import translate_redis
 
 log = logging.getLogger(__name__)
 REBUILD_LOCK = advisory_key("inventory:redis-rebuild")

@@ -41,6 +41,7 @@ from inventory_svc.domain.errors import (
 )
 from inventory_svc.domain.model import Channel, Line, Reservation, ReservationStatus, StockLevel
 from inventory_svc.domain.rules import LockedStock, StockKey, check_can_take, check_capacity
+from inventory_svc.storage import pg_capacity
 from inventory_svc.storage.pg import NewReservation, PgStore
 from inventory_svc.storage.pg_base import (
     Idem,
@@ -247,7 +248,7 @@ class GroupCommitter(Lanes[_Call]):
         answers: list[Answer] = keys.answers(stored)  # None: not decided yet
         live = [i for i, a in enumerate(answers) if a is None]
         shipping = sorted({loc for i in live for loc in group[i].shipping_from})
-        used = await PgStore.lock_capacity(conn, shipping) if shipping else {}
+        used = await pg_capacity.lock_capacity(conn, shipping) if shipping else {}
         capacity = {loc: self.ctx.locations[loc].daily_capacity
                     for loc in shipping if loc in self.ctx.locations}
         created = to_ms(now)
@@ -271,7 +272,7 @@ class GroupCommitter(Lanes[_Call]):
                 rows[k] = LockedStock(lv, rows[k].location_active)
                 changed[k] = lv
         if shipping and taken:
-            await PgStore.write_capacity(conn, used)
+            await pg_capacity.write_capacity(conn, used)
         news = {(lv.sku, lv.location_id): lv for lv in await PgStore.write_reservations(
             conn, taken, [changed[k] for k in sorted(changed)])} if taken else {}
         for c, a in zip(group, answers, strict=True):

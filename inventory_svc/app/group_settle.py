@@ -44,6 +44,7 @@ from inventory_svc.domain.model import (
     StockLevel,
 )
 from inventory_svc.domain.rules import StockKey
+from inventory_svc.storage import pg_capacity
 from inventory_svc.storage.pg import MovementDraft, PgStore
 from inventory_svc.storage.pg_base import Idem, Replay, lock_group_keys, to_ms
 from inventory_svc.storage.pg_group import (
@@ -193,7 +194,7 @@ class SettleCommitter(Lanes[_End]):
                     slot = (loc, locked.capacity_day)
                     shipments[slot] = shipments.get(slot, 0) + 1
         if shipments:
-            await PgStore.give_back_capacity(conn, shipments)
+            await pg_capacity.give_back_capacity(conn, shipments)
         new = {k: (rows[k].level.on_hand - sold.get(k, 0), rows[k].level.reserved - q)
                for k, q in sorted(back.items())}
         # each sale's ledger row carries the on_hand after it: sales of one row in the group

@@ -39,6 +39,7 @@ from inventory_svc.domain.model import (
 )
 from inventory_svc.domain.principal import ANONYMOUS, Principal
 from inventory_svc.domain.rules import check_can_take, check_release
+from inventory_svc.storage import pg_capacity
 from inventory_svc.storage.pg import MovementDraft, PgStore
 from inventory_svc.storage.pg_base import Idem, Replay
 from inventory_svc.storage.redis_stock import Hold
@@ -350,9 +351,9 @@ class ReservationService:
                 still = set() if ended else {k[1] for k, q in held.items() if q > 0}
                 back = [x for x in act.capacity_locations if x not in still]
                 if back:
-                    await PgStore.give_back_capacity(
+                    await pg_capacity.give_back_capacity(
                         u.conn, {(x, act.capacity_day): 1 for x in back})
-                    await PgStore.set_capacity_held(
+                    await pg_capacity.set_capacity_held(
                         u.conn, res_id, [x for x in act.capacity_locations if x in still])
             res = await PgStore.read_reservation(u.conn, res_id, lock=False)
             await PgStore.add_outbox(u.conn, "RESERVATION", [_res_event(res)])
@@ -393,7 +394,7 @@ class ReservationService:
                 " SELECT loc, day, count(*)::int AS n FROM upd, unnest(upd.locs) AS loc"
                 " WHERE day IS NOT NULL GROUP BY loc, day", ids)
             if slots:
-                await PgStore.give_back_capacity(
+                await pg_capacity.give_back_capacity(
                     u.conn, {(r["loc"], r["day"]): r["n"] for r in slots})
             await PgStore.add_outbox(u.conn, "RESERVATION", [
                 ("", "", {"reservation_id": i, "status": "EXPIRED"}) for i in ids])

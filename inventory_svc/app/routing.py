@@ -29,7 +29,7 @@ from inventory_svc.domain.errors import (
 from inventory_svc.domain.model import Channel, Line, LocationType, Reservation, available_units
 from inventory_svc.domain.principal import ANONYMOUS, Principal
 from inventory_svc.storage.pg_base import Idem, Replay, translate_errors
-from inventory_svc.storage.redis_stock import gate_units
+from inventory_svc.storage.redis_layout import gate_units
 from routing import model as rm
 from routing.solver import Network, solve
 

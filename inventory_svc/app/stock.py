@@ -35,7 +35,7 @@ from inventory_svc.domain.model import (
 from inventory_svc.domain.rules import LockedStock, check_can_remove
 from inventory_svc.storage.pg import MovementDraft, PgStore
 from inventory_svc.storage.pg_base import Idem, Replay
-from inventory_svc.storage.redis_stock import decode_levels
+from inventory_svc.storage.redis_layout import decode_levels
 from routing.geo import haversine_km
 
 

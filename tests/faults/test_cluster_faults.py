@@ -23,7 +23,7 @@ from inventory.v1 import inventory_service_pb2 as api
 from inventory_svc.domain.model import Line
 from inventory_svc.embedded import EmbeddedPostgres
 from inventory_svc.embedded.cluster import EmbeddedRedisCluster, slot_of
-from inventory_svc.storage.redis_stock import hold_key, stock_key
+from inventory_svc.storage.redis_layout import hold_key, stock_key
 from tests.conftest import Stores, settings_for, store_location, uid
 from tests.faults.harness import (
     ALLOWED_DURING_FAULTS,

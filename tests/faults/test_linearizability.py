@@ -20,7 +20,8 @@ from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.domain.errors import InsufficientStock, Shortfall
 from inventory_svc.domain.model import Channel
 from inventory_svc.storage.pg import PgStore
-from inventory_svc.storage.redis_stock import Hold, RedisStock, decode_cached, hold_key, stock_key
+from inventory_svc.storage.redis_layout import decode_cached, hold_key, stock_key
+from inventory_svc.storage.redis_stock import Hold, RedisStock
 from tests.conftest import Stores
 from tests.faults.harness import check_all, make_world, own_site, running, site_settings
 from tests.faults.linearizability import Op, check, stock_spec
