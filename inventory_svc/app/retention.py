@@ -86,15 +86,17 @@ class Retention:
         return report
 
     async def run(self) -> None:
-        """A run every retention_interval_s until cancelled; a failed run is logged."""
+        """A run every retention_interval_s until cancelled, the first one interval after the
+        start (a start has enough to do, and nothing aged while the service was down that one
+        interval more would harm); a failed run is logged."""
         while True:
+            await nap(self.ctx.settings.retention_interval_s)
             try:
                 await self.run_once()
             except DomainError as exc:
                 log.warning("retention: %s", exc.message)
             except Exception:
                 log.exception("retention failed")
-            await nap(self.ctx.settings.retention_interval_s)
 
     async def _drain(self, table: str, step: Callable[[asyncpg.Connection], Awaitable[int]]
                      ) -> int:
