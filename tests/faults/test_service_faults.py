@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
-from inventory_svc.storage.redis_stock import hold_key
+from inventory_svc.storage.redis_layout import hold_key
 from tests.conftest import Stores
 from tests.faults.harness import (
     Load,
@@ -115,10 +115,10 @@ async def hold_ids(redis: object, skus: list[str]) -> set[str]:
 
 async def test_sigterm_under_load_drains_and_loses_nothing(stores: Stores, soak: bool) -> None:
     """A call the service holds when SIGTERM comes is answered with its real outcome; a call that
-    arrives after the shutdown began may be refused (UNAVAILABLE: nothing was done, retry on
-    another replica). Which calls were in flight is read from the service's own state (the holds
-    waiting for their commit), not guessed from client clocks, so a slow machine changes nothing:
-    it only shifts calls from one kind to the other."""
+    arrives after the shutdown began may be refused (UNAVAILABLE, or CANCELLED at the instant the
+    server stops: nothing was done, retry on another replica). Which calls were in flight is read
+    from the service's own state (the holds waiting for their commit), not guessed from client
+    clocks, so a slow machine changes nothing: it only shifts calls from one kind to the other."""
     rounds = 5 if soak else 1
     async with own_site(stores) as site:
         with TcpProxy("127.0.0.1", port_of(site.database_url)) as proxy:
@@ -140,7 +140,9 @@ async def test_sigterm_under_load_drains_and_loses_nothing(stores: Stores, soak:
                             health_pb2.HealthCheckRequest())
                         first = await watch.read()
                         assert first.status == health_pb2.HealthCheckResponse.SERVING
-                        load = Load(victim.target, w, clients=16, deadline=120.0, reads=False)
+                        # every refusal's details logged (ledger.odd), to tell the kinds apart
+                        load = Load(victim.target, w, clients=16, deadline=120.0, reads=False,
+                                    allowed={grpc.StatusCode.FAILED_PRECONDITION})
                         async with load:
                             await eventually(lambda load=load: _acked(load, 20), within=60,
                                              what="load running")
@@ -158,17 +160,27 @@ async def test_sigterm_under_load_drains_and_loses_nothing(stores: Stores, soak:
                         # every reservation the service was working on at the signal: answered
                         lost = in_flight - set(load.ledger.reserved)
                         assert in_flight and not lost, f"in flight at SIGTERM, not answered: {lost}"
-                        # and any call refused was refused cleanly, never cut off or broken
+                        # and any call refused was refused cleanly, never cut off or broken:
+                        # UNAVAILABLE, nothing done (but never grpc's "Cancelling all calls",
+                        # which is a call cut off when a drain outlasts its grace); or CANCELLED
+                        # "CANCELLED", which grpc's stop answers a call it had taken in but not
+                        # yet handed to the service (grpc/grpc#41785; it never ran, and clients
+                        # that follow health have moved away before: INVENTORY_SHUTDOWN_DELAY_S).
+                        # A call the service drops would hear nothing until its deadline.
                         odd = set(load.ledger.codes) - {"OK", "FAILED_PRECONDITION",
-                                                        "UNAVAILABLE"}
-                        assert not odd, f"{odd}: {load.ledger.odd[:10]}"
+                                                        "UNAVAILABLE", "CANCELLED"}
+                        refusals = Counter(load.ledger.odd)
+                        unclean = [what for what in refusals if not (
+                            what == "CANCELLED: CANCELLED" or (what.endswith(": UNAVAILABLE")
+                                                               and "Cancelling all" not in what))]
+                        assert not odd and not unclean, f"{odd}: {unclean[:10]}"
                     proxy.set_latency()
                     # acknowledged = committed; refused = left nothing (no hold, Redis = Postgres)
                     await check_acknowledged(svc.ctx.pg.pool, load.ledger)
                     await check_all(svc.ctx.pg.pool, redis, w.skus)
                     print(f"SIGTERM: {len(in_flight)} reservations in flight all answered, exit "
                           f"0 after {time.monotonic() - signalled:.2f}s; codes "
-                          f"{dict(load.ledger.codes)}")
+                          f"{dict(load.ledger.codes)}; refusals {dict(refusals.most_common(5))}")
 
 
 async def test_after_sigterm_the_calls_that_still_come_are_served_while_health_says_not_serving(
