@@ -85,10 +85,12 @@ function retryAfterSeconds(details) {
 }
 
 // UNAVAILABLE: nothing was confirmed; DEADLINE_EXCEEDED: the outcome is unknown; ABORTED: the
-// same key is still running. Each is retried with the same idempotency key (the service runs a
-// call once and answers a repeat with the first answer); RESOURCE_EXHAUSTED only with RetryInfo.
+// same key is still running; CANCELLED (this client cancels nothing): a replica stopped as the
+// call reached it, and it never ran. Each is retried with the same idempotency key (the service
+// runs a call once and answers a repeat with the first answer); RESOURCE_EXHAUSTED only with
+// RetryInfo.
 const RETRYABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED,
-  grpc.status.ABORTED]);
+  grpc.status.ABORTED, grpc.status.CANCELLED]);
 
 function call(client, method, request, metadata) {
   return new Promise((resolve, reject) => {

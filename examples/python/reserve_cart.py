@@ -34,12 +34,13 @@ from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 R = TypeVar("R")
 
 # UNAVAILABLE: nothing was confirmed. DEADLINE_EXCEEDED: the outcome is unknown (the call may
-# have committed). ABORTED: the same key is still running, or a compare-and-set lost. Each is
-# retried with the same idempotency key: the service runs the call at most once and answers a
+# have committed). ABORTED: the same key is still running, or a compare-and-set lost. CANCELLED
+# (this client cancels nothing): a replica stopped as the call reached it, and it never ran. Each
+# is retried with the same idempotency key: the service runs the call at most once and answers a
 # repeat with the first answer. RESOURCE_EXHAUSTED is retried only when it says when (RetryInfo:
 # a rate quota); a size limit or a quota of units stays refused.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.ABORTED}
+             grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
 
 
 @dataclass
