@@ -218,7 +218,7 @@ class LocalStack:
             routes["standby"] = ("127.0.0.1", port_of(database_url), self.latency["standby"])
         if routes:
             self.proxy = ProxyProcess(routes, self.log_dir / "proxy.log")
-        if self.proxy is not None and "standby" in self.proxy.ports:
+        if "standby" in routes:
             self._start_standby(database_url)
         port = free_port()
         env = {k: v for k, v in os.environ.items()
