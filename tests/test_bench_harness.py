@@ -1,5 +1,5 @@
 """Smoke tests of the load harness (`inventory-bench`): its programmatic entry starts the embedded
-default itself (tiny demo network), drives two scenarios for ~2 s each from a spawned worker
+default itself (tiny demo network), drives three scenarios for ~2 s each from a spawned worker
 process, and writes a result with per-RPC statistics and a passing invariant check; with --peer
 and --store-latency it measures ours and the Postgres-only peer behind the latency proxy. No
 timings are asserted: this is a benchmark's plumbing, not a benchmark."""
@@ -31,14 +31,16 @@ def _no_shedding(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INVENTORY_QUEUE_BUDGET_MS", "0")
 
 
-def test_harness_runs_two_scenarios_and_checks_invariants(tmp_path: Path) -> None:
+def test_harness_runs_three_scenarios_and_checks_invariants(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_bench(BenchConfig(
-        scenarios=["browse", "cart"], mode="closed", concurrency=8, duration_s=2.0, warmup_s=0.5,
-        drain_s=5.0, workers=1, channels=1, skus=200, anchors=False, out_dir=out, progress=False))
+        scenarios=["browse", "cart", "hot-row"], mode="closed", concurrency=8, duration_s=2.0,
+        warmup_s=0.5, drain_s=5.0, workers=1, channels=1, skus=200, anchors=False, out_dir=out,
+        progress=False))
 
     result = json.loads((out / "result.json").read_text())
-    expected = {"browse": {"GetAvailability", "FindNearby"}, "cart": {"Reserve"}}
+    expected = {"browse": {"GetAvailability", "FindNearby"}, "cart": {"Reserve"},
+                "hot-row": {"Reserve"}}
     for scenario, rpcs in expected.items():
         step = result["scenarios"][scenario]["steps"][0]
         assert rpcs <= set(step["rpcs"]), step["rpcs"].keys()
@@ -48,6 +50,12 @@ def test_harness_runs_two_scenarios_and_checks_invariants(tmp_path: Path) -> Non
             assert isinstance(rpc["errors"], dict)
             assert rpc["ok"] + sum(rpc["errors"].values()) == rpc["calls"]
         assert not step["client_errors"], step["client_errors"]
+    # hot-row: a fresh SKU at one warehouse with more than a run can sell, so every call won
+    hot_row = result["scenarios"]["hot-row"]
+    sku, _location = hot_row["hot"]
+    assert sku.startswith("FLASH-"), hot_row["hot"]
+    reserve = hot_row["steps"][0]["rpcs"]["Reserve"]
+    assert reserve["calls"] > 0 and reserve["ok"] == reserve["calls"], reserve
     inv = result["invariants"]
     assert inv["ok"] is True, inv
     assert inv["oversold"] == inv["ledger_mismatch"] == inv["reserved_mismatch"] == 0

@@ -29,7 +29,9 @@ Writes benchmarks/out/<timestamp>/{result.json,report.md,*.png} (or --out).
 UPDATE per Reserve) on its own database of the same Postgres, loads it by the same calls, and
 measures ours and the peer in alternating rounds (--rounds, 3 by default with --peer); the
 report gives every figure as the median over the rounds and as ratios ours / peer and to echo.
-The peer runs availability, reserve, cart, flash-sale and flash-hot; other scenarios run on ours.
+The peer runs availability, reserve, cart, hot-row, flash-sale and flash-hot; other scenarios run
+on ours. hot-row is a flash sale while its stock lasts: every call reserves one unit of one SKU
+at one warehouse that holds more than a run sells (every call a winner, every write on one row).
 --store-latency postgres=1ms,redis=0.2ms puts a latency proxy between each service and its stores
 (one-way delay, added each way: 1ms is a 2 ms longer round trip); the report names the profile.
 Adding standby=1ms gives Postgres a real synchronous standby (pg_basebackup, streaming) behind
@@ -43,7 +45,7 @@ examples:
   inventory-bench --scenarios reserve,route --profile reserve,route
   inventory-bench --peer --scenarios reserve,flash-sale,flash-hot,cart,availability --fractions 0.7
   inventory-bench --peer --store-latency postgres=1ms,redis=0.2ms --scenarios reserve,flash-hot
-  inventory-bench --peer --store-latency postgres=1ms,redis=0.2ms,standby=1ms --scenarios reserve,flash-hot
+  inventory-bench --peer --store-latency postgres=1ms,redis=0.2ms,standby=1ms --scenarios reserve,flash-hot,hot-row
   inventory-bench --target 127.0.0.1:50051 --database-url postgresql://postgres@127.0.0.1:5432/inventory \\
       --mode open --rate 500 --scenarios mixed --no-anchors
 """

@@ -256,7 +256,8 @@ def scenario_summary(scenario: str, rpcs: tuple[str, ...], steps: list[dict[str,
 
 FLASH_SCENARIOS = ("flash-sale", "flash-hot")
 # what the Postgres-only peer implements (benchmarks/peer): the others run on ours only
-PEER_SCENARIOS = ("availability", "reserve", "cart", *FLASH_SCENARIOS)
+PEER_SCENARIOS = ("availability", "reserve", "cart", "hot-row", *FLASH_SCENARIOS)
+HOT_ROW_UNITS = 10**9  # more than any run sells: every hot-row call is a winner
 
 
 def _run_flash(run: _Run, name: str, target: str, tag: str,
@@ -287,13 +288,19 @@ def _measure(run: _Run, name: str, target: str, tag: str, warehouses: list[str])
     rpcs = SCENARIOS[name].rpcs
     if name in FLASH_SCENARIOS:
         return _run_flash(run, name, target, tag, warehouses)
+    params: dict[str, Any] = {}
+    if name == "hot-row":  # a fresh SKU each time: no run inherits another's holds on it
+        where = "WH-WAW" if "WH-WAW" in warehouses else warehouses[0]
+        params["hot"] = asyncio.run(stack.setup_flash(target, tag, where, 1, HOT_ROW_UNITS))[0]
     if cfg.mode == "find-max":
-        return run.find_max(name, {}, rpcs)
-    kw: dict[str, Any] = {"users": cfg.concurrency} if cfg.mode == "closed" else {"rate": cfg.rate}
-    plan = run.plan(f"{name} {cfg.mode}", name, cfg.mode, **kw)
-    step = run.phase(plan, profile_as=name if name in cfg.profile else None)
-    step["fraction"] = None
-    return scenario_summary(name, rpcs, [step])
+        out = run.find_max(name, params, rpcs)
+    else:
+        kw: dict[str, Any] = {"users": cfg.concurrency} if cfg.mode == "closed" else {"rate": cfg.rate}
+        plan = run.plan(f"{name} {cfg.mode}", name, cfg.mode, params=params, **kw)
+        step = run.phase(plan, profile_as=name if name in cfg.profile else None)
+        step["fraction"] = None
+        out = scenario_summary(name, rpcs, [step])
+    return {**out, **params}
 
 
 def _median_round(summaries: list[dict[str, Any]]) -> int:

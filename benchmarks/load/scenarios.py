@@ -294,6 +294,22 @@ class FlashHot(FlashSale):
     name = "flash-hot"
 
 
+class HotRow(Scenario):
+    """A flash sale while its stock lasts: every call reserves one unit of one SKU at one
+    warehouse, which holds more than a run can sell, so every call is a winner and every write
+    contends for that one row. The holds are left to expire."""
+
+    name, rpcs = "hot-row", ("Reserve",)
+
+    async def op(self, rec: Recorder, t0: float | None) -> None:
+        e = self.env
+        sku, loc = self.params["hot"]
+        await rec.call("Reserve", e.clients.inventory(e.target).Reserve, api.ReserveRequest(
+            lines=[pb.ReservationLine(sku=sku, location_id=loc, quantity=1)],
+            ttl_seconds=e.knobs.reserve_ttl_s, channel=pb.CHANNEL_APP,
+            idempotency_key=e.key("h")), t0)
+
+
 SCENARIOS: dict[str, type[Scenario]] = {
     c.name: c for c in (Availability, Browse, ReserveOnly, Cart, Route, Pos, Mixed, FlashSale,
-                        FlashHot)}
+                        FlashHot, HotRow)}
