@@ -49,8 +49,8 @@ async def test_queued_calls_commit_as_one_group_and_each_gets_its_own_answer(
     stub: Stub, service: Running, channel: grpc.aio.Channel,
 ) -> None:
     group = service.reservations.group
-    w = await make_world(stub, locations=2, skus=1, on_hand=10)
-    sku, hot, calm = w.skus[0], *w.locations
+    w = await make_world(stub, locations=3, skus=1, on_hand=10)
+    sku, hot, calm, free = w.skus[0], *w.locations
     raw = channel.unary_unary("/inventory.v1.InventoryService/Reserve")
 
     def keyed(qty: int, key: str) -> api.ReserveRequest:
@@ -58,42 +58,36 @@ async def test_queued_calls_commit_as_one_group_and_each_gets_its_own_answer(
                                                             quantity=qty)],
                                   idempotency_key=key, order_ref="o")
 
+    def one(location: str) -> asyncio.Future[grpc.StatusCode]:
+        return asyncio.ensure_future(outcome(stub.Reserve(api.ReserveRequest(lines=[
+            pb.ReservationLine(sku=sku, location_id=location, quantity=1)]))))
+
     first, used = keyed(2, uid("k")), keyed(1, uid("k"))
     first_answer = bytes(await raw(first.SerializeToString()))
     await stub.Reserve(used)
     reused = keyed(4, used.idempotency_key)  # its key, a different request
     fresh = keyed(3, uid("k"))
 
-    # While another transaction holds the hot row, the groups with hot calls wait in Postgres
-    # (in every lane, as each stalls) and the calls after them queue.
-    def arrived() -> int:
-        return group.queued + group.calls_in_flight
-
-    hot_calls: list[asyncio.Future[grpc.StatusCode]] = []
-
-    def groups_in_flight(n: int) -> Callable[[], bool]:
-        return lambda: group.in_flight == n
-
-    def send_hot() -> None:
-        hot_calls.append(asyncio.ensure_future(outcome(stub.Reserve(api.ReserveRequest(lines=[
-            pb.ReservationLine(sku=sku, location_id=hot, quantity=1)])))))
-
+    # While other transactions hold the hot and the calm row, a group on each waits in Postgres,
+    # and the calls after them that want those rows queue: a group of their own would only
+    # wait behind the first for the same lock. A call on another row still goes, in a lane of
+    # its own, once the groups in Postgres have stalled.
     async with service.ctx.pg.pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT 1 FROM stock WHERE sku = $1 AND location_id = $2 FOR UPDATE",
-                           sku, hot)
-        # One call a lane, each sent once the one before it waits in Postgres: sent all at
-        # once, they would fill as many lanes as the waves they happen to arrive in.
-        for lane in range(1, group.lanes + 1):
-            send_hot()
-            await wait_until(groups_in_flight(lane), f"a hot call in lane {lane}")
-        for _ in range(20 - group.lanes):
-            send_hot()
-        await wait_until(lambda: arrived() == 20, "the other hot calls queued")
+        await conn.execute("SELECT 1 FROM stock WHERE sku = $1 AND location_id = ANY($2::text[])"
+                           " ORDER BY location_id FOR UPDATE", sku, [hot, calm])
+        hot_calls = [one(hot)]
+        await wait_until(lambda: group.in_flight == 1, "the first hot call in Postgres")
         repeat = asyncio.ensure_future(raw(first.SerializeToString()))
+        await wait_until(lambda: group.in_flight == 2, "the repeat in a lane of its own")
+        hot_calls += [one(hot) for _ in range(19)]
         refused = asyncio.ensure_future(expect_error(stub.Reserve(reused),
                                                      grpc.StatusCode.ALREADY_EXISTS))
         taken = asyncio.ensure_future(stub.Reserve(fresh))
-        await wait_until(lambda: group.queued >= 3 and arrived() == 23, "keyed calls queued")
+        await wait_until(lambda: group.queued == 21, "the other hot and calm calls queued")
+        assert await one(free) == grpc.StatusCode.OK  # committed while both rows are locked
+        await wait_until(lambda: group.in_flight == 2, "the free call's group ended")
+        assert (group.calls_in_flight, group.queued) == (2, 21), \
+            "calls that want a locked row went to Postgres in a group of their own"
     codes = await asyncio.gather(*hot_calls)
 
     # Each call its own answer: the units went to exactly 10 of 20, the repeat replays the
@@ -103,12 +97,13 @@ async def test_queued_calls_commit_as_one_group_and_each_gets_its_own_answer(
     assert bytes(await repeat) == first_answer
     assert used.idempotency_key in ((await refused).details() or "")
     assert len((await taken).reservation.lines) == 1
-    assert group.largest >= 3, "the queued calls were not grouped"
+    assert group.largest >= 19, "the queued calls were not grouped"
 
     out = await stub.GetAvailability(api.GetAvailabilityRequest(skus=[sku]))
     levels = {lv.location_id: lv for lv in out.items[0].levels}
     assert (levels[hot].reserved, levels[hot].available) == (10, 0)
     assert levels[calm].reserved == 2 + 1 + 3, "a refused or repeated call took units"
+    assert levels[free].reserved == 1
     await assert_invariants(service, [sku])
 
 
@@ -132,7 +127,8 @@ async def test_the_call_a_group_cannot_serve_says_what_its_predecessors_left(
     async with service.ctx.pg.pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT 1 FROM stock WHERE sku = $1 FOR UPDATE", sku)
         calls = [asyncio.ensure_future(reserve(1)) for _ in range(4)]
-        await wait_until(lambda: group.calls_in_flight == 4, "the first calls in Postgres")
+        await wait_until(lambda: group.queued + group.calls_in_flight == 4,
+                         "the first calls in Postgres or queued for their row")
         calls.append(asyncio.ensure_future(reserve(2)))
         await wait_until(lambda: group.queued + group.calls_in_flight == 5, "the last one sent")
     errors = [e for e in await asyncio.gather(*calls) if e is not None]

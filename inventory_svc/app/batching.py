@@ -6,7 +6,10 @@ A group goes to Postgres as soon as no other is there; while one is, arriving ca
 together in the next. At low load a group is one call; under load, groups grow with it. A second
 group (up to `lanes`) goes only when every group in Postgres has been there for `stall_s`: one
 that waits on a row lock (a bulk import holding it, say) does not hold up the calls behind it for
-longer than that.
+longer than that. That second group takes only calls that lock none of the rows of the groups in
+Postgres: the others would wait in Postgres for the same lock, and on a row every call wants (a
+flash sale's) each extra group would queue behind the one before it, every call waiting for all
+of them, where one group at a time takes the calls that arrived while it waited.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Lanes(ABC, Generic[C]):
         self.name = name
         self._queue: list[C] = []
         self._groups: dict[asyncio.Task[None], float] = {}  # a group in flight: its start
+        self._members: dict[asyncio.Task[None], list[C]] = {}  # and its calls
         self._stall_timer: asyncio.TimerHandle | None = None
         self._calls_in_flight = 0
         self.groups = 0  # committed groups, the calls in them and the largest, for metrics
@@ -79,6 +83,10 @@ class Lanes(ABC, Generic[C]):
     def conflicts(self, call: C) -> Iterable[str]:
         """What two calls of one group must not share (an idempotency key, a reservation): the
         second must see the first's outcome, which one transaction would not show it."""
+
+    def rows(self, call: C) -> Iterable[object]:
+        """The rows the call's group locks for it (none known: the call may go in any lane)."""
+        return ()
 
     @abstractmethod
     async def run_group(self, group: list[C]) -> None:
@@ -113,24 +121,36 @@ class Lanes(ABC, Generic[C]):
     def _start_groups(self) -> None:
         loop = asyncio.get_running_loop()
         while self._queue and self._lane_free(loop.time()):
-            group: list[C] = []
-            taken: set[str] = set()
-            rest: list[C] = []
-            for call in self._queue:
-                mine = set(self.conflicts(call))
-                if len(group) >= self.max_group or mine & taken:
-                    rest.append(call)
-                    continue
-                group.append(call)
-                taken |= mine
-            self._queue = rest
+            group = self._next_group()
+            if not group:  # each call queued waits for a row of a group in flight: its end, or
+                break      # a call that can go, comes back here (_group_done, submit)
             task = asyncio.create_task(self.run_group(group))
             self._groups[task] = loop.time()
+            self._members[task] = group
             self._calls_in_flight += len(group)
             task.add_done_callback(functools.partial(self._group_done, len(group)))
-        if self._queue and len(self._groups) < self.lanes and self._stall_timer is None:
+        if self._queue and len(self._groups) < self.lanes and self._stall_timer is None and \
+                not self._lane_free(loop.time()):
             self._stall_timer = loop.call_at(max(self._groups.values()) + self.stall_s,
                                              self._stalled)
+
+    def _next_group(self) -> list[C]:
+        """The queued calls the next group takes, in arrival order; the rest stay queued."""
+        locked = {row for members in self._members.values() for call in members
+                  for row in self.rows(call)}
+        group: list[C] = []
+        taken: set[str] = set()
+        rest: list[C] = []
+        for call in self._queue:
+            mine = set(self.conflicts(call))
+            if len(group) >= self.max_group or mine & taken or \
+                    (locked and not locked.isdisjoint(self.rows(call))):
+                rest.append(call)
+                continue
+            group.append(call)
+            taken |= mine
+        self._queue = rest
+        return group
 
     def _lane_free(self, now: float) -> bool:
         return not self._groups or (len(self._groups) < self.lanes and all(
@@ -141,6 +161,6 @@ class Lanes(ABC, Generic[C]):
         self._start_groups()
 
     def _group_done(self, size: int, task: asyncio.Task[None]) -> None:
-        del self._groups[task]
+        del self._groups[task], self._members[task]
         self._calls_in_flight -= size
         self._start_groups()

@@ -120,6 +120,9 @@ class GroupCommitter(Lanes[_Call]):
         # answer, which its group's advisory lock would not keep from it
         return (call.idem.key,) if call.idem else ()
 
+    def rows(self, call: _Call) -> Iterable[object]:
+        return [(line.sku, line.location_id) for line in call.lines]
+
     async def reserve(
         self, res_id: str, lines: Sequence[Line], channel: Channel, order_ref: str, ttl_s: int,
         idem: Idem | None, hold: Hold, deadline: float, shipping_from: Sequence[str] = (),
