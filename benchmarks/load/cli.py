@@ -45,7 +45,7 @@ examples:
   inventory-bench --scenarios reserve,route --profile reserve,route
   inventory-bench --peer --scenarios reserve,flash-sale,flash-hot,cart,availability --fractions 0.7
   inventory-bench --peer --store-latency postgres=1ms,redis=0.2ms --scenarios reserve,flash-hot
-  inventory-bench --peer --store-latency postgres=1ms,redis=0.2ms,standby=1ms --scenarios reserve,flash-hot,hot-row
+  inventory-bench --peer --store-latency postgres=1ms,redis=0.2ms,standby=1ms --scenarios hot-row,flash-hot
   inventory-bench --target 127.0.0.1:50051 --database-url postgresql://postgres@127.0.0.1:5432/inventory \\
       --mode open --rate 500 --scenarios mixed --no-anchors
 """
