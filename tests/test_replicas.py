@@ -223,10 +223,13 @@ async def test_last_units_across_replicas(fleet: Fleet, soak: bool) -> None:
             wins.update(i % len(by_replica) for i, _ in won)
             # every other winner buys, through another replica than the one it reserved on
             bought = won[::2]
-            await asyncio.gather(*(until_answered(
-                lambda i=i, res=res: by_replica[(i + 1) % len(by_replica)].CommitReservation(
-                    api.CommitReservationRequest(reservation_id=res, idempotency_key=uid("c")),
-                    timeout=10)) for i, res in bought))
+            async def buy(i: int, res: str) -> None:
+                # a retry (its first try's outcome unknown) asks again with the same key
+                request = api.CommitReservationRequest(reservation_id=res, idempotency_key=uid("c"))
+                stub = by_replica[(i + 1) % len(by_replica)]
+                await until_answered(lambda: stub.CommitReservation(request, timeout=10))
+
+            await asyncio.gather(*(buy(i, res) for i, res in bought))
             row = await fleet.db.fetchrow(
                 "SELECT on_hand, reserved FROM stock WHERE sku = $1 AND location_id = $2", sku, loc)
             assert (row["on_hand"], row["reserved"]) == (on_hand - len(bought),
@@ -335,10 +338,10 @@ async def test_short_ttl_reservations_expire_exactly_once(fleet: Fleet, soak: bo
         answers: dict[str, str] = {}
 
         async def commit(i: int, res: str) -> None:
-            try:
+            request = api.CommitReservationRequest(reservation_id=res, idempotency_key=uid("c"))
+            try:  # a retry (its first try's outcome unknown) asks again with the same key
                 await until_answered(lambda: by_replica[i % len(by_replica)].CommitReservation(
-                    api.CommitReservationRequest(reservation_id=res, idempotency_key=uid("c")),
-                    timeout=10))
+                    request, timeout=10))
                 answers[res] = "COMMITTED"
             except grpc.aio.AioRpcError as err:
                 assert err.code() is grpc.StatusCode.FAILED_PRECONDITION, err
