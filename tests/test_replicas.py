@@ -410,8 +410,11 @@ async def test_reconcilers_repair_a_drift_once(fleet: Fleet) -> None:
         await r.hset(stock_key(orphaned), loc, ":".join(value))
         short = await by_replica[1].GetAvailability(api.GetAvailabilityRequest(
             skus=w.skus, location_ids=[loc]), timeout=10)
-        # (reads show committed stock only: the orphan's units are not seen there)
-        assert [i.total_available for i in short.items] == [3, 10]
+        # Reads show committed stock only: the orphan's units are not seen there. The drift
+        # shows until a reconciler repairs it; one may have already (they pass every second,
+        # and a loaded box can take that long to get here): the count below says it was found.
+        assert short.items[0].total_available in (3, 10)
+        assert short.items[1].total_available == 10
 
         await eventually(lambda: redis_matches_postgres(fleet.db, fleet.rd, w.skus), within=60,
                          what="drift repaired and orphan given back")
