@@ -1,5 +1,5 @@
 """Smoke tests of the load harness (`inventory-bench`): its programmatic entry starts the embedded
-default itself (tiny demo network), drives three scenarios for ~2 s each from a spawned worker
+default itself (tiny demo network), drives three scenarios for ~1.5 s each from a spawned worker
 process, and writes a result with per-RPC statistics and a passing invariant check; with --peer
 and --store-latency it measures ours and the Postgres-only peer behind the latency proxy. No
 timings are asserted: this is a benchmark's plumbing, not a benchmark."""
@@ -34,7 +34,7 @@ def _no_shedding(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_harness_runs_three_scenarios_and_checks_invariants(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_bench(BenchConfig(
-        scenarios=["browse", "cart", "hot-row"], mode="closed", concurrency=8, duration_s=2.0,
+        scenarios=["browse", "cart", "hot-row"], mode="closed", concurrency=8, duration_s=1.5,
         warmup_s=0.5, drain_s=5.0, workers=1, channels=1, skus=200, anchors=False, out_dir=out,
         progress=False))
 
@@ -70,7 +70,7 @@ def test_harness_measures_ours_against_the_peer_through_a_latency_proxy(tmp_path
     profile = "postgres=1ms,redis=0.2ms"
     code = cli.main([
         "--peer", "--store-latency", profile, "--rounds", "2",
-        "--scenarios", "reserve,cart,flash-sale,availability", "--mode", "closed",
+        "--scenarios", "reserve,cart,flash-sale", "--mode", "closed",
         "--concurrency", "4", "--duration", "1.5", "--warmup", "0.5", "--workers", "1",
         "--channels", "1", "--skus", "100", "--no-anchors", "--quiet", "--out", str(out),
         "--peer-workers", "1", "--peer-pool", "4", "--flash-users", "30", "--flash-skus", "2",
@@ -85,7 +85,7 @@ def test_harness_measures_ours_against_the_peer_through_a_latency_proxy(tmp_path
     assert (v["systems"], v["rounds"], v["profile"]) == (["ours", "peer"], 2, profile)
     rows = {(r["scenario"], r["metric"]): r for r in v["rows"]}
     for key in (("reserve", "Reserve max OK/s"), ("cart", "sessions/s"),
-                ("flash-sale", "Reserve attempts/s"), ("availability", "GetAvailability max OK/s"),
+                ("flash-sale", "Reserve attempts/s"),
                 ("reserve", "server CPU ms per call")):
         row = rows[key]
         assert len(row["rounds"]["ours"]) == len(row["rounds"]["peer"]) == 2, row
