@@ -183,12 +183,14 @@ async def stubs(targets: Sequence[str]) -> AsyncIterator[list[Stub]]:
             await ch.close()
 
 
-async def until_answered(call: Callable[[], object], attempts: int = 30) -> object:
-    """Run an idempotent call (same key every time) until it has an answer that is not
-    'retry': what a client does with UNAVAILABLE, ABORTED and DEADLINE_EXCEEDED."""
+async def until_answered(method: Callable[..., object], request: object,
+                         attempts: int = 30) -> object:
+    """Send one request, so one idempotency key, until it has an answer that is not 'retry':
+    what a client does with UNAVAILABLE, ABORTED and DEADLINE_EXCEEDED (a try whose outcome was
+    unknown may have committed: only its own key finds that answer)."""
     for _ in range(attempts):
         try:
-            return await call()  # type: ignore[misc]
+            return await method(request, timeout=10)  # type: ignore[misc]
         except grpc.aio.AioRpcError as err:
             if err.code() not in RETRYABLE:
                 raise
@@ -211,7 +213,7 @@ async def test_last_units_across_replicas(fleet: Fleet, soak: bool) -> None:
                     lines=[pb.ReservationLine(sku=sku, location_id=loc, quantity=1)],
                     idempotency_key=uid("last"))
                 try:
-                    out = await until_answered(lambda: stub.Reserve(request, timeout=10))
+                    out = await until_answered(stub.Reserve, request)
                 except grpc.aio.AioRpcError as err:
                     assert err.code() is grpc.StatusCode.FAILED_PRECONDITION, err
                     return i, None
@@ -223,13 +225,10 @@ async def test_last_units_across_replicas(fleet: Fleet, soak: bool) -> None:
             wins.update(i % len(by_replica) for i, _ in won)
             # every other winner buys, through another replica than the one it reserved on
             bought = won[::2]
-            async def buy(i: int, res: str) -> None:
-                # a retry (its first try's outcome unknown) asks again with the same key
-                request = api.CommitReservationRequest(reservation_id=res, idempotency_key=uid("c"))
-                stub = by_replica[(i + 1) % len(by_replica)]
-                await until_answered(lambda: stub.CommitReservation(request, timeout=10))
-
-            await asyncio.gather(*(buy(i, res) for i, res in bought))
+            await asyncio.gather(*(until_answered(
+                by_replica[(i + 1) % len(by_replica)].CommitReservation,
+                api.CommitReservationRequest(reservation_id=res, idempotency_key=uid("c")))
+                for i, res in bought))
             row = await fleet.db.fetchrow(
                 "SELECT on_hand, reserved FROM stock WHERE sku = $1 AND location_id = $2", sku, loc)
             assert (row["on_hand"], row["reserved"]) == (on_hand - len(bought),
@@ -279,8 +278,7 @@ async def test_last_units_across_replicas_on_a_cluster(
                             lines=[pb.ReservationLine(sku=sku, location_id=loc, quantity=1)],
                             idempotency_key=uid("last"))
                         try:
-                            await until_answered(lambda: by_replica[i % 3].Reserve(
-                                request, timeout=10))
+                            await until_answered(by_replica[i % 3].Reserve, request)
                         except grpc.aio.AioRpcError as err:
                             assert err.code() is grpc.StatusCode.FAILED_PRECONDITION, err
                             return False
@@ -322,8 +320,7 @@ async def test_short_ttl_reservations_expire_exactly_once(fleet: Fleet, soak: bo
                      for sku, loc in rng.sample(w.pairs(), rng.randint(1, 3))]
             request = api.ReserveRequest(lines=lines, ttl_seconds=rng.choice((1, 2, 3)),
                                          idempotency_key=uid("ttl"))
-            out = await until_answered(
-                lambda: by_replica[i % len(by_replica)].Reserve(request, timeout=10))
+            out = await until_answered(by_replica[i % len(by_replica)].Reserve, request)
             return str(out.reservation.id)  # type: ignore[attr-defined]
 
         ids = list(await asyncio.gather(*(reserve(i) for i in range(count))))
@@ -338,10 +335,10 @@ async def test_short_ttl_reservations_expire_exactly_once(fleet: Fleet, soak: bo
         answers: dict[str, str] = {}
 
         async def commit(i: int, res: str) -> None:
-            request = api.CommitReservationRequest(reservation_id=res, idempotency_key=uid("c"))
-            try:  # a retry (its first try's outcome unknown) asks again with the same key
-                await until_answered(lambda: by_replica[i % len(by_replica)].CommitReservation(
-                    request, timeout=10))
+            try:
+                await until_answered(by_replica[i % len(by_replica)].CommitReservation,
+                                     api.CommitReservationRequest(reservation_id=res,
+                                                                  idempotency_key=uid("c")))
                 answers[res] = "COMMITTED"
             except grpc.aio.AioRpcError as err:
                 assert err.code() is grpc.StatusCode.FAILED_PRECONDITION, err

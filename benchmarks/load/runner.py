@@ -260,6 +260,11 @@ PEER_SCENARIOS = ("availability", "reserve", "cart", "hot-row", *FLASH_SCENARIOS
 HOT_ROW_UNITS = 10**9  # more than any run sells: every hot-row call is a winner
 
 
+def _sale_location(warehouses: list[str]) -> str:
+    """Where the flash scenarios put their fresh SKUs' stock."""
+    return "WH-WAW" if "WH-WAW" in warehouses else warehouses[0]
+
+
 def _run_flash(run: _Run, name: str, target: str, tag: str,
                warehouses: list[str]) -> dict[str, Any]:
     """A flash sale on fresh hot SKUs: `flash-sale` spreads the units over --flash-skus SKUs,
@@ -267,8 +272,7 @@ def _run_flash(run: _Run, name: str, target: str, tag: str,
     c = run.cfg
     n_skus, units = (c.flash_skus, c.flash_units) if name == "flash-sale" \
         else (1, c.flash_skus * c.flash_units)
-    where = "WH-WAW" if "WH-WAW" in warehouses else warehouses[0]
-    hot = asyncio.run(stack.setup_flash(target, tag, where, n_skus, units))
+    hot = asyncio.run(stack.setup_flash(target, tag, _sale_location(warehouses), n_skus, units))
     phase = run.phase(run.plan(name, name, "closed", users=c.flash_users,
                                think_s=c.flash_think_s, ramp_s=1.0, warmup_s=0.0,
                                drain_s=max(c.drain_s, 10.0),  # count every attempt, cancel none
@@ -290,8 +294,8 @@ def _measure(run: _Run, name: str, target: str, tag: str, warehouses: list[str])
         return _run_flash(run, name, target, tag, warehouses)
     params: dict[str, Any] = {}
     if name == "hot-row":  # a fresh SKU each time: no run inherits another's holds on it
-        where = "WH-WAW" if "WH-WAW" in warehouses else warehouses[0]
-        params["hot"] = asyncio.run(stack.setup_flash(target, tag, where, 1, HOT_ROW_UNITS))[0]
+        params["hot"] = asyncio.run(stack.setup_flash(
+            target, tag, _sale_location(warehouses), 1, HOT_ROW_UNITS))[0]
     if cfg.mode == "find-max":
         out = run.find_max(name, params, rpcs)
     else:

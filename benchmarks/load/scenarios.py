@@ -280,12 +280,17 @@ class FlashSale(Scenario):
 
     name, rpcs = "flash-sale", ("Reserve",)
 
+    def pick(self) -> tuple[tuple[str, str], int]:
+        """The (sku, location) this attempt reserves at, and its hold's TTL: long, so every unit
+        sold stays sold for the check."""
+        return self.env.rng.choice(self.params["flash"]), self.env.knobs.flash_ttl_s
+
     async def op(self, rec: Recorder, t0: float | None) -> None:
         e = self.env
-        sku, loc = e.rng.choice(self.params["flash"])
+        (sku, loc), ttl_s = self.pick()
         await rec.call("Reserve", e.clients.inventory(e.target).Reserve, api.ReserveRequest(
             lines=[pb.ReservationLine(sku=sku, location_id=loc, quantity=1)],
-            ttl_seconds=e.knobs.flash_ttl_s, channel=pb.CHANNEL_APP, idempotency_key=e.key("f")), t0)
+            ttl_seconds=ttl_s, channel=pb.CHANNEL_APP, idempotency_key=e.key("f")), t0)
 
 
 class FlashHot(FlashSale):
@@ -294,20 +299,15 @@ class FlashHot(FlashSale):
     name = "flash-hot"
 
 
-class HotRow(Scenario):
+class HotRow(FlashSale):
     """A flash sale while its stock lasts: every call reserves one unit of one SKU at one
     warehouse, which holds more than a run can sell, so every call is a winner and every write
-    contends for that one row. The holds are left to expire."""
+    contends for that one row."""
 
-    name, rpcs = "hot-row", ("Reserve",)
+    name = "hot-row"
 
-    async def op(self, rec: Recorder, t0: float | None) -> None:
-        e = self.env
-        sku, loc = self.params["hot"]
-        await rec.call("Reserve", e.clients.inventory(e.target).Reserve, api.ReserveRequest(
-            lines=[pb.ReservationLine(sku=sku, location_id=loc, quantity=1)],
-            ttl_seconds=e.knobs.reserve_ttl_s, channel=pb.CHANNEL_APP,
-            idempotency_key=e.key("h")), t0)
+    def pick(self) -> tuple[tuple[str, str], int]:
+        return self.params["hot"], self.env.knobs.reserve_ttl_s  # the holds are left to expire
 
 
 SCENARIOS: dict[str, type[Scenario]] = {

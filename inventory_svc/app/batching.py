@@ -15,7 +15,6 @@ of them, where one group at a time takes the calls that arrived while it waited.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -56,8 +55,8 @@ class Lanes(ABC, Generic[C]):
         self.stall_s = stall_s
         self.name = name
         self._queue: list[C] = []
-        self._groups: dict[asyncio.Task[None], float] = {}  # a group in flight: its start
-        self._members: dict[asyncio.Task[None], list[C]] = {}  # and its calls
+        # a group in flight: when it started, and its calls
+        self._groups: dict[asyncio.Task[None], tuple[float, list[C]]] = {}
         self._stall_timer: asyncio.TimerHandle | None = None
         self._calls_in_flight = 0
         self.groups = 0  # committed groups, the calls in them and the largest, for metrics
@@ -122,21 +121,23 @@ class Lanes(ABC, Generic[C]):
         loop = asyncio.get_running_loop()
         while self._queue and self._lane_free(loop.time()):
             group = self._next_group()
-            if not group:  # each call queued waits for a row of a group in flight: its end, or
-                break      # a call that can go, comes back here (_group_done, submit)
+            # Every queued call wants a row of a group in flight. That group's end, or a call
+            # that can go, comes back here (_group_done, submit): no timer is needed for it.
+            if not group:
+                break
             task = asyncio.create_task(self.run_group(group))
-            self._groups[task] = loop.time()
-            self._members[task] = group
+            self._groups[task] = (loop.time(), group)
             self._calls_in_flight += len(group)
-            task.add_done_callback(functools.partial(self._group_done, len(group)))
+            task.add_done_callback(self._group_done)
         if self._queue and len(self._groups) < self.lanes and self._stall_timer is None and \
                 not self._lane_free(loop.time()):
-            self._stall_timer = loop.call_at(max(self._groups.values()) + self.stall_s,
-                                             self._stalled)
+            self._stall_timer = loop.call_at(
+                max(started for started, _ in self._groups.values()) + self.stall_s,
+                self._stalled)
 
     def _next_group(self) -> list[C]:
         """The queued calls the next group takes, in arrival order; the rest stay queued."""
-        locked = {row for members in self._members.values() for call in members
+        locked = {row for _, calls in self._groups.values() for call in calls
                   for row in self.rows(call)}
         group: list[C] = []
         taken: set[str] = set()
@@ -154,13 +155,13 @@ class Lanes(ABC, Generic[C]):
 
     def _lane_free(self, now: float) -> bool:
         return not self._groups or (len(self._groups) < self.lanes and all(
-            now - started >= self.stall_s for started in self._groups.values()))
+            now - started >= self.stall_s for started, _ in self._groups.values()))
 
     def _stalled(self) -> None:
         self._stall_timer = None
         self._start_groups()
 
-    def _group_done(self, size: int, task: asyncio.Task[None]) -> None:
-        del self._groups[task], self._members[task]
-        self._calls_in_flight -= size
+    def _group_done(self, task: asyncio.Task[None]) -> None:
+        _, group = self._groups.pop(task)
+        self._calls_in_flight -= len(group)
         self._start_groups()
