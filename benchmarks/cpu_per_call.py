@@ -1,12 +1,20 @@
 """Service CPU per call, ours against the Postgres-only peer, in alternating rounds: a quick A/B.
 
     python -m benchmarks.cpu_per_call   (env: WHAT=reserve|loser|avail, C=32 callers, T=8 s a
-                                         round, ROUNDS=3, SKUS=300, KEYS=1, PROFILE=file.raw)
+                                         round, ROUNDS=3, SKUS=300, KEYS=1, PROFILE=file.raw,
+                                         PERF=perf.data [PERF_WHO=ours|peer], THREADS=1, PGCPU=1,
+                                         PGSS=1)
 
 Starts the harness's stack (embedded stores, our service with INVENTORY_WORKERS as set, the peer
 with one process) on a small demo, and measures the CPU seconds of each service process (and its
 children, the stores excepted) over a fixed-time closed loop. WHAT=loser reserves more than a SKU
-holds (every call a flash sale's loser). PROFILE records our service with py-spy in round 2.
+holds (every call a flash sale's loser). PROFILE records our service with py-spy in round 2, PERF
+the one named by PERF_WHO with `perf record -g`.
+
+Where the CPU goes, per call, after each round: THREADS=1 the service's threads (the serving
+loop, grpc's, the WatchStock sequencer's); PGCPU=1 Postgres' processes by what they serve (the
+client backends of each database, the sequencer's connection, the WAL writer); PGSS=1 (Postgres
+started with pg_stat_statements) our database's statements by time, and their planning time.
 """
 
 import asyncio
@@ -30,6 +38,72 @@ SKUS = int(os.environ.get("SKUS", "300"))
 C = int(os.environ.get("C", "32"))
 T = float(os.environ.get("T", "8"))
 WHAT = os.environ.get("WHAT", "reserve")
+
+
+def threads(pid):
+    """CPU seconds of each thread of a process, by thread id (and its OS name)."""
+    out = {}
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            f = (t / "stat").read_text().rsplit(")", 1)[1].split()
+            name = f"{t.name}:{(t / 'comm').read_text().strip()}"
+            out[name] = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+PGSS_SETTINGS = ("shared_preload_libraries=pg_stat_statements", "pg_stat_statements.track=all",
+                 "pg_stat_statements.track_planning=on")
+
+
+async def pgss(url, reset):
+    """Our database's statements (calls, ms executing, ms planning, text), the most time first;
+    with `reset`, start counting afresh instead."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        if reset:
+            await conn.execute("SELECT pg_stat_statements_reset()")
+            return []
+        return await conn.fetch(
+            "SELECT calls, total_exec_time AS ms, total_plan_time AS pms,"
+            " left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS q"
+            " FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid"
+            " WHERE d.datname = 'inventory' ORDER BY total_exec_time + total_plan_time DESC LIMIT 14")
+    finally:
+        await conn.close()
+
+
+async def pg_roles(url):
+    """Each Postgres process's pid and what it serves ("client backend @inventory", ...)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid, coalesce(nullif(application_name, ''), backend_type) AS who,"
+            " coalesce(datname, '-') AS db FROM pg_stat_activity")
+    finally:
+        await conn.close()
+    return [(r["pid"], f"{r['who']} @{r['db']}") for r in rows]
+
+
+def pg_cpu(url):
+    """CPU seconds of each Postgres process, keyed "pid|what it serves"."""
+    out = {}
+    for pid, role in asyncio.run(pg_roles(url)):
+        with contextlib.suppress(OSError):
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[f"{pid}|{role}"] = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def show(prefix, seconds, n):
+    """CPU ms per call of each part that took more than 10 ms in the round, the most first."""
+    for k, v in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        if v > 0.01:
+            print(f"{prefix}{k:40s} {1000 * v / max(n, 1):.3f} ms/call")
 
 
 def cpu(pids):
@@ -95,7 +169,8 @@ async def load(target, u, what):
 
 def main():
     d = Path(tempfile.mkdtemp(prefix="cpub-"))
-    st = stack.LocalStack(skus=SKUS, log_dir=d, peer=stack.PeerOptions())
+    st = stack.LocalStack(skus=SKUS, log_dir=d, peer=stack.PeerOptions(),
+                          pg_settings=PGSS_SETTINGS if os.environ.get("PGSS") else ())
     st.start()
     try:
         u = asyncio.run(stack.discover(st.target, SKUS, locations=20, seed=1))
@@ -111,6 +186,10 @@ def main():
             for name in order:
                 tgt = st.target if name == "ours" else st.peer_target
                 c0 = cpu(pids[name])
+                if os.environ.get("PGSS") and name == "ours":
+                    asyncio.run(pgss(st.database_url, True))
+                pg0 = pg_cpu(st.database_url) if os.environ.get("PGCPU") else {}
+                th0 = threads(pids[name][0])
                 t0 = time.monotonic()
                 prof = None
                 if os.environ.get("PROFILE") and name == "ours" and rnd == 1:
@@ -134,10 +213,33 @@ def main():
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
+                if os.environ.get("PERF") and name == os.environ.get("PERF_WHO", "ours") and rnd == 1:
+                    import subprocess
+
+                    prof = subprocess.Popen(
+                        ["perf", "record", "-F", "999", "-g", "-p", str(pids[name][0]), "-o",
+                         os.environ["PERF"], "--", "sleep", str(int(T) - 1)],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                 n = asyncio.run(load(tgt, u, WHAT))
                 if prof:
                     prof.wait()
                 c1 = cpu(pids[name])
+                if os.environ.get("PGSS") and name == "ours":
+                    for r in asyncio.run(pgss(st.database_url, False)):
+                        print(f"   sql {r['calls']:7d} calls  {1000 * r['ms'] / n:7.1f} us/call"
+                              f" + planning {1000 * r['pms'] / n:6.1f}  {r['q']}")
+                if os.environ.get("PGCPU"):
+                    pg1 = pg_cpu(st.database_url)
+                    by_role: dict[str, float] = {}
+                    for k, v in pg1.items():
+                        role = k.split("|", 1)[1]
+                        by_role[role] = by_role.get(role, 0.0) + v - pg0.get(k, 0.0)
+                    show("   postgres ", by_role, n)
+                if os.environ.get("THREADS"):
+                    th1 = threads(pids[name][0])
+                    show("   thread ", {k: v - th0.get(k, 0.0) for k, v in th1.items()}, n)
                 el = time.monotonic() - t0
                 res[name].append((n / el, 1000 * (c1 - c0) / n))
                 print(f"{name}: {n / el:7.0f}/s  {1000 * (c1 - c0) / n:.3f} ms CPU/call", flush=True)

@@ -43,6 +43,9 @@ class Settings:
     # make it rarer (2880: daily).
     reconcile_full_every: int = 120
     reconcile_seq_window_s: float = 20.0
+    # Postgres connections a process keeps, in all: 2 x group_commit_lanes of them are the group
+    # committers' own (their statements' plans cached: storage/pg_base.py), the rest serve
+    # everything else
     pg_pool_min: int = 2
     pg_pool_max: int = 20
     # connections a process keeps to Redis (one server; a cluster client pools per node): past
@@ -179,7 +182,7 @@ class Settings:
         need(self.group_commit_lanes >= 1 and 2 * self.group_commit_lanes < self.pg_pool_max,
              "group_commit_lanes", self.group_commit_lanes,
              "need 1 <= GROUP_COMMIT_LANES and 2 x GROUP_COMMIT_LANES < PG_POOL_MAX (lanes of"
-             " reservations and of commits/releases each take a connection)")
+             " reservations and of commits/releases each have a connection of their own)")
         need(self.group_commit_stall_ms > 0, "group_commit_stall_ms", self.group_commit_stall_ms,
              "must be > 0")
         need(self.log_format in ("text", "json"), "log_format", self.log_format,

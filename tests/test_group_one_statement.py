@@ -129,3 +129,34 @@ async def test_a_repeat_and_a_key_in_use_are_answered_as_in_a_transaction(
     await stub.Reserve(running)  # its key free again: it takes its unit
     assert await reserved(stub, sku) == 3
     await assert_invariants(service, [sku])
+
+
+async def test_the_groups_have_connections_of_their_own_and_postgres_keeps_their_plans(
+    stub: Stub, service: Running,
+) -> None:
+    """The group commits' connections come out of INVENTORY_PG_POOL_MAX (the connection count
+    operators plan for is unchanged), and on them Postgres keeps the group statement's plan
+    instead of planning it for every group; the other connections still plan each statement for
+    its input (a bulk import's arrays)."""
+    pg, settings = service.ctx.pg, service.ctx.settings
+    assert pg.group_pool is not pg.pool
+    assert pg.group_pool.get_max_size() == 2 * settings.group_commit_lanes
+    assert pg.pool.get_max_size() + pg.group_pool.get_max_size() == settings.pg_pool_max
+    w = await make_world(stub, locations=1, skus=1, on_hand=1_000)
+    for _ in range(12):  # one after another: groups of one, on the group pool's one connection
+        await stub.Reserve(api.ReserveRequest(lines=[line(w.skus[0], w.locations[0], 1)]))
+    # every idle connection of the group pool: whichever ran the groups is among them
+    conns = [await pg.group_pool.acquire() for _ in range(pg.group_pool.get_size())]
+    try:
+        generic = 0
+        for conn in conns:
+            assert await conn.fetchval("SHOW plan_cache_mode") == "auto"
+            generic += await conn.fetchval(
+                "SELECT coalesce(sum(generic_plans), 0) FROM pg_prepared_statements"
+                " WHERE statement LIKE 'WITH lk AS%'")
+    finally:
+        for conn in conns:
+            await pg.group_pool.release(conn)
+    assert generic >= 1  # the statement ran on a kept plan
+    async with pg.connection() as conn:
+        assert await conn.fetchval("SHOW plan_cache_mode") == "force_custom_plan"

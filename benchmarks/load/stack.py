@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,8 +174,9 @@ class LocalStack:
 
     def __init__(self, *, skus: int, log_dir: Path, data_dir: Path | None = None,
                  latency: dict[str, float] | None = None, peer: PeerOptions | None = None,
-                 redis_cluster: int = 0) -> None:
+                 redis_cluster: int = 0, pg_settings: Sequence[str] = ()) -> None:
         self.skus = skus
+        self.pg_settings = pg_settings  # more Postgres server settings ("name=value")
         self.log_dir = log_dir
         self._own_dir = data_dir is None
         # Not under pytest's tmp tree or the repo: the unprivileged postgres user must reach it.
@@ -205,7 +206,8 @@ class LocalStack:
         self.redis = EmbeddedRedisCluster(
             self.data_dir / "redis-cluster", masters=self.redis_cluster, durable=True,
         ) if self.redis_cluster else EmbeddedRedis(self.data_dir / "redis", durable=True)
-        self.pg = EmbeddedPostgres(self.data_dir / "postgres", durable=True)
+        self.pg = EmbeddedPostgres(self.data_dir / "postgres", durable=True,
+                                   settings=self.pg_settings)
         redis_url, database_url = self.redis.start(), self.pg.start(timeout=60)
         routes: dict[str, tuple[str, int, float]] = {}
         if "redis" in self.latency:

@@ -174,7 +174,7 @@ class GroupCommitter(Lanes[_Call]):
         sent = False
         try:
             async with asyncio.timeout_at(min(c.deadline for c in group)):
-                async with self.ctx.pg.connection() as conn:
+                async with self.ctx.pg.connection(group=True) as conn:
                     sent = True  # the statement is its own commit
                     for c in group:
                         c.progress.sent = True
@@ -202,7 +202,7 @@ class GroupCommitter(Lanes[_Call]):
         answers: list[Answer]
         try:
             async with asyncio.timeout_at(min(c.deadline for c in group)):
-                async with self.ctx.pg.unit(None) as unit:  # keys: claimed for all at once
+                async with self.ctx.pg.unit(None, group=True) as unit:  # keys: claimed for all at once
                     answers = await self._decide(unit.conn, group)
                     sent = True  # from here on a failure may come after the commit
                     for c in group:

@@ -136,7 +136,7 @@ class SettleCommitter(Lanes[_End]):
         sent = False
         answers: list[Any] = []
         try:
-            async with self.ctx.pg.unit(None) as unit:  # keys: claimed for all at once
+            async with self.ctx.pg.unit(None, group=True) as unit:  # keys: claimed for all at once
                 answers = await self._decide(unit.conn, group)
                 sent = True  # from here on a failure may come after the commit
                 for c in group:

@@ -21,6 +21,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -129,11 +130,13 @@ class EmbeddedPostgres(_ChildServer):
         *,
         durable: bool = True,
         database: str = "inventory",
+        settings: Sequence[str] = (),
     ) -> None:
         if not database or "\0" in database:
             raise ValueError(f"invalid database name {database!r}")
         super().__init__(data_dir, port, durable=durable)
         self.database = database
+        self.settings = tuple(settings)  # more "name=value" server settings (a benchmark's)
         self._user: pwd.struct_passwd | None = None
         self._root: Path | None = None  # the directory holding pgdata (and usually the socket)
         self._pgdata: Path | None = None  # pgdata, symlinks resolved
@@ -325,6 +328,7 @@ class EmbeddedPostgres(_ChildServer):
         elif sys.platform.startswith("linux"):
             # After a crash postgres syncs PGDATA before recovery; file-by-file fsync takes seconds.
             settings.append("recovery_init_sync_method=syncfs")
+        settings += self.settings
         args = [
             str(self._bin / "postgres"),
             "-D", str(self._pgdata),

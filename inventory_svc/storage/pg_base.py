@@ -267,44 +267,68 @@ async def _leave_session_as_is(conn: asyncpg.Connection) -> None:
     rolls back a transaction left open."""
 
 
+async def _pool(dsn: str, plan_cache_mode: str, min_size: int, max_size: int,
+                timeout_s: float) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn,
+        server_settings={"plan_cache_mode": plan_cache_mode},
+        min_size=min_size,
+        max_size=max_size,
+        command_timeout=timeout_s,
+        timeout=timeout_s,
+        reset=_leave_session_as_is,
+    )
+
+
 class PgBase:
-    def __init__(self, pool: asyncpg.Pool, timeout_s: float | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, timeout_s: float | None = None,
+                 group_pool: asyncpg.Pool | None = None) -> None:
         self.pool = pool
+        # the group committers' connections (see connect); the one pool when there are none
+        self.group_pool = group_pool or pool
         self.timeout_s = timeout_s  # also bounds waiting for a pooled connection
         self._lookups: Coalescer[Idem, bytes | None] = Coalescer(self._look_up)
         self.clock = PgClock()
 
     @classmethod
-    async def connect(cls, dsn: str, *, min_size: int, max_size: int, timeout_s: float) -> Any:
+    async def connect(cls, dsn: str, *, min_size: int, max_size: int, timeout_s: float,
+                      group_size: int = 0) -> Any:
+        """Pools of `max_size` connections in all: `group_size` of them (if any) for the group
+        committers, the rest for everything else."""
         with translate_errors():
-            pool = await asyncpg.create_pool(
-                dsn,
-                # Our statements take arrays of any length (1 key or 100k). A generic plan cached
-                # from small calls can go quadratic on a bulk call, so always plan for the input.
-                server_settings={"plan_cache_mode": "force_custom_plan"},
-                min_size=min_size,
-                max_size=max_size,
-                command_timeout=timeout_s,
-                timeout=timeout_s,
-                reset=_leave_session_as_is,
-            )
-        return cls(pool, timeout_s)
+            # Our statements take arrays of any length (1 key or 100k). A generic plan cached
+            # from small calls can go quadratic on a bulk call, so always plan for the input.
+            pool = await _pool(dsn, "force_custom_plan", min(min_size, max_size - group_size),
+                               max_size - group_size, timeout_s)
+            # A group's statements are bounded by its size (group_commit_max calls), and they
+            # are the hot path: planned anew each time, planning was ~40 % of the one-statement
+            # group's Postgres time, and the foreign-key checks its inserts fire were planned
+            # each time too (benchmarks/RESULTS.md). These connections let Postgres cache them.
+            group = None if group_size <= 0 else await _pool(dsn, "auto", 1, group_size,
+                                                             timeout_s)
+        return cls(pool, timeout_s, group)
 
     async def close(self) -> None:
         await self.pool.close()
+        if self.group_pool is not self.pool:
+            await self.group_pool.close()
 
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection, no transaction: each statement commits on its own."""
+    async def connection(self, *, group: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection, no transaction: each statement commits on its own. `group`:
+        one of the group committers' (plans cached; statements of bounded size only)."""
         with translate_errors():
-            async with self.pool.acquire(timeout=self.timeout_s) as conn:
+            pool = self.group_pool if group else self.pool
+            async with pool.acquire(timeout=self.timeout_s) as conn:
                 yield conn
 
     @contextlib.asynccontextmanager
-    async def unit(self, idem: Idem | None) -> AsyncIterator[Unit]:
-        """A transaction that commits on success; `unit.replay` is set for a repeated call."""
+    async def unit(self, idem: Idem | None, *, group: bool = False) -> AsyncIterator[Unit]:
+        """A transaction that commits on success; `unit.replay` is set for a repeated call.
+        `group`: as for `connection`."""
         with translate_errors():
-            async with self.pool.acquire(timeout=self.timeout_s) as conn, conn.transaction():
+            pool = self.group_pool if group else self.pool
+            async with pool.acquire(timeout=self.timeout_s) as conn, conn.transaction():
                 unit = Unit(conn, idem)
                 await unit.claim()
                 yield unit
