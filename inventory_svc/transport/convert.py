@@ -16,6 +16,7 @@ from inventory_svc.domain.model import (
     Movement,
     MovementKind,
     Reservation,
+    ReservationStatus,
     SkuQuantity,
     StockLevel,
 )
@@ -25,14 +26,22 @@ _LOCATION_TYPES: dict[int, LocationType] = {
     pb.LOCATION_TYPE_STORE: LocationType.STORE,
 }
 _LOCATION_TYPES_BACK: dict[LocationType, int] = {v: k for k, v in _LOCATION_TYPES.items()}
+# by name once, not a lookup by name in every answer
+_CHANNELS_OUT: dict[Channel, pb.Channel.ValueType] = {
+    c: pb.Channel.Value(f"CHANNEL_{c.value}") for c in Channel}
+_CHANNELS_IN: dict[int, Channel] = {v: c for c, v in _CHANNELS_OUT.items()}
+_STATUSES_OUT: dict[ReservationStatus, pb.ReservationStatus.ValueType] = {
+    s: pb.ReservationStatus.Value(f"RESERVATION_STATUS_{s.value}") for s in ReservationStatus}
+_KINDS_OUT: dict[MovementKind, pb.MovementKind.ValueType] = {
+    k: pb.MovementKind.Value(f"MOVEMENT_KIND_{k.value}") for k in MovementKind}
 
 
 def channel(value: int, field: str = "channel", default: Channel = Channel.WEB) -> Channel:
     if value == pb.CHANNEL_UNSPECIFIED:
         return default
     try:
-        return Channel(pb.Channel.Name(pb.Channel.ValueType(value)).removeprefix("CHANNEL_"))
-    except ValueError:
+        return _CHANNELS_IN[value]
+    except KeyError:
         raise InvalidArgument([FieldViolation(field, f"unknown channel {value}")]) from None
 
 
@@ -111,8 +120,8 @@ def reservation_out(res: Reservation) -> pb.Reservation:
     stored with the first answer, which this built, so they stay byte-identical."""
     return pb.Reservation(
         id=res.id,
-        status=pb.ReservationStatus.Value("RESERVATION_STATUS_" + res.status.value),
-        channel=pb.Channel.Value("CHANNEL_" + res.channel.value),
+        status=_STATUSES_OUT[res.status],
+        channel=_CHANNELS_OUT[res.channel],
         order_ref=res.order_ref,
         lines=[pb.ReservationLine(sku=x.sku, location_id=x.location_id, quantity=x.quantity)
                for x in res.lines if x.quantity > 0],
@@ -124,7 +133,7 @@ def reservation_out(res: Reservation) -> pb.Reservation:
 def movement_out(m: Movement) -> pb.Movement:
     return pb.Movement(
         id=m.id, sku=m.sku, location_id=m.location_id, delta=m.delta,
-        kind=pb.MovementKind.Value("MOVEMENT_KIND_" + m.kind.value), reason=m.reason,
+        kind=_KINDS_OUT[m.kind], reason=m.reason,
         on_hand_after=m.on_hand_after, reservation_id=m.reservation_id, order_ref=m.order_ref,
         created_at_unix_ms=m.created_at_ms,
     )

@@ -41,6 +41,7 @@ from inventory_svc.transport.views import VIEWS_KEPT, Views
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Message)
+T = TypeVar("T")
 
 
 def idem_for(
@@ -99,6 +100,18 @@ def channel_of(value: int, field: str = "channel", *, sell: bool = False) -> Cha
     return who.channel_for(None)
 
 
+def built_once(encode: Callable[[T], R]) -> Callable[[T], R]:
+    """`encode` that builds the response of one result once: a call with a key encodes its
+    result for its idempotency record (idem_for), then again as the response it sends."""
+    last: list[tuple[T, R]] = []
+
+    def once(result: T) -> R:
+        if not last or last[0][0] is not result:
+            last[:] = [(result, encode(result))]
+        return last[0][1]
+    return once
+
+
 def _replayed(result: object, response_type: type[R], encode: Callable[[Any], R]) -> R:
     if isinstance(result, Replay):
         return response_type.FromString(result.payload)
@@ -114,6 +127,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         self._availability: Views[api.SkuAvailability] = Views(VIEWS_KEPT)
 
     async def UpsertLocations(self, request: api.UpsertLocationsRequest, context: Any) -> api.UpsertLocationsResponse:  # noqa: E501
+        @built_once
         def encode(locs: list[Location]) -> api.UpsertLocationsResponse:
             return api.UpsertLocationsResponse(locations=[cv.location_out(x) for x in locs])
 
@@ -135,6 +149,8 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         async def run() -> api.SetStockResponse:
             ch = channel_of(request.channel)
 
+            @built_once
+
             def encode(r: tuple[StockLevel, int]) -> api.SetStockResponse:
                 return api.SetStockResponse(stock=cv.level_out(r[0], ch), delta=r[1])
 
@@ -149,6 +165,8 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         async def run() -> api.AdjustStockResponse:
             ch = channel_of(request.channel)
 
+            @built_once
+
             def encode(r: StockChange) -> api.AdjustStockResponse:
                 return api.AdjustStockResponse(stock=cv.level_out(r.level, ch),
                                                movement=cv.movement_out(r.movements[0]))
@@ -162,6 +180,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         return await guarded(context, run())
 
     async def ImportStock(self, request_iterator: AsyncIterator[api.ImportStockRequest], context: Any) -> api.ImportStockResponse:  # noqa: E501
+        @built_once
         def encode(r: ImportResult) -> api.ImportStockResponse:
             return api.ImportStockResponse(rows_received=r.rows_received,
                                            rows_changed=r.rows_changed, skus=r.skus)
@@ -213,6 +232,8 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         async def run() -> api.TransferStockResponse:
             ch = channel_of(request.channel)
 
+            @built_once
+
             def encode(r: TransferResult) -> api.TransferStockResponse:
                 return api.TransferStockResponse(
                     from_stock=cv.level_out(r.source, ch), to_stock=cv.level_out(r.destination, ch),
@@ -228,6 +249,8 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
     async def SetSafetyStock(self, request: api.SetSafetyStockRequest, context: Any) -> api.SetSafetyStockResponse:  # noqa: E501
         async def run() -> api.SetSafetyStockResponse:
             ch = channel_of(request.channel)
+
+            @built_once
 
             def encode(r: StockLevel) -> api.SetSafetyStockResponse:
                 return api.SetSafetyStockResponse(stock=cv.level_out(r, ch))
@@ -265,6 +288,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         return await guarded(context, run())
 
     async def Reserve(self, request: api.ReserveRequest, context: Any) -> api.ReserveResponse:
+        @built_once
         def encode(r: Reservation) -> api.ReserveResponse:
             return api.ReserveResponse(reservation=cv.reservation_out(r))
 
@@ -283,6 +307,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         return await guarded(context, run())
 
     async def ExtendReservation(self, request: api.ExtendReservationRequest, context: Any) -> api.ExtendReservationResponse:  # noqa: E501
+        @built_once
         def encode(r: Reservation) -> api.ExtendReservationResponse:
             return api.ExtendReservationResponse(reservation=cv.reservation_out(r))
 
@@ -294,6 +319,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         return await guarded(context, run())
 
     async def ReleaseReservation(self, request: api.ReleaseReservationRequest, context: Any) -> api.ReleaseReservationResponse:  # noqa: E501
+        @built_once
         def encode(r: Reservation) -> api.ReleaseReservationResponse:
             return api.ReleaseReservationResponse(reservation=cv.reservation_out(r))
 
@@ -305,6 +331,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         return await guarded(context, run())
 
     async def CommitReservation(self, request: api.CommitReservationRequest, context: Any) -> api.CommitReservationResponse:  # noqa: E501
+        @built_once
         def encode(r: Settled) -> api.CommitReservationResponse:
             return api.CommitReservationResponse(
                 reservation=cv.reservation_out(r.reservation),
@@ -318,6 +345,7 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         return await guarded(context, run())
 
     async def Sell(self, request: api.SellRequest, context: Any) -> api.SellResponse:
+        @built_once
         def encode(r: Settled) -> api.SellResponse:
             return api.SellResponse(reservation=cv.reservation_out(r.reservation),
                                     movements=[cv.movement_out(m) for m in r.movements])
@@ -341,6 +369,8 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
             else:
                 raise InvalidArgument([FieldViolation(
                     "disposition", f"unknown disposition {request.disposition}")])
+
+            @built_once
 
             def encode(r: ReturnResult) -> api.ReturnItemsResponse:
                 return api.ReturnItemsResponse(

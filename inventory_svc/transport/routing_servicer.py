@@ -12,7 +12,13 @@ from inventory_svc.domain.model import Channel
 from inventory_svc.domain.validation import Violations
 from inventory_svc.transport import convert as cv
 from inventory_svc.transport.admission import current_principal
-from inventory_svc.transport.inventory_servicer import _replayed, channel_of, guarded, idem_for
+from inventory_svc.transport.inventory_servicer import (
+    _replayed,
+    built_once,
+    channel_of,
+    guarded,
+    idem_for,
+)
 from routing import model as rm
 
 _POLICIES = {
@@ -104,6 +110,7 @@ class RoutingServicer(rp_grpc.RoutingServiceServicer):
         return await guarded(context, run())
 
     async def RouteAndReserve(self, request: rp.RouteAndReserveRequest, context: Any) -> rp.RouteAndReserveResponse:  # noqa: E501
+        @built_once
         def encode(r: RoutedReservation) -> rp.RouteAndReserveResponse:
             return rp.RouteAndReserveResponse(
                 plan=plan_out(r.order, r.plan), reservation=cv.reservation_out(r.reservation),
