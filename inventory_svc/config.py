@@ -43,7 +43,7 @@ class Settings:
     # make it rarer (2880: daily).
     reconcile_full_every: int = 120
     reconcile_seq_window_s: float = 20.0
-    # Postgres connections a process keeps, in all: 2 x group_commit_lanes of them are the group
+    # Postgres connections a process keeps, in all: group_pool_size of them are the group
     # committers' own (their statements' plans cached: storage/pg_base.py), the rest serve
     # everything else
     pg_pool_min: int = 2
@@ -155,6 +155,13 @@ class Settings:
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
         return settings
+
+    @property
+    def group_pool_size(self) -> int:
+        """The group committers' own connections, of pg_pool_max: one for each group that may
+        be in Postgres at once (lanes of reservations and of commits/releases), but at most half
+        the pool, so that everything else keeps enough when the pool is small."""
+        return min(2 * self.group_commit_lanes, self.pg_pool_max // 2)
 
     def validate(self) -> None:
         def need(ok: bool, name: str, value: object, rule: str) -> None:

@@ -247,10 +247,9 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
     sweeper and reconciler run only while this process holds that advisory lock (one leader
     among the workers of `serve --workers N`: app/background.py)."""
     settings.validate()  # e.g. refuses a non-loopback address with neither TLS nor principals
-    # the group committers' lanes (Reserve; Commit and Release) get connections of their own
     pg = await PgStore.connect(settings.database_url, min_size=settings.pg_pool_min,
                                max_size=settings.pg_pool_max, timeout_s=settings.pg_timeout_s,
-                               group_size=2 * settings.group_commit_lanes)
+                               group_size=settings.group_pool_size)
     redis = RedisStock.from_url(settings.redis_url, cluster=settings.redis_cluster,
                                 timeout_s=settings.redis_timeout_s,
                                 pool_max=settings.redis_pool_max,

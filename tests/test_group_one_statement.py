@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -140,7 +141,10 @@ async def test_the_groups_have_connections_of_their_own_and_postgres_keeps_their
     its input (a bulk import's arrays)."""
     pg, settings = service.ctx.pg, service.ctx.settings
     assert pg.group_pool is not pg.pool
-    assert pg.group_pool.get_max_size() == 2 * settings.group_commit_lanes
+    assert pg.group_pool.get_max_size() == settings.group_pool_size > 0
+    # a lane each, but never more than half the pool: the rest keep enough when it is small
+    assert replace(settings, pg_pool_max=20, group_commit_lanes=4).group_pool_size == 8
+    assert replace(settings, pg_pool_max=10, group_commit_lanes=4).group_pool_size == 5
     assert pg.pool.get_max_size() + pg.group_pool.get_max_size() == settings.pg_pool_max
     w = await make_world(stub, locations=1, skus=1, on_hand=1_000)
     for _ in range(12):  # one after another: groups of one, on the group pool's one connection
