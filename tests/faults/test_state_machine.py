@@ -258,7 +258,7 @@ def test_service_follows_the_model(stores: Stores, soak: bool) -> None:
         InventoryMachine.stub = api_grpc.InventoryServiceStub(channel)
         try:
             run_state_machine_as_test(InventoryMachine, settings=settings(
-                max_examples=500 if soak else 150, stateful_step_count=30, deadline=None,
+                max_examples=500 if soak else 120, stateful_step_count=30, deadline=None,
                 suppress_health_check=list(HealthCheck), derandomize=not soak,
                 database=None))
         finally:
