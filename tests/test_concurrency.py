@@ -22,7 +22,7 @@ pytestmark = pytest.mark.redis_cluster(soak=True)
 
 Stub = api_grpc.InventoryServiceStub
 CLIENTS = 200
-ROUNDS = 50
+ROUNDS = 35
 
 
 async def test_200_reservers_on_one_unit_exactly_one_wins_each_round(service: Running) -> None:

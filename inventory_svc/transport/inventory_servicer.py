@@ -150,7 +150,6 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
             ch = channel_of(request.channel)
 
             @built_once
-
             def encode(r: tuple[StockLevel, int]) -> api.SetStockResponse:
                 return api.SetStockResponse(stock=cv.level_out(r[0], ch), delta=r[1])
 
@@ -166,7 +165,6 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
             ch = channel_of(request.channel)
 
             @built_once
-
             def encode(r: StockChange) -> api.AdjustStockResponse:
                 return api.AdjustStockResponse(stock=cv.level_out(r.level, ch),
                                                movement=cv.movement_out(r.movements[0]))
@@ -233,7 +231,6 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
             ch = channel_of(request.channel)
 
             @built_once
-
             def encode(r: TransferResult) -> api.TransferStockResponse:
                 return api.TransferStockResponse(
                     from_stock=cv.level_out(r.source, ch), to_stock=cv.level_out(r.destination, ch),
@@ -251,7 +248,6 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
             ch = channel_of(request.channel)
 
             @built_once
-
             def encode(r: StockLevel) -> api.SetSafetyStockResponse:
                 return api.SetSafetyStockResponse(stock=cv.level_out(r, ch))
 
@@ -371,7 +367,6 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
                     "disposition", f"unknown disposition {request.disposition}")])
 
             @built_once
-
             def encode(r: ReturnResult) -> api.ReturnItemsResponse:
                 return api.ReturnItemsResponse(
                     movements=[cv.movement_out(m) for m in r.movements],

@@ -103,7 +103,7 @@ def verdicts(history: dict[tuple[str, str], list[Op]]) -> dict[tuple[str, str], 
 
 
 async def test_histories_of_32_clients_are_linearizable(stores: Stores, soak: bool) -> None:
-    total = 50_000 if soak else 10_000
+    total = 50_000 if soak else 7_000
     async with own_site(stores) as site, running(site_settings(stores, site)) as (svc, stub, _):
         # 8 SKU-locations: each sees ~4 of the 32 clients at once on average, which keeps the
         # search of each history tractable on a slow box (it grows fast with the overlap)
