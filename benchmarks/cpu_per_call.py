@@ -12,9 +12,10 @@ holds (every call a flash sale's loser). PROFILE records our service with py-spy
 the one named by PERF_WHO with `perf record -g`.
 
 Where the CPU goes, per call, after each round: THREADS=1 the service's threads (the serving
-loop, grpc's, the WatchStock sequencer's); PGCPU=1 Postgres' processes by what they serve (the
-client backends of each database, the sequencer's connection, the WAL writer); PGSS=1 (Postgres
-started with pg_stat_statements) our database's statements by time, and their planning time.
+loop, grpc's, the WatchStock sequencer's; of its first process, so run it with one worker);
+PGCPU=1 Postgres' processes by what they serve (the client backends of each database, the
+sequencer's connection, the WAL writer); PGSS=1 (Postgres started with pg_stat_statements) our
+database's statements by time, and their planning time.
 """
 
 import asyncio
@@ -41,13 +42,12 @@ WHAT = os.environ.get("WHAT", "reserve")
 
 
 def threads(pid):
-    """CPU seconds of each thread of a process, by thread id (and its OS name)."""
+    """CPU seconds of each thread of a process, by thread id and its OS name."""
     out = {}
-    for t in Path(f"/proc/{pid}/task").iterdir():
+    for t in psutil.Process(pid).threads():
         with contextlib.suppress(OSError):
-            f = (t / "stat").read_text().rsplit(")", 1)[1].split()
-            name = f"{t.name}:{(t / 'comm').read_text().strip()}"
-            out[name] = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+            name = Path(f"/proc/{pid}/task/{t.id}/comm").read_text().strip()
+            out[f"{t.id}:{name}"] = t.user_time + t.system_time
     return out
 
 
@@ -55,17 +55,25 @@ PGSS_SETTINGS = ("shared_preload_libraries=pg_stat_statements", "pg_stat_stateme
                  "pg_stat_statements.track_planning=on")
 
 
-async def pgss(url, reset):
-    """Our database's statements (calls, ms executing, ms planning, text), the most time first;
-    with `reset`, start counting afresh instead."""
+async def pgss_reset(url):
+    """Start counting our database's statements afresh."""
     import asyncpg
 
     conn = await asyncpg.connect(url)
     try:
         await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        if reset:
-            await conn.execute("SELECT pg_stat_statements_reset()")
-            return []
+        await conn.execute("SELECT pg_stat_statements_reset()")
+    finally:
+        await conn.close()
+
+
+async def pgss_top(url):
+    """Our database's statements since pgss_reset (calls, ms executing, ms planning, text), the
+    most time first."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
         return await conn.fetch(
             "SELECT calls, total_exec_time AS ms, total_plan_time AS pms,"
             " left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS q"
@@ -90,13 +98,29 @@ async def pg_roles(url):
 
 
 def pg_cpu(url):
-    """CPU seconds of each Postgres process, keyed "pid|what it serves"."""
+    """CPU seconds of each Postgres process, keyed (pid, what it serves)."""
     out = {}
     for pid, role in asyncio.run(pg_roles(url)):
-        with contextlib.suppress(OSError):
-            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            out[f"{pid}|{role}"] = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = psutil.Process(pid).cpu_times()
+            out[(pid, role)] = t.user + t.system
     return out
+
+
+def profiler(name, pid):
+    """The profiler that PROFILE (py-spy, ours) or PERF (perf, PERF_WHO) asks for on `name`'s
+    service, recording for the round's length; None when none is asked for."""
+    import subprocess
+
+    if os.environ.get("PROFILE") and name == "ours":
+        cmd = ["py-spy", "record", "-p", str(pid), "--duration", str(int(T) - 1), "--rate", "250",
+               "--format", "raw", "-o", os.environ["PROFILE"]]
+    elif os.environ.get("PERF") and name == os.environ.get("PERF_WHO", "ours"):
+        cmd = ["perf", "record", "-F", "999", "-g", "-p", str(pid), "-o", os.environ["PERF"], "--",
+               "sleep", str(int(T) - 1)]
+    else:
+        return None
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def show(prefix, seconds, n):
@@ -187,55 +211,23 @@ def main():
                 tgt = st.target if name == "ours" else st.peer_target
                 c0 = cpu(pids[name])
                 if os.environ.get("PGSS") and name == "ours":
-                    asyncio.run(pgss(st.database_url, True))
+                    asyncio.run(pgss_reset(st.database_url))
                 pg0 = pg_cpu(st.database_url) if os.environ.get("PGCPU") else {}
                 th0 = threads(pids[name][0])
                 t0 = time.monotonic()
-                prof = None
-                if os.environ.get("PROFILE") and name == "ours" and rnd == 1:
-                    import subprocess
-
-                    prof = subprocess.Popen(
-                        [
-                            "py-spy",
-                            "record",
-                            "-p",
-                            str(pids[name][0]),
-                            "--duration",
-                            str(int(T) - 1),
-                            "--rate",
-                            "250",
-                            "--format",
-                            "raw",
-                            "-o",
-                            os.environ["PROFILE"],
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                if os.environ.get("PERF") and name == os.environ.get("PERF_WHO", "ours") and rnd == 1:
-                    import subprocess
-
-                    prof = subprocess.Popen(
-                        ["perf", "record", "-F", "999", "-g", "-p", str(pids[name][0]), "-o",
-                         os.environ["PERF"], "--", "sleep", str(int(T) - 1)],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
+                prof = profiler(name, pids[name][0]) if rnd == 1 else None
                 n = asyncio.run(load(tgt, u, WHAT))
                 if prof:
                     prof.wait()
                 c1 = cpu(pids[name])
                 if os.environ.get("PGSS") and name == "ours":
-                    for r in asyncio.run(pgss(st.database_url, False)):
+                    for r in asyncio.run(pgss_top(st.database_url)):
                         print(f"   sql {r['calls']:7d} calls  {1000 * r['ms'] / n:7.1f} us/call"
                               f" + planning {1000 * r['pms'] / n:6.1f}  {r['q']}")
                 if os.environ.get("PGCPU"):
-                    pg1 = pg_cpu(st.database_url)
                     by_role: dict[str, float] = {}
-                    for k, v in pg1.items():
-                        role = k.split("|", 1)[1]
-                        by_role[role] = by_role.get(role, 0.0) + v - pg0.get(k, 0.0)
+                    for (pid, role), v in pg_cpu(st.database_url).items():
+                        by_role[role] = by_role.get(role, 0.0) + v - pg0.get((pid, role), 0.0)
                     show("   postgres ", by_role, n)
                 if os.environ.get("THREADS"):
                     th1 = threads(pids[name][0])

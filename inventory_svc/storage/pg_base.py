@@ -313,13 +313,15 @@ class PgBase:
         if self.group_pool is not self.pool:
             await self.group_pool.close()
 
+    def _pool_of(self, group: bool) -> asyncpg.Pool:
+        return self.group_pool if group else self.pool
+
     @contextlib.asynccontextmanager
     async def connection(self, *, group: bool = False) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection, no transaction: each statement commits on its own. `group`:
         one of the group committers' (plans cached; statements of bounded size only)."""
         with translate_errors():
-            pool = self.group_pool if group else self.pool
-            async with pool.acquire(timeout=self.timeout_s) as conn:
+            async with self._pool_of(group).acquire(timeout=self.timeout_s) as conn:
                 yield conn
 
     @contextlib.asynccontextmanager
@@ -327,8 +329,8 @@ class PgBase:
         """A transaction that commits on success; `unit.replay` is set for a repeated call.
         `group`: as for `connection`."""
         with translate_errors():
-            pool = self.group_pool if group else self.pool
-            async with pool.acquire(timeout=self.timeout_s) as conn, conn.transaction():
+            async with self._pool_of(group).acquire(timeout=self.timeout_s) as conn, \
+                    conn.transaction():
                 unit = Unit(conn, idem)
                 await unit.claim()
                 yield unit
