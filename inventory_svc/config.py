@@ -111,11 +111,14 @@ class Settings:
     demo_skus: int = 10_000  # size of the network `serve --demo` loads
     split_penalty: float = 5.0  # routing: default cost of each extra location in a plan
     route_attempts: int = 3  # RouteAndReserve re-routes this often when stock moves under it
-    # WatchStock (docs/WATCH.md): the sequencer's pass interval; how often a process looks for
-    # new events without a NOTIFY; a stream's heartbeat when idle; how many events may be taken
-    # while a caught-up stream's write waits before it is cut off; the latest events each
-    # process keeps in memory; streams a process serves; how often it records their positions.
+    # WatchStock (docs/WATCH.md): the sequencer's pass interval, and its longest pause once passes
+    # find nothing (never shorter than the interval; a commit of its own process wakes it at
+    # once); how often a process looks for new events without a NOTIFY; a stream's heartbeat
+    # when idle; how many events may be taken while a caught-up stream's write waits before it
+    # is cut off; the latest events each process keeps in memory; streams a process serves; how
+    # often it records their positions.
     watch_sequence_ms: float = 10.0
+    watch_idle_ms: float = 50.0
     watch_poll_s: float = 1.0
     watch_heartbeat_s: float = 5.0
     watch_buffer: int = 10_000
@@ -216,7 +219,7 @@ class Settings:
 
             problem = missing(self.tracing)
             need(problem is None, "tracing", self.tracing, problem or "")
-        for name in ("watch_sequence_ms", "watch_poll_s", "watch_heartbeat_s",
+        for name in ("watch_sequence_ms", "watch_idle_ms", "watch_poll_s", "watch_heartbeat_s",
                      "watch_cursor_interval_s", "retention_interval_s", "retain_idempotency_h",
                      "retain_events_h", "retain_outbox_h", "retain_reservations_h",
                      "retain_capacity_days"):

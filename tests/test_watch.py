@@ -422,6 +422,67 @@ async def test_whatever_holds_the_sequencers_turn_too_long_is_named_and_then_it_
         reader.call.cancel()
 
 
+async def test_an_idle_sequencer_pauses_long_and_a_commit_of_its_own_process_wakes_it(
+    stores: Stores
+) -> None:
+    """After a few passes that find nothing, the sequencer pauses watch_idle_ms (an idle service
+    used to make 100 passes a second). Here that pause is an hour, so only the wake-up that a
+    commit of the service's own sends can number its changes within the test's wait: a
+    transaction (AdjustStock), a reservation group's single statement (Reserve) and a group
+    settle (CommitReservation). A change made meanwhile by another process is numbered by the
+    same pass."""
+    async with serve(settings_for(stores, watch_idle_ms=3_600_000.0)) as svc, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
+        stub = api_grpc.InventoryServiceStub(ch)
+        w = await make_world(stub, locations=1, skus=2, on_hand=5)
+        sku, other = w.skus
+        loc = w.locations[0]
+        on_commit = svc.ctx.pg.on_commit
+        assert isinstance(getattr(on_commit, "__self__", None), Sequencer), on_commit
+        sequencer = on_commit.__self__
+
+        async def idle() -> bool:
+            return sequencer.idle
+
+        await eventually(idle, within=WAIT_S, what="the world's changes numbered")
+        reader = watch(ch, skus=w.skus)  # from the head: the world's events are before it
+        await reader.until(lambda r: bool(r.heartbeats))
+
+        async def elsewhere(on_hand: int) -> None:  # not through the service: no wake-up
+            conn = await asyncpg.connect(stores.database_url)
+            try:
+                await conn.execute("UPDATE stock SET on_hand = $1 WHERE sku = $2"
+                                   " AND location_id = $3", on_hand, other, loc)
+            finally:
+                await conn.close()
+
+        await eventually(idle, within=WAIT_S, what="the sequencer pausing for an hour")
+        await elsewhere(9)
+        await stub.AdjustStock(api.AdjustStockRequest(
+            sku=sku, location_id=loc, delta=2, reason=api.ADJUSTMENT_REASON_RECEIPT))
+        await reader.until(lambda r: any(e.state.on_hand == 7 for e in r.events))
+        assert [(e.state.sku, e.state.on_hand) for e in reader.events] == [
+            (other, 9), (sku, 7)], "the other process's change, then the service's"
+
+        ways = svc.reservations.group.ways
+        reserved = []
+        for qty in (1, 2):  # the second goes in one statement: Postgres' clock is known by then
+            await eventually(idle, within=WAIT_S, what="the sequencer pausing for an hour again")
+            one_statement = ways["one_statement"]
+            reserved.append((await stub.Reserve(api.ReserveRequest(
+                lines=[pb.ReservationLine(sku=sku, location_id=loc, quantity=qty)],
+                ttl_seconds=600))).reservation)
+            await reader.until(lambda r, n=qty: r.events[-1].state.reserved == 1 + (n == 2) * 2)
+        assert ways["one_statement"] == one_statement + 1, ways
+
+        await eventually(idle, within=WAIT_S, what="the sequencer pausing for an hour again")
+        await stub.CommitReservation(api.CommitReservationRequest(reservation_id=reserved[1].id))
+        await reader.until(lambda r: any(e.kind == kind("COMMIT") for e in r.events))
+        assert [(e.kind, e.state.on_hand, e.state.reserved) for e in reader.events[2:]] == [
+            (kind("RESERVE"), 7, 1), (kind("RESERVE"), 7, 3), (kind("COMMIT"), 5, 1)]
+        reader.call.cancel()
+
+
 async def test_a_cursor_ahead_of_the_stream_is_refused(channel: grpc.aio.Channel) -> None:
     r = watch(channel, after_sequence=2**62)
     err = await expect_error(r.next(), grpc.StatusCode.FAILED_PRECONDITION)

@@ -190,6 +190,7 @@ class GroupCommitter(Lanes[_Call]):
                 c.progress.sent = False
             return False
         self._went("one_statement")
+        self.ctx.pg.committed()  # (a statement of its own: no unit tells it)
         news = {(lv.sku, lv.location_id): lv for lv in levels}
         for c in group:
             c.committed = [news[(x.sku, x.location_id)] for x in c.lines]

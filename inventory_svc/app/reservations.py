@@ -374,7 +374,7 @@ class ReservationService:
 
     async def expire_due(self) -> int:
         """Expire reservations past their Postgres `expires_at`; safe with N sweepers."""
-        async with self.ctx.pg.unit(None) as u:
+        async with self.ctx.pg.unit(None, quiet=True) as u:  # (most sweeps expire nothing)
             ids = await PgStore.lock_due(u.conn, self.ctx.settings.sweep_batch)
             if not ids:
                 return 0
@@ -398,6 +398,7 @@ class ReservationService:
                     u.conn, {(r["loc"], r["day"]): r["n"] for r in slots})
             await PgStore.add_outbox(u.conn, "RESERVATION", [
                 ("", "", {"reservation_id": i, "status": "EXPIRED"}) for i in ids])
+        self.ctx.pg.committed()
         await self.ctx.publish(news)
         log.info("expired %d reservations", len(ids))
         return len(ids)

@@ -241,6 +241,11 @@ async def run_watch_background(ctx: Context) -> None:
     (app/background.py); with several replicas each pod's leader does, which is safe (one
     sequencer pass at a time, retention skips what another holds) and keeps events flowing
     while a leader is replaced."""
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(Sequencer(ctx).run())
-        tg.create_task(Retention(ctx).run())
+    sequencer = Sequencer(ctx)
+    ctx.pg.on_commit = sequencer.nudge  # this process's commits end an idle pause at once
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(sequencer.run())
+            tg.create_task(Retention(ctx).run())
+    finally:
+        ctx.pg.on_commit = None

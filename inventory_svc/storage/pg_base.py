@@ -289,6 +289,9 @@ class PgBase:
         self.timeout_s = timeout_s  # also bounds waiting for a pooled connection
         self._lookups: Coalescer[Idem, bytes | None] = Coalescer(self._look_up)
         self.clock = PgClock()
+        # The WatchStock sequencer's wake-up (app/sequencer.py), told by `committed`. It runs on
+        # the serving loop after every write, so it must be cheap.
+        self.on_commit: Callable[[], None] | None = None
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int, max_size: int, timeout_s: float,
@@ -313,6 +316,12 @@ class PgBase:
         if self.group_pool is not self.pool:
             await self.group_pool.close()
 
+    def committed(self) -> None:
+        """A write of this process committed: it may have changed stock (see on_commit). Every
+        `unit` tells it; a write without one tells it itself."""
+        if self.on_commit is not None:
+            self.on_commit()
+
     def _pool_of(self, group: bool) -> asyncpg.Pool:
         return self.group_pool if group else self.pool
 
@@ -325,15 +334,19 @@ class PgBase:
                 yield conn
 
     @contextlib.asynccontextmanager
-    async def unit(self, idem: Idem | None, *, group: bool = False) -> AsyncIterator[Unit]:
+    async def unit(self, idem: Idem | None, *, group: bool = False, quiet: bool = False
+                   ) -> AsyncIterator[Unit]:
         """A transaction that commits on success; `unit.replay` is set for a repeated call.
-        `group`: as for `connection`."""
+        `group`: as for `connection`. Its commit is `committed` unless `quiet` (a unit that
+        often writes nothing, and tells `committed` itself when it did)."""
         with translate_errors():
             async with self._pool_of(group).acquire(timeout=self.timeout_s) as conn, \
                     conn.transaction():
                 unit = Unit(conn, idem)
                 await unit.claim()
                 yield unit
+        if not quiet:
+            self.committed()
 
     async def replay_of(self, idem: Idem) -> bytes | None:
         """What `Unit.claim` would find, without a transaction (the advisory lock is taken and
