@@ -112,11 +112,11 @@ class Settings:
     split_penalty: float = 5.0  # routing: default cost of each extra location in a plan
     route_attempts: int = 3  # RouteAndReserve re-routes this often when stock moves under it
     # WatchStock (docs/WATCH.md): the sequencer's pass interval, and its longest pause once passes
-    # find nothing (never shorter than the interval; a commit of its own process wakes it at
-    # once); how often a process looks for new events without a NOTIFY; a stream's heartbeat
-    # when idle; how many events may be taken while a caught-up stream's write waits before it
-    # is cut off; the latest events each process keeps in memory; streams a process serves; how
-    # often it records their positions.
+    # find nothing (never shorter than the interval; a commit of the service wakes it at once);
+    # how often a process looks for new events without a NOTIFY; a stream's heartbeat when idle;
+    # how many events may be taken while a caught-up stream's write waits before it is cut off;
+    # the latest events each process keeps in memory; streams a process serves; how often it
+    # records their positions.
     watch_sequence_ms: float = 10.0
     watch_idle_ms: float = 50.0
     watch_poll_s: float = 1.0

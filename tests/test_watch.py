@@ -28,11 +28,12 @@ from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory.v1 import watch_service_pb2 as wp
 from inventory.v1 import watch_service_pb2_grpc as wp_grpc
+from inventory_svc.app.background import leader_lock
 from inventory_svc.app.sequencer import HOLDER_QUERY, Sequencer
 from inventory_svc.server import Running, serve
 from inventory_svc.storage import pg_watch
 from tests.conftest import Stores, World, make_world, settings_for, store_location, uid
-from tests.faults.harness import ServiceProcess, eventually, own_site
+from tests.faults.harness import ServiceProcess, eventually, own_site, site_settings
 from tests.grpc_helpers import details, expect_error
 
 Stub = api_grpc.InventoryServiceStub
@@ -422,65 +423,85 @@ async def test_whatever_holds_the_sequencers_turn_too_long_is_named_and_then_it_
         reader.call.cancel()
 
 
-async def test_an_idle_sequencer_pauses_long_and_a_commit_of_its_own_process_wakes_it(
+async def test_an_idle_sequencer_pauses_long_and_any_commit_of_the_service_wakes_it(
     stores: Stores
 ) -> None:
     """After a few passes that find nothing, the sequencer pauses watch_idle_ms (an idle service
-    used to make 100 passes a second). Here that pause is an hour, so only the wake-up that a
-    commit of the service's own sends can number its changes within the test's wait: a
-    transaction (AdjustStock), a reservation group's single statement (Reserve) and a group
-    settle (CommitReservation). A change made meanwhile by another process is numbered by the
-    same pass."""
-    async with serve(settings_for(stores, watch_idle_ms=3_600_000.0)) as svc, \
-            grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
-        stub = api_grpc.InventoryServiceStub(ch)
-        w = await make_world(stub, locations=1, skus=2, on_hand=5)
-        sku, other = w.skus
-        loc = w.locations[0]
-        on_commit = svc.ctx.pg.on_commit
-        assert isinstance(getattr(on_commit, "__self__", None), Sequencer), on_commit
-        sequencer = on_commit.__self__
+    used to make 100 passes a second). Here that pause is an hour, and the site is the test's
+    own (no other sequencer numbers its changes), so only a wake-up can number a change within
+    the test's wait. Two workers share the site; one leads and runs the sequencer. The leader's
+    commits wake it in process: a transaction (AdjustStock), a reservation group's single
+    statement (Reserve) and a group settle (CommitReservation). The other worker's commits wake
+    it through Postgres (a NOTIFY). A change made meanwhile by hand is numbered by the same
+    pass."""
+    async with own_site(stores) as site:
+        conf = site_settings(stores, site, watch_idle_ms=3_600_000.0)
+        lock = leader_lock(uid("group"))
+        async with serve(conf, background_lock=lock) as first, \
+                serve(conf, background_lock=lock) as second:
 
-        async def idle() -> bool:
-            return sequencer.idle
+            async def one_leads() -> bool:
+                return [first.ctx.pg.on_commit is None, second.ctx.pg.on_commit is None].count(
+                    False) == 1
 
-        await eventually(idle, within=WAIT_S, what="the world's changes numbered")
-        reader = watch(ch, skus=w.skus)  # from the head: the world's events are before it
-        await reader.until(lambda r: bool(r.heartbeats))
+            await eventually(one_leads, within=WAIT_S, what="one worker running the sequencer")
+            leader, other = (first, second) if first.ctx.pg.on_commit else (second, first)
+            on_commit = leader.ctx.pg.on_commit
+            assert isinstance(getattr(on_commit, "__self__", None), Sequencer), on_commit
+            sequencer = on_commit.__self__
 
-        async def elsewhere(on_hand: int) -> None:  # not through the service: no wake-up
-            conn = await asyncpg.connect(stores.database_url)
-            try:
-                await conn.execute("UPDATE stock SET on_hand = $1 WHERE sku = $2"
-                                   " AND location_id = $3", on_hand, other, loc)
-            finally:
-                await conn.close()
+            async def idle() -> bool:
+                return sequencer.idle
 
-        await eventually(idle, within=WAIT_S, what="the sequencer pausing for an hour")
-        await elsewhere(9)
-        await stub.AdjustStock(api.AdjustStockRequest(
-            sku=sku, location_id=loc, delta=2, reason=api.ADJUSTMENT_REASON_RECEIPT))
-        await reader.until(lambda r: any(e.state.on_hand == 7 for e in r.events))
-        assert [(e.state.sku, e.state.on_hand) for e in reader.events] == [
-            (other, 9), (sku, 7)], "the other process's change, then the service's"
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{leader.port}") as ch, \
+                    grpc.aio.insecure_channel(f"127.0.0.1:{other.port}") as other_ch:
+                stub, other_stub = Stub(ch), Stub(other_ch)
+                w = await make_world(stub, locations=1, skus=3, on_hand=5)
+                sku, by_hand, theirs = w.skus
+                loc = w.locations[0]
+                await eventually(idle, within=WAIT_S, what="the world's changes numbered")
+                reader = watch(ch, skus=w.skus)  # from the head: the world's events are before it
+                await reader.until(lambda r: bool(r.heartbeats))
 
-        ways = svc.reservations.group.ways
-        reserved = []
-        for qty in (1, 2):  # the second goes in one statement: Postgres' clock is known by then
-            await eventually(idle, within=WAIT_S, what="the sequencer pausing for an hour again")
-            one_statement = ways["one_statement"]
-            reserved.append((await stub.Reserve(api.ReserveRequest(
-                lines=[pb.ReservationLine(sku=sku, location_id=loc, quantity=qty)],
-                ttl_seconds=600))).reservation)
-            await reader.until(lambda r, n=qty: r.events[-1].state.reserved == 1 + (n == 2) * 2)
-        assert ways["one_statement"] == one_statement + 1, ways
+                conn = await asyncpg.connect(site.database_url)
+                try:  # not through the service: no wake-up
+                    await conn.execute("UPDATE stock SET on_hand = 9 WHERE sku = $1"
+                                       " AND location_id = $2", by_hand, loc)
+                finally:
+                    await conn.close()
+                await stub.AdjustStock(api.AdjustStockRequest(
+                    sku=sku, location_id=loc, delta=2, reason=api.ADJUSTMENT_REASON_RECEIPT))
+                await reader.until(lambda r: len(r.events) == 2)
 
-        await eventually(idle, within=WAIT_S, what="the sequencer pausing for an hour again")
-        await stub.CommitReservation(api.CommitReservationRequest(reservation_id=reserved[1].id))
-        await reader.until(lambda r: any(e.kind == kind("COMMIT") for e in r.events))
-        assert [(e.kind, e.state.on_hand, e.state.reserved) for e in reader.events[2:]] == [
-            (kind("RESERVE"), 7, 1), (kind("RESERVE"), 7, 3), (kind("COMMIT"), 5, 1)]
-        reader.call.cancel()
+                ways = leader.reservations.group.ways
+                reserved = []
+                for qty in (1, 2):  # the second goes in one statement: Postgres' clock is known
+                    await eventually(idle, within=WAIT_S, what="the sequencer pausing again")
+                    one_statement = ways["one_statement"]
+                    reserved.append((await stub.Reserve(api.ReserveRequest(
+                        lines=[pb.ReservationLine(sku=sku, location_id=loc, quantity=qty)],
+                        ttl_seconds=600))).reservation)
+                    await reader.until(lambda r, n=qty: len(r.events) == 2 + n)
+                assert ways["one_statement"] == one_statement + 1, ways
+
+                await eventually(idle, within=WAIT_S, what="the sequencer pausing again")
+                await stub.CommitReservation(
+                    api.CommitReservationRequest(reservation_id=reserved[1].id))
+                await reader.until(lambda r: len(r.events) == 5)
+
+                for n, delta in enumerate((3, 4)):  # the other worker: twice, each after idle
+                    await eventually(idle, within=WAIT_S, what="the sequencer pausing again")
+                    await other_stub.AdjustStock(api.AdjustStockRequest(
+                        sku=theirs, location_id=loc, delta=delta,
+                        reason=api.ADJUSTMENT_REASON_RECEIPT))
+                    await reader.until(lambda r, n=n: len(r.events) == 6 + n)
+                reader.call.cancel()
+                assert [(e.kind, e.state.sku, e.state.on_hand, e.state.reserved)
+                        for e in reader.events] == [
+                    (kind("ADJUSTMENT"), by_hand, 9, 0), (kind("RECEIPT"), sku, 7, 0),
+                    (kind("RESERVE"), sku, 7, 1), (kind("RESERVE"), sku, 7, 3),
+                    (kind("COMMIT"), sku, 5, 1), (kind("RECEIPT"), theirs, 8, 0),
+                    (kind("RECEIPT"), theirs, 12, 0)]
 
 
 async def test_a_cursor_ahead_of_the_stream_is_refused(channel: grpc.aio.Channel) -> None:

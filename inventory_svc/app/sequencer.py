@@ -14,8 +14,9 @@ of watch_sequence_ms, until a pass finds events again. An idle service made 100 
 each a round trip, a Postgres query and a wake-up of this thread (which must take the GIL from
 the serving loop): 6-8 % of a core in the service and 2.5 % in Postgres with nothing to do
 (measured). While it pauses longer, a commit of this process (PgBase.on_commit) wakes it at once;
-a change made by another process (another worker or replica, a hand-made UPDATE) waits at most
-watch_idle_ms.
+a commit of another process that writes after a quiet spell NOTIFYs WAKE_CHANNEL, which this
+sequencer's connection listens to (PgBase.committed); a change made outside the service (a
+hand-made UPDATE) waits at most watch_idle_ms.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
 
 from inventory_svc.app.context import Context
+from inventory_svc.config import Settings
 from inventory_svc.domain.errors import DomainError
 from inventory_svc.storage import pg_watch
 from inventory_svc.storage.pg_base import translate_errors
@@ -57,6 +59,14 @@ PAUSE = Gauge("inventory_watch_sequencer_pause_seconds",
 
 
 IDLE_AFTER = 5  # passes in a row that found nothing: then the sequencer pauses longer
+
+
+def quiet_before_idle_s(settings: Settings) -> float:
+    """How long passes find nothing, at least, before the sequencer pauses longer; 0 when it
+    never does (watch_idle_ms not above watch_sequence_ms)."""
+    if settings.watch_idle_ms <= settings.watch_sequence_ms:
+        return 0.0
+    return IDLE_AFTER * settings.watch_sequence_ms / 1000
 # Who holds the turn (the watch_state row: a pass locks it FOR UPDATE, which shows in pg_locks as
 # a RowShareLock on the table; readers take AccessShareLock only), for how long, what it waits for
 # and who holds that: for the WARNING that names it
@@ -90,6 +100,12 @@ class Sequencer:
         # than watch_sequence_ms (then a nudge wakes it). Plain attributes: the GIL orders them.
         self._nudges = 0
         self._pausing_long = False
+
+    def _woken(self, *_: object) -> None:
+        """A NOTIFY on WAKE_CHANNEL (on this thread's loop): another process committed."""
+        if self._pausing_long and self._wake is not None:
+            self._pausing_long = False
+            self._wake.set()
 
     @property
     def idle(self) -> bool:
@@ -217,6 +233,7 @@ class Sequencer:
                                 # turn while it runs
                                 "statement_timeout": str(int(self._pass_timeout_s * 1000)),
                             })
+                        await conn.add_listener(pg_watch.WAKE_CHANNEL, self._woken)
                     n = await self.run_once(conn)
                     if self._pass_timeout_s > settings.pg_timeout_s:  # the long pass is done
                         self._pass_timeout_s = settings.pg_timeout_s

@@ -25,6 +25,9 @@ from inventory_svc.domain.model import StockLevel
 from inventory_svc.domain.watch import EventKind, SnapshotRow, StockEvent
 
 NOTIFY_CHANNEL = "inventory_watch"  # (also named in migration 0008)
+# A commit of a process that does not run the sequencer wakes an idle one through this channel
+# (PgBase.committed; app/sequencer.py)
+WAKE_CHANNEL = "inventory_watch_wake"
 
 # The pass (migration 0008) numbers in one statement, so one snapshot: the changes it deletes are
 # exactly those it can see, and the SKU totals it reads are the stock as those changes left it.
