@@ -49,6 +49,7 @@ BACKLOG = Gauge("inventory_watch_backlog_events",
                 multiprocess_mode="livemax")
 VACUUM_ROWS, VACUUM_S = 20_000, 10.0  # stock_changes is vacuumed after this many rows or s
 RETRY_S = 1.0  # after a failed pass or connection
+IDLE_AFTER = 5  # passes in a row that found nothing: then the sequencer pauses watch_idle_ms
 # A transaction's changes are numbered in one pass, so a bulk load's can outlast the statement
 # timeout, and then no pass would ever finish: after a pass is cut off at its timeout, the next
 # gets twice as long, up to this many times pg_timeout_s, and once one finishes, the usual time.
@@ -56,17 +57,6 @@ PASS_TIMEOUT_GROWTH_MAX = 32
 PAUSE = Gauge("inventory_watch_sequencer_pause_seconds",
               "The WatchStock sequencer's pause before its next pass (longer once passes find"
               " nothing)", multiprocess_mode="livemax")
-
-
-IDLE_AFTER = 5  # passes in a row that found nothing: then the sequencer pauses longer
-
-
-def quiet_before_idle_s(settings: Settings) -> float:
-    """How long passes find nothing, at least, before the sequencer pauses longer; 0 when it
-    never does (watch_idle_ms not above watch_sequence_ms)."""
-    if settings.watch_idle_ms <= settings.watch_sequence_ms:
-        return 0.0
-    return IDLE_AFTER * settings.watch_sequence_ms / 1000
 # Who holds the turn (the watch_state row: a pass locks it FOR UPDATE, which shows in pg_locks as
 # a RowShareLock on the table; readers take AccessShareLock only), for how long, what it waits for
 # and who holds that: for the WARNING that names it
@@ -83,6 +73,14 @@ WHERE l.locktype = 'relation' AND l.relation = 'watch_state'::regclass AND l.gra
   AND l.mode IN ('RowShareLock', 'RowExclusiveLock') AND l.pid <> pg_backend_pid()
 ORDER BY a.xact_start LIMIT 1
 """
+
+
+def quiet_before_idle_s(settings: Settings) -> float:
+    """How long passes find nothing, at least, before the sequencer pauses longer; 0 when it
+    never does (watch_idle_ms not above watch_sequence_ms)."""
+    if settings.watch_idle_ms <= settings.watch_sequence_ms:
+        return 0.0
+    return IDLE_AFTER * settings.watch_sequence_ms / 1000
 
 
 class Sequencer:
@@ -109,13 +107,13 @@ class Sequencer:
 
     @property
     def idle(self) -> bool:
-        """Whether it pauses watch_idle_ms now (until a commit of this process wakes it)."""
+        """Whether it pauses watch_idle_ms now (until a commit of the service wakes it)."""
         return self._pausing_long
 
     def nudge(self) -> None:
         """A commit of this process may have changed stock: a long pause ends now. Called on
-        the serving loop after every transaction, so it costs an increment unless the
-        sequencer is idle."""
+        the serving loop after every write (PgBase.committed), so it costs an increment unless
+        the sequencer is idle."""
         self._nudges += 1
         if self._pausing_long:
             self._pausing_long = False
