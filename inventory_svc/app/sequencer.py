@@ -76,11 +76,12 @@ ORDER BY a.xact_start LIMIT 1
 
 
 def quiet_before_idle_s(settings: Settings) -> float:
-    """How long passes find nothing, at least, before the sequencer pauses longer; 0 when it
-    never does (watch_idle_ms not above watch_sequence_ms)."""
+    """How long, at least, the sequencer keeps its short pause after a wake-up: IDLE_AFTER
+    passes, watch_sequence_ms apart. A process that wrote within that long needs not wake it
+    again. 0 when it never pauses longer (watch_idle_ms not above watch_sequence_ms)."""
     if settings.watch_idle_ms <= settings.watch_sequence_ms:
         return 0.0
-    return IDLE_AFTER * settings.watch_sequence_ms / 1000
+    return (IDLE_AFTER - 1) * settings.watch_sequence_ms / 1000
 
 
 class Sequencer:
@@ -100,7 +101,9 @@ class Sequencer:
         self._pausing_long = False
 
     def _woken(self, *_: object) -> None:
-        """A NOTIFY on WAKE_CHANNEL (on this thread's loop): another process committed."""
+        """A NOTIFY on WAKE_CHANNEL (on this thread's loop): another process committed. Counted
+        as a nudge, so one that comes during a pass keeps the next pause short."""
+        self._nudges += 1
         if self._pausing_long and self._wake is not None:
             self._pausing_long = False
             self._wake.set()
@@ -260,9 +263,12 @@ class Sequencer:
                 if long:
                     self._pausing_long = True
                     if self._nudges != seen:  # a commit since this pass began: look again soon
-                        self._pausing_long, pause = False, busy_s
+                        self._pausing_long, pause, empty = False, busy_s, 0
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), pause)
+                    # Woken by a commit: the short pause for IDLE_AFTER passes, so that the
+                    # writer's next commits within quiet_before_idle_s need not wake it again
+                    empty = 0
                 self._pausing_long = False
                 if not self._stop.is_set():
                     self._wake.clear()

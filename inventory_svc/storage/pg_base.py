@@ -331,10 +331,10 @@ class PgBase:
         a write without one tells it itself. An idle WatchStock sequencer is woken: in this
         process through on_commit; in another (the background leader of another worker or
         replica) by a NOTIFY on WAKE_CHANNEL, sent only when this process wrote nothing for
-        wake_others_after_s before: the sequencer goes idle only after passes have found
-        nothing for that long, so before then it cannot be idle since this process's last
-        change (a write that changed no stock may leave it idle: then the change waits for the
-        idle pause to end)."""
+        wake_others_after_s before: after a wake-up, or a pass that found a change, the
+        sequencer keeps its short pause for at least that long (a write that changed no stock,
+        just as the sequencer was going idle, may leave it idle: then the next change waits
+        for the idle pause to end)."""
         if self.on_commit is not None:
             self.on_commit()
             return
