@@ -258,12 +258,12 @@ class Sequencer:
                     continue
                 long = not failed and empty >= IDLE_AFTER and idle_s > busy_s
                 pause = RETRY_S if failed else idle_s if long else busy_s
-                if pause != shown:
-                    PAUSE.set(shown := pause)
                 if long:
                     self._pausing_long = True
                     if self._nudges != seen:  # a commit since this pass began: look again soon
                         self._pausing_long, pause, empty = False, busy_s, 0
+                if pause != shown:
+                    PAUSE.set(shown := pause)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), pause)
                     # Woken by a commit: the short pause for IDLE_AFTER passes, so that the
