@@ -251,7 +251,7 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
     pg = await PgStore.connect(settings.database_url, min_size=settings.pg_pool_min,
                                max_size=settings.pg_pool_max, timeout_s=settings.pg_timeout_s,
                                group_size=settings.group_pool_size)
-    pg.wake_others_after_s = quiet_before_idle_s(settings)  # (while another runs the sequencer)
+    pg.wake_others.after_s = quiet_before_idle_s(settings)  # (while another runs the sequencer)
     redis = RedisStock.from_url(settings.redis_url, cluster=settings.redis_cluster,
                                 timeout_s=settings.redis_timeout_s,
                                 pool_max=settings.redis_pool_max,

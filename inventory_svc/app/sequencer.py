@@ -15,8 +15,8 @@ each a round trip, a Postgres query and a wake-up of this thread (which must tak
 the serving loop): 6-8 % of a core in the service and 2.5 % in Postgres with nothing to do
 (measured). While it pauses longer, a commit of this process (PgBase.on_commit) wakes it at once;
 a commit of another process that writes after a quiet spell NOTIFYs WAKE_CHANNEL, which this
-sequencer's connection listens to (PgBase.committed); a change made outside the service (a
-hand-made UPDATE) waits at most watch_idle_ms.
+sequencer's connection listens to (storage/pg_watch.py SequencerWake); a change made outside the
+service (a hand-made UPDATE) waits at most watch_idle_ms.
 """
 
 from __future__ import annotations
@@ -95,18 +95,16 @@ class Sequencer:
         self._warned_at = 0.0
         self._wake: asyncio.Event | None = None  # (of the thread's loop)
         self._pass_timeout_s = ctx.settings.pg_timeout_s  # what the next connection's pass gets
-        # nudge(), from the serving loop: commits seen, and whether the thread pauses longer
-        # than watch_sequence_ms (then a nudge wakes it). Plain attributes: the GIL orders them.
+        # nudge(), from the serving loop (or a NOTIFY on this thread's): commits seen, and
+        # whether the thread pauses longer than watch_sequence_ms (then a nudge wakes it).
+        # Plain attributes: the GIL orders them.
         self._nudges = 0
         self._pausing_long = False
 
     def _woken(self, *_: object) -> None:
-        """A NOTIFY on WAKE_CHANNEL (on this thread's loop): another process committed. Counted
-        as a nudge, so one that comes during a pass keeps the next pause short."""
-        self._nudges += 1
-        if self._pausing_long and self._wake is not None:
-            self._pausing_long = False
-            self._wake.set()
+        """A NOTIFY on WAKE_CHANNEL: another process committed. A nudge like this process's
+        own, so one that comes during a pass keeps the next pause short too."""
+        self.nudge()
 
     @property
     def idle(self) -> bool:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import asyncpg
 
 from inventory_svc.domain.errors import Aborted, AlreadyExists, DomainError, Unavailable
 from inventory_svc.storage.coalesce import Coalescer
-from inventory_svc.storage.pg_watch import WAKE_CHANNEL
+from inventory_svc.storage.pg_watch import SequencerWake
 
 log = logging.getLogger(__name__)
 
@@ -291,13 +290,11 @@ class PgBase:
         self.timeout_s = timeout_s  # also bounds waiting for a pooled connection
         self._lookups: Coalescer[Idem, bytes | None] = Coalescer(self._look_up)
         self.clock = PgClock()
-        # The WatchStock sequencer's wake-up when it runs in this process (app/sequencer.py),
-        # told by `committed`. It runs on the serving loop after every write: it must be cheap.
+        # Told by `committed`, on the serving loop after every write, so both must be cheap:
+        # the WatchStock sequencer's wake-up when it runs in this process (app/sequencer.py),
+        # else that of another process's (off until its `after_s` is set)
         self.on_commit: Callable[[], None] | None = None
-        # Otherwise a write after this long without one NOTIFYs WAKE_CHANNEL (0: never)
-        self.wake_others_after_s = 0.0
-        self._last_write = -math.inf
-        self._waking: asyncio.Task[None] | None = None
+        self.wake_others = SequencerWake(pool)
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int, max_size: int, timeout_s: float,
@@ -318,41 +315,16 @@ class PgBase:
         return cls(pool, timeout_s, group)
 
     async def close(self) -> None:
-        if self._waking is not None:
-            self._waking.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._waking
+        await self.wake_others.close()
         await self.pool.close()
         if self.group_pool is not self.pool:
             await self.group_pool.close()
 
     def committed(self) -> None:
-        """A write of this process committed: it may have changed stock. Every `unit` tells it;
-        a write without one tells it itself. An idle WatchStock sequencer is woken: in this
-        process through on_commit; in another (the background leader of another worker or
-        replica) by a NOTIFY on WAKE_CHANNEL, sent only when this process wrote nothing for
-        wake_others_after_s before: after a wake-up, or a pass that found a change, the
-        sequencer keeps its short pause for at least that long (a write that changed no stock,
-        just as the sequencer was going idle, may leave it idle: then the next change waits
-        for the idle pause to end)."""
-        if self.on_commit is not None:
-            self.on_commit()
-            return
-        if self.wake_others_after_s <= 0:
-            return
-        now = time.monotonic()
-        quiet, self._last_write = now - self._last_write >= self.wake_others_after_s, now
-        if quiet and self._waking is None:
-            # not awaited: the call that committed does not wait for another round trip
-            self._waking = asyncio.get_running_loop().create_task(self._wake_others())
-
-    async def _wake_others(self) -> None:
-        try:
-            await self.pool.execute(f"NOTIFY {WAKE_CHANNEL}")
-        except Exception as exc:  # (best effort: the idle pause ends anyway)
-            log.debug("waking the watch sequencer failed: %r", exc)
-        finally:
-            self._waking = None
+        """A write of this process committed: it may have changed stock, so an idle WatchStock
+        sequencer is woken (this process's, or another's). Every `unit` tells it; a write
+        without one tells it itself."""
+        (self.on_commit or self.wake_others)()
 
     def _pool_of(self, group: bool) -> asyncpg.Pool:
         return self.group_pool if group else self.pool

@@ -14,7 +14,12 @@ one row: the order its changes happened in) and each transaction's changes stay 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +31,7 @@ from inventory_svc.domain.watch import EventKind, SnapshotRow, StockEvent
 
 NOTIFY_CHANNEL = "inventory_watch"  # (also named in migration 0008)
 # A commit of a process that does not run the sequencer wakes an idle one through this channel
-# (PgBase.committed; app/sequencer.py)
+# (SequencerWake; app/sequencer.py listens)
 WAKE_CHANNEL = "inventory_watch_wake"
 
 # The pass (migration 0008) numbers in one statement, so one snapshot: the changes it deletes are
@@ -35,6 +40,46 @@ WAKE_CHANNEL = "inventory_watch_wake"
 # bulk load leaves hundreds of thousands; numbering them in one statement outlasted the
 # statement timeout, so no pass ever finished (measured: the demo's 395k rows).
 PASS_ROWS = 20_000
+
+log = logging.getLogger(__name__)
+
+
+class SequencerWake:
+    """Wakes an idle sequencer of another process (the background leader of another worker or
+    replica) after a commit of this one: a NOTIFY on WAKE_CHANNEL, not awaited by the call that
+    committed. Sent only when this process wrote nothing for `after_s` before (0: never): after
+    a wake-up, or a pass that found a change, the sequencer keeps its short pause at least that
+    long (app/sequencer.py quiet_before_idle_s). A write that changed no stock, just as the
+    sequencer went idle, may leave it idle: the next change then waits for the pause to end."""
+
+    def __init__(self, pool: asyncpg.Pool, after_s: float = 0.0) -> None:
+        self.pool = pool
+        self.after_s = after_s
+        self._last_write = -math.inf
+        self._sending: asyncio.Task[None] | None = None
+
+    def __call__(self) -> None:
+        if self.after_s <= 0:
+            return
+        now = time.monotonic()
+        quiet, self._last_write = now - self._last_write >= self.after_s, now
+        if quiet and self._sending is None:
+            self._sending = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        try:
+            await self.pool.execute(f"NOTIFY {WAKE_CHANNEL}")
+        except Exception as exc:  # (best effort: the idle pause ends anyway)
+            log.debug("waking the watch sequencer failed: %r", exc)
+        finally:
+            self._sending = None
+
+    async def close(self) -> None:
+        if self._sending is not None:
+            self._sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sending
+
 
 EVENT_COLUMNS = (
     "seq, kind, sku, location_id, on_hand, reserved, safety, d_on_hand, d_reserved, version,"
