@@ -2,14 +2,16 @@
 
     python -m benchmarks.cpu_per_call   (env: WHAT=reserve|loser|avail, C=32 callers, T=8 s a
                                          round, ROUNDS=3, SKUS=300, KEYS=1, PROFILE=file.raw,
-                                         PERF=perf.data [PERF_WHO=ours|peer], THREADS=1, PGCPU=1,
-                                         PGSS=1)
+                                         PERF=perf.data [PERF_WHO=ours|peer, PERF_ARGS=-F 999],
+                                         SYSCALLS=file [PERF_WHO], THREADS=1, PGCPU=1, PGSS=1)
 
 Starts the harness's stack (embedded stores, our service with INVENTORY_WORKERS as set, the peer
 with one process) on a small demo, and measures the CPU seconds of each service process (and its
 children, the stores excepted) over a fixed-time closed loop. WHAT=loser reserves more than a SKU
 holds (every call a flash sale's loser). PROFILE records our service with py-spy in round 2, PERF
-the one named by PERF_WHO with `perf record -g`.
+the one named by PERF_WHO with `perf record -g` (PERF_ARGS: what it samples, e.g.
+`-e syscalls:sys_enter_getpid` for who makes a system call), SYSCALLS counts that one's system
+calls by thread and kind (`perf trace -s`).
 
 Where the CPU goes, per call, after each round: THREADS=1 the service's threads (the serving
 loop, grpc's, the WatchStock sequencer's; of its first process, so run it with one worker);
@@ -115,9 +117,12 @@ def profiler(name, pid):
     if os.environ.get("PROFILE") and name == "ours":
         cmd = ["py-spy", "record", "-p", str(pid), "--duration", str(int(T) - 1), "--rate", "250",
                "--format", "raw", "-o", os.environ["PROFILE"]]
-    elif os.environ.get("PERF") and name == os.environ.get("PERF_WHO", "ours"):
-        cmd = ["perf", "record", "-F", "999", "-g", "-p", str(pid), "-o", os.environ["PERF"], "--",
+    elif os.environ.get("SYSCALLS") and name == os.environ.get("PERF_WHO", "ours"):
+        cmd = ["perf", "trace", "-s", "-p", str(pid), "-o", os.environ["SYSCALLS"], "--",
                "sleep", str(int(T) - 1)]
+    elif os.environ.get("PERF") and name == os.environ.get("PERF_WHO", "ours"):
+        cmd = ["perf", "record", *os.environ.get("PERF_ARGS", "-F 999").split(), "-g",
+               "-p", str(pid), "-o", os.environ["PERF"], "--", "sleep", str(int(T) - 1)]
     else:
         return None
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -55,6 +55,7 @@ from inventory_svc.transport.gate import ServiceGate
 from inventory_svc.transport.interceptors import MetricsInterceptor
 from inventory_svc.transport.inventory_servicer import InventoryServicer
 from inventory_svc.transport.principals import load_principals
+from inventory_svc.transport.registration import generic_handlers_only
 from inventory_svc.transport.routing_servicer import RoutingServicer
 from inventory_svc.transport.watch_servicer import WatchServicer
 from routing.warm import EXPECTED_COMPILE
@@ -309,23 +310,26 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
         server = grpc.aio.server(
             interceptors=[*tracing.interceptors(traced), MetricsInterceptor(), gate, admission],
             options=server_options(settings))
+        # Inventory first: grpc asks the generic handlers in the order they were added
+        serves = generic_handlers_only(server)
         api_grpc.add_InventoryServiceServicer_to_server(
-            InventoryServicer(stock, reservations), server)
-        rp_grpc.add_RoutingServiceServicer_to_server(RoutingServicer(routing), server)
+            InventoryServicer(stock, reservations), serves)
+        rp_grpc.add_RoutingServiceServicer_to_server(RoutingServicer(routing), serves)
         watch = WatchService(ctx)
-        wp_grpc.add_WatchServiceServicer_to_server(WatchServicer(watch), server)
+        wp_grpc.add_WatchServiceServicer_to_server(WatchServicer(watch), serves)
         health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         for name in ("", *SERVICE_NAMES):  # grpc's default for "" is SERVING
             await health_servicer.set(name, NOT_SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, serves)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), serves)
         port = _listen(server, settings.host, settings.port, server_credentials(settings))
         probes = None
         if settings.health_port:
             # kubelet's gRPC probes speak plaintext only: a listener that serves health alone
             probes = grpc.aio.server(options=server_options(settings))
-            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer,
+                                                         generic_handlers_only(probes))
             _listen(probes, settings.host, settings.health_port, None)
             await probes.start()
         await server.start()
