@@ -309,9 +309,14 @@ class PgBase:
             # A group's statements are bounded by its size (group_commit_max calls), and they
             # are the hot path: planned anew each time, planning was ~40 % of the one-statement
             # group's Postgres time, and the foreign-key checks its inserts fire were planned
-            # each time too (benchmarks/RESULTS.md). These connections let Postgres cache them.
-            group = None if group_size <= 0 else await _pool(dsn, "auto", 1, group_size,
-                                                             timeout_s)
+            # each time too (benchmarks/RESULTS.md). These connections keep one plan per
+            # statement. Forced, not "auto": auto weighs the plan for any array length (Postgres
+            # guesses 10 elements) against plans for the arrays at hand, and once an index
+            # lookup costs more (~40k stock rows did it) it planned every group again, for good.
+            # The kept plans are index lookups for any size, and Postgres plans again whenever
+            # ANALYZE changes a table's statistics.
+            group = None if group_size <= 0 else await _pool(
+                dsn, "force_generic_plan", 1, group_size, timeout_s)
         return cls(pool, timeout_s, group)
 
     async def close(self) -> None:
