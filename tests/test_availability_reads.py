@@ -52,6 +52,23 @@ async def test_every_change_shows_in_the_next_read(stub: Stub, service: Running)
     assert await levels(stub, sku) == {a: (1, 0), b: (7, 0), c: (2, 0)}
 
 
+async def test_one_answer_holds_kept_and_new_items_in_the_order_asked(stub: Stub) -> None:
+    """The service keeps each SKU's answer while its stock is unchanged and sends kept answers
+    as they were encoded: a response that mixes kept items with new ones (and a SKU asked twice)
+    still has every item, current, in the order of the request."""
+    w = await make_world(stub, locations=2, skus=2, on_hand=10)
+    (x, y), (a, b) = w.skus, sorted(w.locations)
+    await stub.GetAvailability(api.GetAvailabilityRequest(skus=[x, y]))  # both kept now
+    await stub.SetStock(api.SetStockRequest(sku=y, location_id=b, on_hand=3))
+    out = await stub.GetAvailability(api.GetAvailabilityRequest(skus=[y, x, y]))
+    assert [(i.sku, i.total_on_hand, [(lv.location_id, lv.on_hand) for lv in i.levels])
+            for i in out.items] == [(y, 13, [(a, 10), (b, 3)]), (x, 20, [(a, 10), (b, 10)]),
+                                    (y, 13, [(a, 10), (b, 3)])]
+    pos = await stub.GetAvailability(api.GetAvailabilityRequest(
+        skus=[x], location_ids=[b], channel=pb.CHANNEL_POS))
+    assert [(i.sku, i.total_on_hand, len(i.levels)) for i in pos.items] == [(x, 10, 1)]
+
+
 async def test_reads_of_one_moment_agree(stub: Stub) -> None:
     w = await make_world(stub, locations=2, skus=3, on_hand=5)
     calls = [levels(stub, sku, *loc) for sku in w.skus for loc in ((), (w.locations[1],))] * 5

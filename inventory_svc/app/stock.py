@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import heapq
 import itertools
 import operator
@@ -446,9 +445,13 @@ class StockService:
             await self.ctx.known_location(loc)
         fields = await self.fields_of(list(dict.fromkeys(skus)), list(dict.fromkeys(location_ids)))
 
-        @functools.cache
-        def wanted() -> Collection[str]:
-            return set(location_ids) or {x.id for x in self.ctx.locations.values() if x.active}
+        made: list[Collection[str]] = []
+
+        def wanted() -> Collection[str]:  # at most once a call (functools.cache costs ~3 µs)
+            if not made:
+                made.append(set(location_ids)
+                            or {x.id for x in self.ctx.locations.values() if x.active})
+            return made[0]
 
         # the locations asked for, or every active one as the cache knows them now
         scope = tuple(location_ids) or self.ctx.locations_version

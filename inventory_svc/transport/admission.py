@@ -221,6 +221,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         if made is not None and made[0] is handler:
             return made[1]
         decode: Callable[[bytes], Message] = handler.request_deserializer
+        encode = encoder(handler.response_serializer)
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
@@ -233,8 +234,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     await _abort(context, exc)
                 return await self._run(principal, behavior, request, context)
 
-            wrapped = grpc.unary_unary_rpc_method_handler(
-                unary, None, handler.response_serializer)
+            wrapped = grpc.unary_unary_rpc_method_handler(unary, None, encode)
         elif handler.stream_unary is not None:
             behavior = handler.stream_unary
 
@@ -244,8 +244,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 return await self._run(principal, behavior,
                                        _decoded(raws, decode, self.caps), context)
 
-            wrapped = grpc.stream_unary_rpc_method_handler(
-                streaming, None, handler.response_serializer)
+            wrapped = grpc.stream_unary_rpc_method_handler(streaming, None, encode)
         elif handler.unary_stream is not None:
             behavior = handler.unary_stream
 
@@ -270,8 +269,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 finally:
                     _CURRENT.reset(token)
 
-            wrapped = grpc.unary_stream_rpc_method_handler(
-                server_streaming, None, handler.response_serializer)
+            wrapped = grpc.unary_stream_rpc_method_handler(server_streaming, None, encode)
         else:
             return handler  # bidirectional streams: none; they keep grpc's own decoding
         self._wrapped[slot] = (handler, wrapped)
@@ -309,6 +307,14 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         finally:
             _CURRENT.reset(token)
             self.in_flight -= 1
+
+
+def encoder(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A method's response serializer that also passes on an answer its servicer encoded
+    itself (bytes), as GetAvailability does with the items it keeps encoded."""
+    def encode(answer: Any) -> bytes:
+        return answer if answer.__class__ is bytes else serialize(answer)
+    return encode
 
 
 async def _decoded(raws: AsyncIterator[bytes], decode: Callable[[bytes], Message], caps: ListCaps

@@ -41,6 +41,7 @@ from inventory_svc.transport.views import VIEWS_KEPT, Views
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Message)
+A = TypeVar("A", bound=Message | bytes)  # an answer: a message, or one encoded already
 T = TypeVar("T")
 
 
@@ -62,7 +63,7 @@ def idem_for(
                 lambda result: encode(result).SerializeToString())
 
 
-async def guarded(context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[R]) -> R:
+async def guarded(context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[A]) -> A:
     """Run a call; a DomainError becomes its DESIGN §4 status, anything else INTERNAL (logged).
 
     A call with a deadline is given up just before it with DEADLINE_EXCEEDED: its outcome is
@@ -123,8 +124,8 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
         self.stock = stock
         self.res = reservations
         # each SKU's last GetAvailability answer per channel and scope, while its fields are
-        # the same: one message an entry, so the garbage collector has little to walk
-        self._availability: Views[api.SkuAvailability] = Views(VIEWS_KEPT)
+        # the same, encoded: bytes, which the garbage collector does not walk
+        self._availability: Views[bytes] = Views(VIEWS_KEPT)
 
     async def UpsertLocations(self, request: api.UpsertLocationsRequest, context: Any) -> api.UpsertLocationsResponse:  # noqa: E501
         @built_once
@@ -257,19 +258,24 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
             return _replayed(out, api.SetSafetyStockResponse, encode)
         return await guarded(context, run())
 
-    async def GetAvailability(self, request: api.GetAvailabilityRequest, context: Any) -> api.GetAvailabilityResponse:  # noqa: E501
-        async def run() -> api.GetAvailabilityResponse:
+    async def GetAvailability(  # type: ignore[override]  # its answer is encoded here
+            self, request: api.GetAvailabilityRequest, context: Any) -> bytes:
+        """The response encoded here (see admission.encoder): each item is kept encoded as a
+        response of its own, and encoded messages concatenated are one message whose repeated
+        fields hold all their elements, so a kept item is neither copied nor encoded again."""
+        async def run() -> bytes:
             ch = channel_of(request.channel)
             items = await self.stock.get_availability(list(request.skus), list(request.location_ids))
-            out = api.GetAvailabilityResponse()
+            out: list[bytes] = []
             for item in items:
                 key = (item.sku, ch, item.scope)
-                msg = self._availability.get(key, item.source)
-                if msg is None:
-                    msg = cv.availability_out(item.sku, item.levels, ch)
-                    self._availability.put(key, item.source, msg)
-                out.items.append(msg)
-            return out
+                encoded = self._availability.get(key, item.source)
+                if encoded is None:
+                    encoded = api.GetAvailabilityResponse(
+                        items=[cv.availability_out(item.sku, item.levels, ch)]).SerializeToString()
+                    self._availability.put(key, item.source, encoded)
+                out.append(encoded)
+            return b"".join(out)
         return await guarded(context, run())
 
     async def FindNearby(self, request: api.FindNearbyRequest, context: Any) -> api.FindNearbyResponse:
