@@ -85,24 +85,37 @@ def check_lists(msg: Message, caps: ListCaps, prefix: str = "") -> None:
 
 class LoopLag:
     """How far behind the event loop runs: the time a call that arrives now waits before it is
-    worked on. A tick is scheduled every `interval_s`; the lag is how late the last tick ran, or
-    how overdue the next one is, whichever is larger (so a loop stuck right now shows it before
-    the tick gets to run)."""
+    worked on. A tick is scheduled every `interval_s`; the lag is how late a tick ran, or how
+    overdue the next one is, whichever is larger (so a loop stuck right now shows it before the
+    tick gets to run).
 
-    def __init__(self, interval_s: float = 0.01) -> None:
+    A tick `late` seconds late is remembered for as long again (at most `memory_s`): the calls
+    that arrived during the stall wait in grpc's queue and are worked off first, so the calls
+    behind them wait about as long (longer on a busy loop), while the ticks between them already
+    run on time. Without it, only the calls looked at before the next tick saw the stall, and on
+    a busy box none might be."""
+
+    def __init__(self, interval_s: float = 0.01, memory_s: float = 1.0) -> None:
         self.interval_s = interval_s
+        self.memory_s = memory_s
         self._late = 0.0
+        self._late_until = 0.0
         self._due = math.inf
 
     def lag(self) -> float:
+        if self._due == math.inf:
+            return 0.0
         now = time.monotonic()
-        return max(self._late, now - self._due) if self._due != math.inf else 0.0
+        return max(self._late if now < self._late_until else 0.0, now - self._due)
 
     async def run(self) -> None:
         while True:
             self._due = time.monotonic() + self.interval_s
             await asyncio.sleep(self.interval_s)
-            self._late = max(0.0, time.monotonic() - self._due)
+            now = time.monotonic()
+            late = max(0.0, now - self._due)
+            if late >= self._late or now >= self._late_until:
+                self._late, self._late_until = late, now + min(late, self.memory_s)
 
 
 class _Bucket:
