@@ -1,6 +1,6 @@
 """Service CPU per call, ours against the Postgres-only peer, in alternating rounds: a quick A/B.
 
-    python -m benchmarks.cpu_per_call   (env: WHAT=reserve|loser|avail, C=32 callers, T=8 s a
+    python -m benchmarks.cpu_per_call   (env: WHAT=reserve|loser|avail|cart, C=32 callers, T=8 s a
                                          round, ROUNDS=3, SKUS=300, KEYS=1, PROFILE=file.raw,
                                          PERF=perf.data [PERF_WHO=ours|peer, PERF_ARGS=-F 999],
                                          SYSCALLS=file [PERF_WHO], THREADS=1, PGCPU=1, PGSS=1)
@@ -8,7 +8,8 @@
 Starts the harness's stack (embedded stores, our service with INVENTORY_WORKERS as set, the peer
 with one process) on a small demo, and measures the CPU seconds of each service process (and its
 children, the stores excepted) over a fixed-time closed loop. WHAT=loser reserves more than a SKU
-holds (every call a flash sale's loser). PROFILE records our service with py-spy in round 2, PERF
+holds (every call a flash sale's loser); WHAT=cart a keyed Reserve, then its Commit or Release
+(half each; figures per call, two calls a cart). PROFILE records our service with py-spy in round 2, PERF
 the one named by PERF_WHO with `perf record -g` (PERF_ARGS: what it samples, e.g.
 `-e syscalls:sys_enter_getpid` for who makes a system call), SYSCALLS counts that one's system
 calls by thread and kind (`perf trace -s`).
@@ -186,6 +187,20 @@ async def load(target, u, what):
                             ttl_seconds=60,
                         )
                     )
+            elif what == "cart":  # a Reserve, then its Commit or Release: two calls
+                loc = rng.choice(u.sku_locs[sku])
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    held = await stub.Reserve(api.ReserveRequest(
+                        lines=[pb.ReservationLine(sku=sku, location_id=loc, quantity=1)],
+                        idempotency_key=uuid.uuid4().hex, ttl_seconds=60))
+                    rid = held.reservation.id
+                    if n % 4 < 2:
+                        await stub.CommitReservation(api.CommitReservationRequest(
+                            reservation_id=rid, idempotency_key=uuid.uuid4().hex))
+                    else:
+                        await stub.ReleaseReservation(api.ReleaseReservationRequest(
+                            reservation_id=rid, idempotency_key=uuid.uuid4().hex))
+                n += 1
             else:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await stub.GetAvailability(api.GetAvailabilityRequest(skus=[sku]))
