@@ -22,11 +22,13 @@ class Context:
         self.redis = redis
         self.locations: dict[str, Location] = {}
         self.locations_version = 0  # moves only when the locations really change
+        self.active_location_ids: frozenset[str] = frozenset()  # of `locations`
 
     async def refresh_locations(self) -> None:
         fresh = {loc.id: loc for loc in await self.pg.list_locations()}
         if fresh != self.locations:
             self.locations = fresh
+            self.active_location_ids = frozenset(x.id for x in fresh.values() if x.active)
             self.locations_version += 1
 
     def location(self, location_id: str) -> Location:

@@ -6,7 +6,7 @@ import asyncio
 import heapq
 import itertools
 import operator
-from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
+from collections.abc import Collection, Hashable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import asyncpg
@@ -67,7 +67,7 @@ class SkuAvailability:
     __slots__ = ("_fields", "_levels", "_wanted", "scope", "sku", "source")
 
     def __init__(self, sku: str, fields: dict[bytes, bytes], scope: Hashable,
-                 wanted: Callable[[], Collection[str]]) -> None:
+                 wanted: Collection[str]) -> None:
         self.sku = sku
         self.scope = scope
         self.source = tuple(fields.items())
@@ -78,9 +78,9 @@ class SkuAvailability:
     @property
     def levels(self) -> tuple[StockLevel, ...]:
         if self._levels is None:
-            wanted = self._wanted()
             self._levels = tuple(sorted(
-                (lv for lv in decode_levels(self.sku, self._fields) if lv.location_id in wanted),
+                (lv for lv in decode_levels(self.sku, self._fields)
+                 if lv.location_id in self._wanted),
                 key=lambda lv: lv.location_id))
         return self._levels
 
@@ -445,15 +445,8 @@ class StockService:
             await self.ctx.known_location(loc)
         fields = await self.fields_of(list(dict.fromkeys(skus)), list(dict.fromkeys(location_ids)))
 
-        made: list[Collection[str]] = []
-
-        def wanted() -> Collection[str]:  # at most once a call (functools.cache costs ~3 µs)
-            if not made:
-                made.append(set(location_ids)
-                            or {x.id for x in self.ctx.locations.values() if x.active})
-            return made[0]
-
         # the locations asked for, or every active one as the cache knows them now
+        wanted = set(location_ids) or self.ctx.active_location_ids
         scope = tuple(location_ids) or self.ctx.locations_version
         return [SkuAvailability(sku, fields[sku], scope, wanted) for sku in skus]
 

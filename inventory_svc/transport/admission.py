@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -38,6 +38,7 @@ from inventory_svc.transport.principals import Registry
 SHED = Counter("inventory_shed_total", "calls refused at once because the service is overloaded")
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and tooling
 _CURRENT: ContextVar[Principal] = ContextVar("inventory_principal", default=ANONYMOUS)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def current_principal() -> Principal:
@@ -234,7 +235,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         if made is not None and made[0] is handler:
             return made[1]
         decode: Callable[[bytes], Message] = handler.request_deserializer
-        encode = encoder(handler.response_serializer)
+        # None: grpc sends the answer as it is, bytes its servicer encoded (answers_encoded)
+        encode = None if getattr(handler.unary_unary, "answers_encoded", False) else (
+            handler.response_serializer)
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
@@ -322,12 +325,11 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             self.in_flight -= 1
 
 
-def encoder(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
-    """A method's response serializer that also passes on an answer its servicer encoded
-    itself (bytes), as GetAvailability does with the items it keeps encoded."""
-    def encode(answer: Any) -> bytes:
-        return answer if answer.__class__ is bytes else serialize(answer)
-    return encode
+def answers_encoded(method: F) -> F:
+    """Mark a unary servicer method that returns its response already encoded (bytes): its
+    wrapped handler sends the bytes as they are instead of serializing a message."""
+    method.answers_encoded = True  # type: ignore[attr-defined]
+    return method
 
 
 async def _decoded(raws: AsyncIterator[bytes], decode: Callable[[bytes], Message], caps: ListCaps

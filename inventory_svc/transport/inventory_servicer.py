@@ -35,7 +35,7 @@ from inventory_svc.domain.returns import Disposition
 from inventory_svc.domain.validation import Violations, check_idempotency_key
 from inventory_svc.storage.pg_base import Idem, Replay
 from inventory_svc.transport import convert as cv
-from inventory_svc.transport.admission import current_principal
+from inventory_svc.transport.admission import answers_encoded, current_principal
 from inventory_svc.transport.errors import to_status
 from inventory_svc.transport.views import VIEWS_KEPT, Views
 
@@ -258,11 +258,12 @@ class InventoryServicer(api_grpc.InventoryServiceServicer):
             return _replayed(out, api.SetSafetyStockResponse, encode)
         return await guarded(context, run())
 
+    @answers_encoded
     async def GetAvailability(  # type: ignore[override]  # its answer is encoded here
             self, request: api.GetAvailabilityRequest, context: Any) -> bytes:
-        """The response encoded here (see admission.encoder): each item is kept encoded as a
-        response of its own, and encoded messages concatenated are one message whose repeated
-        fields hold all their elements, so a kept item is neither copied nor encoded again."""
+        """The response encoded here: each item is kept encoded as a response of its own, and
+        encoded messages concatenated are one message whose repeated fields hold all their
+        elements, so a kept item is neither copied nor encoded again."""
         async def run() -> bytes:
             ch = channel_of(request.channel)
             items = await self.stock.get_availability(list(request.skus), list(request.location_ids))
