@@ -50,10 +50,11 @@ from inventory_svc.startup import StartupError, check_port, hold_data_dir, port_
 from inventory_svc.storage.pg import PgStore
 from inventory_svc.storage.redis_keys import KeyFilter
 from inventory_svc.storage.redis_stock import RedisStock
-from inventory_svc.transport.admission import AdmissionInterceptor, ListCaps, LoopLag
+from inventory_svc.transport.admission import AdmissionInterceptor, ListCaps
 from inventory_svc.transport.gate import ServiceGate
 from inventory_svc.transport.interceptors import MetricsInterceptor
 from inventory_svc.transport.inventory_servicer import InventoryServicer
+from inventory_svc.transport.overload import ArrivalProbe, LoopLag
 from inventory_svc.transport.principals import load_principals
 from inventory_svc.transport.registration import generic_handlers_only
 from inventory_svc.transport.routing_servicer import RoutingServicer
@@ -92,6 +93,7 @@ class Running:
     # set when the routing kernels are in this process (RoutingService SERVING once inventory is)
     routing_ready: asyncio.Event = field(default_factory=asyncio.Event)
     inventory_ready: bool = False
+    probe: ArrivalProbe | None = None  # overload: the wait of a call arriving now (overload.py)
 
 
 @contextlib.asynccontextmanager
@@ -332,9 +334,11 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
                                                          generic_handlers_only(probes))
             _listen(probes, settings.host, settings.health_port, None)
             await probes.start()
+        if settings.queue_budget_ms:
+            admission.probe = ArrivalProbe(server)
         await server.start()
         running = Running(settings, port, ctx, stock, reservations, reconciler, health_servicer,
-                          routing, watch, gate)
+                          routing, watch, gate, probe=admission.probe)
         warming = asyncio.create_task(_warm_routing(running), name="routing warm-up")
         tasks: list[asyncio.Task[Any]] = []
         try:
@@ -350,6 +354,8 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
                 run_background(ctx, reservations, reconciler, lock=background_lock),
                 name="background work (sweeper, reconciler, watch sequencer, location refresh)"))
             tasks.append(asyncio.create_task(loop_lag.run(), name="loop lag probe"))
+            if admission.probe is not None:
+                tasks.append(asyncio.create_task(admission.probe.run(), name="arrival probe"))
             if not routing_in_background:
                 await asyncio.shield(warming)  # its failure fails the start
             # What start-up built (modules, compiled kernels, the location cache) lives as long
@@ -377,6 +383,8 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
             await server.stop(settings.shutdown_grace_s)
             if probes is not None:
                 await probes.stop(0)
+            if admission.probe is not None:
+                admission.probe.remove_socket()
             stop_by = loop.time() + stop_budget_s(settings)
             await _close_within("finishing the group commits in flight", reservations.close(),
                                 stop_by)

@@ -88,6 +88,7 @@ class RpcStats:
     """One RPC (or anchor operation) in one phase: latencies of every answered call, outcomes."""
 
     hist: Histogram = field(default_factory=Histogram)
+    ok_hist: Histogram = field(default_factory=Histogram)  # the calls answered OK only
     ok: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     items: int = 0  # logical operations (a pipeline of 100 EVALSHA is 100 items)
@@ -98,6 +99,7 @@ class RpcStats:
                detail: str = "") -> None:
         self.hist.record(seconds)
         if code is None:
+            self.ok_hist.record(seconds)
             self.ok += 1
         else:
             self.errors[code] += 1
@@ -109,6 +111,7 @@ class RpcStats:
 
     def merge(self, other: RpcStats) -> None:
         self.hist.merge(other.hist)
+        self.ok_hist.merge(other.ok_hist)
         self.ok += other.ok
         self.errors.update(other.errors)
         self.items += other.items
@@ -117,12 +120,14 @@ class RpcStats:
             self.examples.setdefault(code, text)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"hist": self.hist.to_dict(), "ok": self.ok, "errors": dict(self.errors),
+        return {"hist": self.hist.to_dict(), "ok_hist": self.ok_hist.to_dict(), "ok": self.ok,
+                "errors": dict(self.errors),
                 "items": self.items, "in_window": self.in_window, "examples": self.examples}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RpcStats:
-        return cls(Histogram.from_dict(d["hist"]), int(d["ok"]), Counter(d["errors"]),
+        ok_hist = Histogram.from_dict(d["ok_hist"]) if "ok_hist" in d else Histogram()
+        return cls(Histogram.from_dict(d["hist"]), ok_hist, int(d["ok"]), Counter(d["errors"]),
                    int(d["items"]), int(d["in_window"]), dict(d.get("examples", {})))
 
 
@@ -209,4 +214,7 @@ def summarize_rpc(s: RpcStats, window_s: float) -> dict[str, Any]:
     }
     for key, q in QUANTILES:
         out[key] = s.hist.quantile(q) * 1e3
+    # every call above; the ones answered OK alone, which is what shedding protects
+    out["ok_p50_ms"] = s.ok_hist.quantile(0.50) * 1e3
+    out["ok_p99_ms"] = s.ok_hist.quantile(0.99) * 1e3
     return out

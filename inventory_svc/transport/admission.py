@@ -10,7 +10,6 @@ and every list in it is checked against its cap before any use case sees it.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import math
 import time
@@ -33,6 +32,7 @@ from inventory_svc.domain.errors import (
 )
 from inventory_svc.domain.principal import ANONYMOUS, Principal
 from inventory_svc.transport.errors import to_status
+from inventory_svc.transport.overload import ArrivalProbe, LoopLag, StandingQueue
 from inventory_svc.transport.principals import Registry
 
 SHED = Counter("inventory_shed_total", "calls refused at once because the service is overloaded")
@@ -84,41 +84,6 @@ def check_lists(msg: Message, caps: ListCaps, prefix: str = "") -> None:
                     subject=f"{prefix}{fd.name}")
 
 
-class LoopLag:
-    """How far behind the event loop runs: the time a call that arrives now waits before it is
-    worked on. A tick is scheduled every `interval_s`; the lag is how late a tick ran, or how
-    overdue the next one is, whichever is larger (so a loop stuck right now shows it before the
-    tick gets to run).
-
-    A tick `late` seconds late is remembered for as long again (at most `memory_s`): the calls
-    that arrived during the stall wait in grpc's queue and are worked off first, so the calls
-    behind them wait about as long (longer on a busy loop), while the ticks between them already
-    run on time. Without it, only the calls looked at before the next tick saw the stall, and on
-    a busy box none might be."""
-
-    def __init__(self, interval_s: float = 0.01, memory_s: float = 1.0) -> None:
-        self.interval_s = interval_s
-        self.memory_s = memory_s
-        self._late = 0.0
-        self._late_until = 0.0
-        self._due = math.inf
-
-    def lag(self) -> float:
-        if self._due == math.inf:
-            return 0.0
-        now = time.monotonic()
-        return max(self._late if now < self._late_until else 0.0, now - self._due)
-
-    async def run(self) -> None:
-        while True:
-            self._due = time.monotonic() + self.interval_s
-            await asyncio.sleep(self.interval_s)
-            now = time.monotonic()
-            late = max(0.0, now - self._due)
-            if late >= self._late or now >= self._late_until:
-                self._late, self._late_until = late, now + min(late, self.memory_s)
-
-
 class _Bucket:
     """A token bucket: `rate` calls a second on average, `size` at once."""
 
@@ -157,6 +122,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         self.loop_lag = loop_lag
         self.queue_budget_s = queue_budget_s
         self.shed = 0
+        self.probe: ArrivalProbe | None = None  # set by the server when shedding is on
+        # per unary method: whether its calls queue faster than they are answered (overload.py)
+        self._queues: dict[str, StandingQueue] = {}
         self._buckets: dict[str, _Bucket] = {}
         self._wrapped: dict[tuple[str, int], Any] = {}
         self._refusals: dict[tuple[str, str, float], Any] = {}
@@ -169,13 +137,25 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         name = method.rsplit("/", 1)[-1]
         if self.queue_budget_s and self.loop_lag is not None:
             lag = self.loop_lag.lag()
+            if self.probe is not None:
+                self.probe.busy = True
+                lag = max(lag, self.probe.wait())
             if lag > self.queue_budget_s:
                 self.shed += 1
                 SHED.inc()
                 return self._refuse(ResourceExhausted(
                     "the service is overloaded: calls wait longer than its queue budget of "
-                    f"{self.queue_budget_s * 1000:g} ms; retry", subject="service/queue_budget",
+                    f"{self.queue_budget_s * 1000:g} ms before it takes them; retry",
+                    subject="service/queue_budget",
                     retry_after_s=min(1.0, math.ceil(lag * 10) / 10)))
+            queue = self._queues.get(name)
+            if queue is not None and not queue.admits(time.monotonic()):
+                self.shed += 1
+                SHED.inc()
+                return self._refuse(ResourceExhausted(
+                    f"the service is overloaded: {name} calls queue longer than its queue budget"
+                    f" of {self.queue_budget_s * 1000:g} ms; retry", subject="service/queue_budget",
+                    retry_after_s=queue.retry_after_s()))
         who: Principal | None = ANONYMOUS
         if not self.registry.open:
             key = _key_of(details.invocation_metadata)
@@ -240,6 +220,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             handler.response_serializer)
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
+            queue = self._queue_of(name)
 
             async def unary(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 principal = await self._principal(context, name)
@@ -248,7 +229,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     check_lists(request, self.caps)
                 except (DecodeError, DomainError) as exc:
                     await _abort(context, exc)
-                return await self._run(principal, behavior, request, context)
+                if queue is None:
+                    return await self._run(principal, behavior, request, context)
+                return await self._run_measured(principal, behavior, request, context, queue)
 
             wrapped = grpc.unary_unary_rpc_method_handler(unary, None, encode)
         elif handler.stream_unary is not None:
@@ -291,6 +274,16 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         self._wrapped[slot] = (handler, wrapped)
         return wrapped
 
+    def _queue_of(self, name: str) -> StandingQueue | None:
+        """The standing-queue test of a unary method (None: shedding is off). Not for the
+        streaming methods: a bulk import takes seconds by design, and a stream stays open."""
+        if not self.queue_budget_s:
+            return None
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = StandingQueue(self.queue_budget_s)
+        return queue
+
     async def _principal(self, context: grpc.aio.ServicerContext[Any, Any], name: str
                          ) -> Principal:
         """The principal known from the key, else the one of the peer's certificate."""
@@ -323,6 +316,22 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         finally:
             _CURRENT.reset(token)
             self.in_flight -= 1
+
+
+    async def _run_measured(self, principal: Principal, behavior: Any, request: Any,
+                            context: grpc.aio.ServicerContext[Any, Any], queue: StandingQueue
+                            ) -> Any:
+        """`_run`, timed for the method's standing-queue test."""
+        queue.in_flight += 1
+        started = time.monotonic()
+        ok = False
+        try:
+            out = await self._run(principal, behavior, request, context)
+            ok = True
+            return out
+        finally:
+            now = time.monotonic()
+            queue.answered(now - started, ok, now)
 
 
 def answers_encoded(method: F) -> F:
