@@ -99,9 +99,10 @@ class Settings:
     import_max_bytes: int = 512 * 1024 * 1024
     import_timeout_s: float = 600.0
     routing_concurrency: int = 2  # solver runs at once, each in a worker thread
-    # Overload: when the event loop runs more than this far behind, new calls are refused at
-    # once (RESOURCE_EXHAUSTED + RetryInfo) instead of queueing; 0 turns shedding off.
-    queue_budget_ms: float = 50.0
+    # Overload: while calls wait longer than this before the service takes them
+    # (transport/overload.py), new calls are refused at once (RESOURCE_EXHAUSTED + RetryInfo)
+    # instead of queueing; 0 turns shedding off.
+    queue_budget_ms: float = 100.0
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one JSON object per line
     # OpenTelemetry tracing (inventory_svc/tracing.py, the `tracing` extra): "" off, "otlp" to a

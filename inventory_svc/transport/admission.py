@@ -32,7 +32,7 @@ from inventory_svc.domain.errors import (
 )
 from inventory_svc.domain.principal import ANONYMOUS, Principal
 from inventory_svc.transport.errors import to_status
-from inventory_svc.transport.overload import ArrivalProbe, LoopLag, StandingQueue
+from inventory_svc.transport.overload import ArrivalProbe, LoopLag
 from inventory_svc.transport.principals import Registry
 
 SHED = Counter("inventory_shed_total", "calls refused at once because the service is overloaded")
@@ -123,8 +123,6 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         self.queue_budget_s = queue_budget_s
         self.shed = 0
         self.probe: ArrivalProbe | None = None  # set by the server when shedding is on
-        # per unary method: whether its calls queue faster than they are answered (overload.py)
-        self._queues: dict[str, StandingQueue] = {}
         self._buckets: dict[str, _Bucket] = {}
         self._wrapped: dict[tuple[str, int], Any] = {}
         self._refusals: dict[tuple[str, str, float], Any] = {}
@@ -148,14 +146,6 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     f"{self.queue_budget_s * 1000:g} ms before it takes them; retry",
                     subject="service/queue_budget",
                     retry_after_s=min(1.0, math.ceil(lag * 10) / 10)))
-            queue = self._queues.get(name)
-            if queue is not None and not queue.admits(time.monotonic()):
-                self.shed += 1
-                SHED.inc()
-                return self._refuse(ResourceExhausted(
-                    f"the service is overloaded: {name} calls queue longer than its queue budget"
-                    f" of {self.queue_budget_s * 1000:g} ms; retry", subject="service/queue_budget",
-                    retry_after_s=queue.retry_after_s()))
         who: Principal | None = ANONYMOUS
         if not self.registry.open:
             key = _key_of(details.invocation_metadata)
@@ -220,7 +210,6 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             handler.response_serializer)
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
-            queue = self._queue_of(name)
 
             async def unary(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 principal = await self._principal(context, name)
@@ -229,9 +218,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     check_lists(request, self.caps)
                 except (DecodeError, DomainError) as exc:
                     await _abort(context, exc)
-                if queue is None:
-                    return await self._run(principal, behavior, request, context)
-                return await self._run_measured(principal, behavior, request, context, queue)
+                return await self._run(principal, behavior, request, context)
 
             wrapped = grpc.unary_unary_rpc_method_handler(unary, None, encode)
         elif handler.stream_unary is not None:
@@ -274,16 +261,6 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         self._wrapped[slot] = (handler, wrapped)
         return wrapped
 
-    def _queue_of(self, name: str) -> StandingQueue | None:
-        """The standing-queue test of a unary method (None: shedding is off). Not for the
-        streaming methods: a bulk import takes seconds by design, and a stream stays open."""
-        if not self.queue_budget_s:
-            return None
-        queue = self._queues.get(name)
-        if queue is None:
-            queue = self._queues[name] = StandingQueue(self.queue_budget_s)
-        return queue
-
     async def _principal(self, context: grpc.aio.ServicerContext[Any, Any], name: str
                          ) -> Principal:
         """The principal known from the key, else the one of the peer's certificate."""
@@ -316,22 +293,6 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         finally:
             _CURRENT.reset(token)
             self.in_flight -= 1
-
-
-    async def _run_measured(self, principal: Principal, behavior: Any, request: Any,
-                            context: grpc.aio.ServicerContext[Any, Any], queue: StandingQueue
-                            ) -> Any:
-        """`_run`, timed for the method's standing-queue test."""
-        queue.in_flight += 1
-        started = time.monotonic()
-        ok = False
-        try:
-            out = await self._run(principal, behavior, request, context)
-            ok = True
-            return out
-        finally:
-            now = time.monotonic()
-            queue.answered(now - started, ok, now)
 
 
 def answers_encoded(method: F) -> F:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import threading
 import time
@@ -17,7 +16,6 @@ from grpc_status import rpc_status
 from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
-from inventory_svc.transport.overload import StandingQueue
 from tests.conftest import Stores, store_location, uid
 from tests.faults.harness import eventually
 from tests.security.kit import Entry, service_with
@@ -127,53 +125,3 @@ async def test_no_probe_and_no_socket_when_shedding_is_off(stores: Stores, tmp_p
     async with service_with(stores, tmp_path, [Entry("ops", "admin", "k-erp")],
                             queue_budget_ms=0) as svc:
         assert svc.probe is None
-
-
-def _interval(queue: StandingQueue, answered: int, took_s: float) -> float:
-    """`answered` calls answered OK in the queue's current interval, each `took_s` after it was
-    admitted; returns when the interval ends (the next admission then judges it)."""
-    end = queue.window_end
-    for _ in range(answered):
-        queue.in_flight += 1
-        queue.answered(took_s, True, end - 0.01)
-    return end
-
-
-def test_a_standing_queue_limits_the_calls_in_flight_to_what_is_answered_within_the_budget() -> None:
-    queue = StandingQueue(0.05, interval_s=0.1, floor=4)
-    # a burst answered within the budget: no limit, however many calls are in flight
-    end = _interval(queue, 50, 0.01)
-    queue.in_flight = 500
-    assert queue.admits(end)
-    assert queue.limit == math.inf
-    # an interval in which even the quickest call took longer than the budget: 80 answered in
-    # 0.1 s is 800/s, and 800/s x 50 ms is 40 calls in flight
-    queue.in_flight = 0
-    end = _interval(queue, 80, 0.2)
-    queue.in_flight = 39
-    assert queue.admits(end)
-    assert queue.limit == 40
-    queue.in_flight = 40
-    assert not queue.admits(end + 0.001)
-    assert 0.05 <= queue.retry_after_s() <= 1.0
-    # calls were refused in the next interval, whose answers came within the budget: the limit
-    # follows the rate (300/s x 50 ms)
-    queue.in_flight = 0
-    end = _interval(queue, 30, 0.03)
-    assert queue.admits(end)
-    assert queue.limit == 15
-    # and an interval that refused nothing lifts it
-    end = _interval(queue, 10, 0.01)
-    queue.in_flight = 1_000
-    assert queue.admits(end)
-    assert queue.limit == math.inf
-
-
-def test_a_standing_queue_never_limits_below_its_floor() -> None:
-    queue = StandingQueue(0.05, interval_s=0.1, floor=4)
-    end = _interval(queue, 1, 2.0)  # 10/s x 50 ms is half a call
-    queue.in_flight = 3
-    assert queue.admits(end)
-    assert queue.limit == 4
-    queue.in_flight = 4
-    assert not queue.admits(end + 0.001)
