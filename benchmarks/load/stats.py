@@ -15,6 +15,7 @@ from typing import Any
 GROWTH = 1.01
 _LOG_GROWTH = math.log(GROWTH)
 SLOW_S = 0.020  # the p99 target: calls slower than this are counted per second
+REFUSALS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")  # answers that decided nothing: retry later
 QUANTILES = (("p50_ms", 0.50), ("p90_ms", 0.90), ("p99_ms", 0.99), ("p999_ms", 0.999))
 
 
@@ -214,6 +215,11 @@ def summarize_rpc(s: RpcStats, window_s: float) -> dict[str, Any]:
     }
     for key, q in QUANTILES:
         out[key] = s.hist.quantile(q) * 1e3
+    # calls a second that were refused ("try later": shed, or the service unavailable), and
+    # those answered otherwise: a refusal is fast, and counting it as an attempt would reward it
+    refused = sum(s.errors.get(code, 0) for code in REFUSALS)
+    out["refused_per_s"] = out["throughput_per_s"] * refused / s.hist.n if s.hist.n else 0.0
+    out["answered_per_s"] = out["throughput_per_s"] - out["refused_per_s"]
     # every call above; the ones answered OK alone, which is what shedding protects
     out["ok_p50_ms"] = s.ok_hist.quantile(0.50) * 1e3
     out["ok_p99_ms"] = s.ok_hist.quantile(0.99) * 1e3
