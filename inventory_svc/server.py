@@ -271,6 +271,7 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
     traced = tracing.setup(settings)
     loop = asyncio.get_running_loop()
     stop_by: float | None = None  # loop time by which the stop after the drain must be done
+    probe: ArrivalProbe | None = None
     try:
         await pg.migrate()
         ctx = Context(settings, pg, redis)
@@ -288,8 +289,9 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
                     "because it is a loopback address (or INVENTORY_ALLOW_INSECURE)",
                     settings.host)
         loop_lag = LoopLag()
+        probe = ArrivalProbe() if settings.queue_budget_ms else None
         admission = AdmissionInterceptor(
-            registry, mtls=bool(settings.tls_client_ca), loop_lag=loop_lag,
+            registry, mtls=bool(settings.tls_client_ca), loop_lag=loop_lag, probe=probe,
             queue_budget_s=settings.queue_budget_ms / 1000,
             caps=ListCaps(lines=settings.max_lines, skus=settings.max_skus_per_read,
                           ids=settings.max_ids_per_read, rows=settings.import_max_rows),
@@ -326,6 +328,8 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), serves)
         port = _listen(server, settings.host, settings.port, server_credentials(settings))
+        if probe is not None:
+            server.add_insecure_port(probe.address)  # a socket only our OS user reaches
         probes = None
         if settings.health_port:
             # kubelet's gRPC probes speak plaintext only: a listener that serves health alone
@@ -334,11 +338,9 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
                                                          generic_handlers_only(probes))
             _listen(probes, settings.host, settings.health_port, None)
             await probes.start()
-        if settings.queue_budget_ms:
-            admission.probe = ArrivalProbe(server)
         await server.start()
         running = Running(settings, port, ctx, stock, reservations, reconciler, health_servicer,
-                          routing, watch, gate, probe=admission.probe)
+                          routing, watch, gate, probe=probe)
         warming = asyncio.create_task(_warm_routing(running), name="routing warm-up")
         tasks: list[asyncio.Task[Any]] = []
         try:
@@ -354,8 +356,8 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
                 run_background(ctx, reservations, reconciler, lock=background_lock),
                 name="background work (sweeper, reconciler, watch sequencer, location refresh)"))
             tasks.append(asyncio.create_task(loop_lag.run(), name="loop lag probe"))
-            if admission.probe is not None:
-                tasks.append(asyncio.create_task(admission.probe.run(), name="arrival probe"))
+            if probe is not None:
+                tasks.append(asyncio.create_task(probe.run(), name="arrival probe"))
             if not routing_in_background:
                 await asyncio.shield(warming)  # its failure fails the start
             # What start-up built (modules, compiled kernels, the location cache) lives as long
@@ -383,13 +385,13 @@ async def serve(settings: Settings, *, background_lock: int | None = None,
             await server.stop(settings.shutdown_grace_s)
             if probes is not None:
                 await probes.stop(0)
-            if admission.probe is not None:
-                admission.probe.remove_socket()
             stop_by = loop.time() + stop_budget_s(settings)
             await _close_within("finishing the group commits in flight", reservations.close(),
                                 stop_by)
             await _stop_tasks([*tasks, warming], stop_by)
     finally:
+        if probe is not None:
+            probe.remove_socket()
         until = stop_by if stop_by is not None else loop.time() + stop_budget_s(settings)
         await _close_within("closing the redis pool", redis.close(), until)
         # asyncpg waits for every connection to be given back first: one a stuck task holds

@@ -127,7 +127,7 @@ def step_table(s: dict[str, Any]) -> list[str]:
         for i, (rpc, r) in enumerate(st["rpcs"].items()):
             head = (f"| {step} | {load} | {st['ops_per_s']:,.0f}" if i == 0 else "| | |")
             extra = f" shed {st['shed']}" if i == 0 and st["shed"] else ""
-            if r["errors"] and r.get("ok"):
+            if r["errors"] and r["ok"]:
                 # overload: the calls that were served, apart from those refused or timed out
                 extra += f" (OK p50 {r['ok_p50_ms']:.2f} / p99 {r['ok_p99_ms']:.2f} ms)"
             lines.append(

@@ -127,9 +127,9 @@ class RpcStats:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RpcStats:
-        ok_hist = Histogram.from_dict(d["ok_hist"]) if "ok_hist" in d else Histogram()
-        return cls(Histogram.from_dict(d["hist"]), ok_hist, int(d["ok"]), Counter(d["errors"]),
-                   int(d["items"]), int(d["in_window"]), dict(d.get("examples", {})))
+        return cls(Histogram.from_dict(d["hist"]), Histogram.from_dict(d["ok_hist"]), int(d["ok"]),
+                   Counter(d["errors"]), int(d["items"]), int(d["in_window"]),
+                   dict(d.get("examples", {})))
 
 
 @dataclass

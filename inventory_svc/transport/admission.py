@@ -110,7 +110,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
 
     def __init__(self, registry: Registry, *, mtls: bool, caps: ListCaps,
                  max_in_flight: int, loop_lag: LoopLag | None = None,
-                 queue_budget_s: float = 0.0) -> None:
+                 probe: ArrivalProbe | None = None, queue_budget_s: float = 0.0) -> None:
         self.registry = registry
         self.mtls = mtls
         self.caps = caps
@@ -122,7 +122,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         self.loop_lag = loop_lag
         self.queue_budget_s = queue_budget_s
         self.shed = 0
-        self.probe: ArrivalProbe | None = None  # set by the server when shedding is on
+        self.probe = probe
         self._buckets: dict[str, _Bucket] = {}
         self._wrapped: dict[tuple[str, int], Any] = {}
         self._refusals: dict[tuple[str, str, float], Any] = {}

@@ -80,8 +80,7 @@ class ArrivalProbe:
     enter: with `serve --workers N` each worker measures its own queue (the TCP port is shared),
     and nobody else reaches the service there, past the port's TLS."""
 
-    def __init__(self, server: grpc.aio.Server, *, interval_s: float = 0.025,
-                 timeout_s: float = 5.0) -> None:
+    def __init__(self, *, interval_s: float = 0.025, timeout_s: float = 5.0) -> None:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.busy = False  # a call came since the last probe (set by admission)
@@ -89,8 +88,7 @@ class ArrivalProbe:
         self._last = 0.0
         self._sent = math.inf
         self._dir = tempfile.mkdtemp(prefix="inventory-svc-")  # mode 0700
-        self.address = f"unix:{self._dir}/probe.sock"
-        server.add_insecure_port(self.address)  # (before the server starts)
+        self.address = f"unix:{self._dir}/probe.sock"  # the server listens there too
 
     def wait(self) -> float:
         """A caller's wait as the last probe saw it, or as the probe in flight sees it so far."""
@@ -113,5 +111,5 @@ class ArrivalProbe:
                 self.rounds += 1
 
     def remove_socket(self) -> None:
-        """Remove the socket's directory (once the server has stopped)."""
+        """Remove the socket's directory (once the server has stopped, or failed to start)."""
         shutil.rmtree(self._dir, ignore_errors=True)
