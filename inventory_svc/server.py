@@ -109,7 +109,8 @@ async def embedded_stores(settings: Settings, *, redis: bool = True) -> AsyncIte
             if redis and not settings.redis_url:
                 r = EmbeddedRedis(settings.data_dir / "redis")
                 started.append(r)
-                settings = replace(settings, redis_url=await asyncio.to_thread(r.start))
+                await asyncio.to_thread(r.start)
+                settings = replace(settings, redis_url=r.local_url)
             if not settings.database_url:
                 p = EmbeddedPostgres(settings.data_dir / "postgres")
                 started.append(p)

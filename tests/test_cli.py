@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import psutil
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -156,6 +157,12 @@ def test_serve_embedded_demo_health_reflection_and_clean_sigterm() -> None:
                 1 for x in locs if x.type == 2) >= 100
             got = stub.GetAvailability(api.GetAvailabilityRequest(skus=["SKU-000001"]))
             assert got.items[0].total_on_hand > 0
+        # the service reaches its embedded Redis over the server's Unix socket, not TCP
+        sock = data / "redis" / "valkey.sock"
+        password = (data / "redis" / "valkey.password").read_text().strip()
+        with redis.Redis(unix_socket_path=str(sock), password=password) as admin:
+            others = [c for c in admin.client_list() if c["id"] != str(admin.client_id())]
+        assert others and all(c["laddr"].startswith(str(sock)) for c in others), others
         # the data dir is in use: a migrate or a second serve on it says so in one line
         for args in (["migrate"], ["serve", "--port", str(free_port()), "--workers", "1"]):
             run = subprocess.run(

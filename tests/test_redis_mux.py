@@ -5,11 +5,17 @@ and a lost or silent connection fails the batches in flight and is made again fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import stat
+import tempfile
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis.exceptions
 
+from inventory_svc.embedded import EmbeddedRedis
 from inventory_svc.storage.redis_mux import RedisMux
 from tests.conftest import Stores, uid
 from tests.faults.harness import port_of, with_port
@@ -135,7 +141,57 @@ async def test_the_run_check_runs_on_every_new_connection(stores: Stores) -> Non
             await mux.aclose()
 
 
-def test_only_plain_tcp_urls_get_a_mux() -> None:
-    assert RedisMux.for_url("redis://:pw@127.0.0.1:6390/2", timeout_s=1) is not None
+def test_plain_tcp_and_unix_socket_urls_get_a_mux_tls_does_not() -> None:
+    tcp = RedisMux.for_url("redis://:pw@127.0.0.1:6390/2", timeout_s=1)
+    assert tcp is not None and (tcp.host, tcp.port, tcp.db, tcp.path) == ("127.0.0.1", 6390, 2, None)
+    unix = RedisMux.for_url("unix://:pw@/tmp/a%20dir/redis.sock?db=1", timeout_s=1)
+    assert unix is not None and (unix.path, unix.db, unix.password) == (
+        "/tmp/a dir/redis.sock", 1, "pw")
     assert RedisMux.for_url("rediss://u:p@example.com:6390/0", timeout_s=1) is None
-    assert RedisMux.for_url("unix:///tmp/redis.sock?db=1", timeout_s=1) is None
+
+
+async def test_a_unix_socket_mux_serves_and_reconnects_after_its_server_restarts() -> None:
+    """The embedded server's local URL is its Unix socket (0700, in its 0700 dir): the mux
+    speaks over it, and a server that went away and came back is connected to again."""
+    root = Path(tempfile.mkdtemp(prefix="mux-"))  # short: a socket's path has a length limit
+    server = EmbeddedRedis(root / "redis", durable=False)
+    server.start()
+    try:
+        assert server.socket_path is not None
+        assert server.local_url.startswith("unix://")
+        assert stat.S_IMODE(server.socket_path.stat().st_mode) & 0o077 == 0
+        mux = _mux(server.local_url)
+        try:
+            assert await mux.execute([("SET", "k", "v"), ("GET", "k")]) == [b"OK", b"v"]
+            server.restart()
+            # a batch written to the old connection fails; the next one connects again
+            with contextlib.suppress(redis.exceptions.ConnectionError):
+                await mux.execute([("GET", "k")])
+            assert await mux.execute([("PING",)]) == [b"PONG"]
+            assert mux.connects == 2
+        finally:
+            await mux.aclose()
+        wrong = _mux(server.local_url.replace(server.password, "not-the-password"))
+        try:
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                await wrong.execute([("PING",)])
+        finally:
+            await wrong.aclose()
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_a_data_dir_too_deep_for_a_socket_path_serves_over_tcp(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / ("d" * 60) / ("e" * 60), durable=False)
+    assert server.socket_path is None
+    server.start()
+    try:
+        assert server.local_url == server.url and server.url.startswith("redis://")
+        mux = _mux(server.local_url)
+        try:
+            assert await mux.execute([("PING",)]) == [b"PONG"]
+        finally:
+            await mux.aclose()
+    finally:
+        server.stop()

@@ -170,11 +170,14 @@ class LocalStack:
     one-way), the services reach their stores through a latency proxy (the harness itself, for
     set-up and checks, does not); with "standby" in it, Postgres has a synchronous standby that
     far away. With `redis_cluster` N > 0, Redis is a Redis Cluster of N
-    masters (inventory_svc.embedded.cluster) instead of one server."""
+    masters (inventory_svc.embedded.cluster) instead of one server. Our service reaches one
+    local Redis over its Unix socket, as `inventory-svc serve` does its embedded one, unless
+    `redis_tcp` (or a latency to Redis: the proxy speaks TCP)."""
 
     def __init__(self, *, skus: int, log_dir: Path, data_dir: Path | None = None,
                  latency: dict[str, float] | None = None, peer: PeerOptions | None = None,
-                 redis_cluster: int = 0, pg_settings: Sequence[str] = ()) -> None:
+                 redis_cluster: int = 0, pg_settings: Sequence[str] = (),
+                 redis_tcp: bool = False) -> None:
         self.skus = skus
         self.pg_settings = pg_settings  # more Postgres server settings ("name=value")
         self.log_dir = log_dir
@@ -185,6 +188,7 @@ class LocalStack:
         self.latency = {k: v for k, v in (latency or {}).items() if v > 0}
         self.peer_options = peer
         self.redis_cluster = redis_cluster
+        self.redis_tcp = redis_tcp  # TCP loopback to one Redis, not its Unix socket
         if redis_cluster and "redis" in self.latency:
             raise ValueError("--redis-cluster with a redis latency: the proxy has one address, a "
                              "cluster's nodes announce their own")
@@ -225,6 +229,9 @@ class LocalStack:
         port = free_port()
         env = {k: v for k, v in os.environ.items()
                if k not in ("INVENTORY_PORT", "INVENTORY_HOST", "INVENTORY_DATA_DIR")}
+        if "ours-redis" not in routes and not self.redis_cluster and not self.redis_tcp:
+            # as `inventory-svc serve` uses its embedded server: over its Unix socket
+            redis_url = self.redis.local_url
         env.update(INVENTORY_REDIS_URL=self._via("ours-redis", redis_url),
                    INVENTORY_DATABASE_URL=self._via("ours-postgres", database_url),
                    INVENTORY_DEMO_SKUS=str(self.skus),

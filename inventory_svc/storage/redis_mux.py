@@ -6,10 +6,12 @@ callbacks. Here the batches of every caller are written to one connection as the
 replies, which Redis sends in the order of the commands, are handed back in that order: ~40 µs,
 most of it the two system calls. Under load that is 10-25 % of a Reserve's CPU.
 
-Not used on a cluster, over TLS or a Unix socket (redis-py serves those): `RedisMux.for_url`
-says None. Nothing is retried here: a batch that was written may have run, so a lost connection
-fails the batches in flight (ConnectionError) and the next batch connects again; a batch with
-no reply after `timeout_s` (TimeoutError) closes the connection, failing the others with it.
+Over TCP or a Unix socket (unix://, which the embedded server offers: its system calls cost
+about half a TCP loopback's). Not used on a cluster or over TLS (redis-py serves those):
+`RedisMux.for_url` says None. Nothing is retried here: a batch that was written may have run,
+so a lost connection fails the batches in flight (ConnectionError) and the next batch connects
+again; a batch with no reply after `timeout_s` (TimeoutError) closes the connection, failing
+the others with it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, cast
 import hiredis
 import redis.exceptions
 from redis._parsers import BaseParser
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
 
 Command = tuple[str | bytes | int | float, ...]
 # what a new connection runs before it serves anyone (RedisStock checks the data's server run)
@@ -108,8 +110,9 @@ class RedisMux:
     def __init__(self, host: str, port: int, *, timeout_s: float, password: str | None = None,
                  username: str | None = None, db: int = 0,
                  on_connect: OnConnect | None = None,
-                 on_lost: Callable[[], None] | None = None) -> None:
+                 on_lost: Callable[[], None] | None = None, path: str | None = None) -> None:
         self.host, self.port, self.db = host, port, db
+        self.path = path  # a Unix socket's, instead of host and port
         self.username, self.password = username, password
         self.timeout_s = timeout_s
         self.on_connect = on_connect
@@ -123,14 +126,17 @@ class RedisMux:
     def for_url(cls, url: str, *, timeout_s: float,
                 on_connect: OnConnect | None = None,
                 on_lost: Callable[[], None] | None = None) -> RedisMux | None:
-        """A mux for a plain TCP URL (redis://), else None: redis-py serves the others."""
+        """A mux for a plain TCP URL (redis://) or a Unix socket's (unix://), else None
+        (rediss://): redis-py serves those."""
         opts = parse_url(url)
-        if "connection_class" in opts or "path" in opts:
+        unix = opts.get("connection_class") is UnixDomainSocketConnection
+        if "connection_class" in opts and not unix:
             return None
         return cls(opts.get("host", "localhost"), int(opts.get("port", 6379)),
                    timeout_s=timeout_s, password=opts.get("password"),
                    username=opts.get("username"), db=int(opts.get("db", 0)),
-                   on_connect=on_connect, on_lost=on_lost)
+                   on_connect=on_connect, on_lost=on_lost,
+                   path=opts["path"] if unix else None)
 
     async def execute(self, commands: Sequence[Command]) -> list[Any]:
         """Each command's reply, in order; an error reply is returned in its place (as
@@ -177,11 +183,16 @@ class RedisMux:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout_s):
-                _, link = await loop.create_connection(lambda: _Link(self.on_lost),
-                                                       self.host, self.port)
+                if self.path is not None:
+                    _, link = await loop.create_unix_connection(
+                        lambda: _Link(self.on_lost), self.path)
+                else:
+                    _, link = await loop.create_connection(lambda: _Link(self.on_lost),
+                                                           self.host, self.port)
         except (OSError, TimeoutError) as exc:
+            where = self.path or f"{self.host}:{self.port}"
             raise redis.exceptions.ConnectionError(
-                f"cannot connect to redis at {self.host}:{self.port}: {exc}") from exc
+                f"cannot connect to redis at {where}: {exc}") from exc
         try:
             if self.password is not None:
                 auth = [self.username, self.password] if self.username else [self.password]
