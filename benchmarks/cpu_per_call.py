@@ -4,8 +4,8 @@
                                          round, ROUNDS=3, SKUS=300, KEYS=1, PROFILE=file.raw,
                                          PERF=perf.data [PERF_WHO=ours|peer, PERF_ARGS=-F 999],
                                          SYSCALLS=file [PERF_WHO], THREADS=1, PGCPU=1, PGSS=1,
-                                         REDIS_TCP=1: ours reaches Redis over TCP loopback,
-                                         not the Unix socket its embedded default uses)
+                                         STORES_TCP=1: both reach the stores over TCP
+                                         loopback, not the Unix sockets of the embedded default)
 
 Starts the harness's stack (embedded stores, our service with INVENTORY_WORKERS as set, the peer
 with one process) on a small demo, and measures the CPU seconds of each service process (and its
@@ -217,7 +217,7 @@ def main():
     d = Path(tempfile.mkdtemp(prefix="cpub-"))
     st = stack.LocalStack(skus=SKUS, log_dir=d, peer=stack.PeerOptions(),
                           pg_settings=PGSS_SETTINGS if os.environ.get("PGSS") else (),
-                          redis_tcp=os.environ.get("REDIS_TCP") == "1")
+                          stores_tcp=os.environ.get("STORES_TCP") == "1")
     st.start()
     try:
         u = asyncio.run(stack.discover(st.target, SKUS, locations=20, seed=1))

@@ -99,7 +99,8 @@ class Running:
 @contextlib.asynccontextmanager
 async def embedded_stores(settings: Settings, *, redis: bool = True) -> AsyncIterator[Settings]:
     """Start the embedded Redis-compatible server and Postgres for the URLs not given, holding
-    the data dir (hold_data_dir) while they run."""
+    the data dir (hold_data_dir) while they run; the service reaches both over their Unix
+    sockets (local_url)."""
     if not (redis and not settings.redis_url) and settings.database_url:
         yield settings
         return
@@ -114,7 +115,8 @@ async def embedded_stores(settings: Settings, *, redis: bool = True) -> AsyncIte
             if not settings.database_url:
                 p = EmbeddedPostgres(settings.data_dir / "postgres")
                 started.append(p)
-                settings = replace(settings, database_url=await asyncio.to_thread(p.start))
+                await asyncio.to_thread(p.start)
+                settings = replace(settings, database_url=p.local_url)
             yield settings
         finally:
             for server in reversed(started):

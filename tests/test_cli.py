@@ -157,7 +157,13 @@ def test_serve_embedded_demo_health_reflection_and_clean_sigterm() -> None:
                 1 for x in locs if x.type == 2) >= 100
             got = stub.GetAvailability(api.GetAvailabilityRequest(skus=["SKU-000001"]))
             assert got.items[0].total_on_hand > 0
-        # the service reaches its embedded Redis over the server's Unix socket, not TCP
+        # the service reaches its embedded stores over their Unix sockets: no connection of its
+        # goes out over TCP, and every client of Valkey came in over its socket
+        service = [svc.proc.pid, *(c.pid for c in children
+                                   if "postgres" not in c.name() and "valkey" not in c.name())]
+        outbound = [c for pid in service for c in psutil.Process(pid).net_connections("tcp")
+                    if c.status == psutil.CONN_ESTABLISHED and c.laddr.port != port]
+        assert not outbound, outbound
         sock = data / "redis" / "valkey.sock"
         password = (data / "redis" / "valkey.password").read_text().strip()
         with redis.Redis(unix_socket_path=str(sock), password=password) as admin:

@@ -124,9 +124,9 @@ def parser() -> argparse.ArgumentParser:
     a("--redis-cluster", type=int, default=d.redis_cluster, metavar="N",
       help="own stack: Redis is a local Redis Cluster of N masters (no EVALSHA anchor or Redis "
            "check then)")
-    a("--redis-tcp", action="store_true",
-      help="own stack: our service reaches Redis over TCP loopback, not over the Unix socket "
-           "`inventory-svc serve` uses for its embedded Redis")
+    a("--stores-tcp", action="store_true",
+      help="own stack: ours and the peer reach Redis and Postgres over TCP loopback, not over "
+           "the Unix sockets `inventory-svc serve` uses for its embedded stores")
     a("--profile", default="", help="scenarios whose saturated step py-spy samples in the service")
     a("--out", type=Path, help="output directory (default benchmarks/out/<timestamp>)")
     a("--data-dir", type=Path, help="data of the embedded servers (default: a temporary dir)")
@@ -139,7 +139,7 @@ def config_from(args: argparse.Namespace, argv: list[str]) -> BenchConfig:
     scenarios = ALL_SCENARIOS if args.scenarios == "all" else _csv(args.scenarios)
     return BenchConfig(
         target=args.target, database_url=args.database_url, redis_url=args.redis_url,
-        redis_cluster=args.redis_cluster, redis_tcp=args.redis_tcp,
+        redis_cluster=args.redis_cluster, stores_tcp=args.stores_tcp,
         scenarios=scenarios, mode=args.mode, rate=args.rate, concurrency=args.concurrency,
         fractions=[float(x) for x in _csv(args.fractions)], duration_s=args.duration,
         warmup_s=args.warmup, drain_s=args.drain, workers=args.workers, channels=args.channels,

@@ -43,7 +43,7 @@ class BenchConfig:
     database_url: str | None = None  # for the invariant check and the Postgres anchor
     redis_url: str | None = None  # for the EVALSHA anchor and the Redis-vs-Postgres check
     redis_cluster: int = 0  # own stack: a Redis Cluster of this many masters instead of one Redis
-    redis_tcp: bool = False  # own stack: our service reaches Redis over TCP, not its Unix socket
+    stores_tcp: bool = False  # own stack: the services reach the stores over TCP, not sockets
     scenarios: list[str] = field(default_factory=lambda: list(DEFAULT_SCENARIOS))
     mode: str = "find-max"  # find-max | closed | open
     rate: float = 200.0  # open mode: operations/s
@@ -351,7 +351,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 skus=cfg.skus, log_dir=out, data_dir=cfg.data_dir, latency=delays,
                 peer=stack.PeerOptions(pool_size=cfg.peer_pool, workers=cfg.peer_workers,
                                        outbox=cfg.peer_outbox) if cfg.peer else None,
-                redis_cluster=cfg.redis_cluster, redis_tcp=cfg.redis_tcp)
+                redis_cluster=cfg.redis_cluster, stores_tcp=cfg.stores_tcp)
             local.start()
             target, db, redis = local.target, local.database_url, local.redis_url
         else:

@@ -170,14 +170,14 @@ class LocalStack:
     one-way), the services reach their stores through a latency proxy (the harness itself, for
     set-up and checks, does not); with "standby" in it, Postgres has a synchronous standby that
     far away. With `redis_cluster` N > 0, Redis is a Redis Cluster of N
-    masters (inventory_svc.embedded.cluster) instead of one server. Our service reaches one
-    local Redis over its Unix socket, as `inventory-svc serve` does its embedded one, unless
-    `redis_tcp` (or a latency to Redis: the proxy speaks TCP)."""
+    masters (inventory_svc.embedded.cluster) instead of one server. The services reach the
+    stores over their Unix sockets, as `inventory-svc serve` does its embedded ones (a cluster's
+    nodes, and a store behind the latency proxy, over TCP), unless `stores_tcp`."""
 
     def __init__(self, *, skus: int, log_dir: Path, data_dir: Path | None = None,
                  latency: dict[str, float] | None = None, peer: PeerOptions | None = None,
                  redis_cluster: int = 0, pg_settings: Sequence[str] = (),
-                 redis_tcp: bool = False) -> None:
+                 stores_tcp: bool = False) -> None:
         self.skus = skus
         self.pg_settings = pg_settings  # more Postgres server settings ("name=value")
         self.log_dir = log_dir
@@ -188,7 +188,7 @@ class LocalStack:
         self.latency = {k: v for k, v in (latency or {}).items() if v > 0}
         self.peer_options = peer
         self.redis_cluster = redis_cluster
-        self.redis_tcp = redis_tcp  # TCP loopback to one Redis, not its Unix socket
+        self.stores_tcp = stores_tcp  # the services reach the stores over TCP loopback
         if redis_cluster and "redis" in self.latency:
             raise ValueError("--redis-cluster with a redis latency: the proxy has one address, a "
                              "cluster's nodes announce their own")
@@ -229,9 +229,13 @@ class LocalStack:
         port = free_port()
         env = {k: v for k, v in os.environ.items()
                if k not in ("INVENTORY_PORT", "INVENTORY_HOST", "INVENTORY_DATA_DIR")}
-        if "ours-redis" not in routes and not self.redis_cluster and not self.redis_tcp:
-            # as `inventory-svc serve` uses its embedded server: over its Unix socket
-            redis_url = self.redis.local_url
+        # as `inventory-svc serve` uses its embedded stores: over their Unix sockets (the peer
+        # too), unless a latency proxy stands between (it speaks TCP)
+        if not self.stores_tcp:
+            if "ours-redis" not in routes and not self.redis_cluster:
+                redis_url = self.redis.local_url
+            if "ours-postgres" not in routes:
+                database_url = self.pg.local_url
         env.update(INVENTORY_REDIS_URL=self._via("ours-redis", redis_url),
                    INVENTORY_DATABASE_URL=self._via("ours-postgres", database_url),
                    INVENTORY_DEMO_SKUS=str(self.skus),

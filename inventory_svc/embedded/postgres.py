@@ -151,6 +151,17 @@ class EmbeddedPostgres(_ChildServer):
         )
 
     @property
+    def local_url(self) -> str:
+        """The URL for a client on this machine: over the server's Unix socket, in its 0700
+        directory (``postgresql://postgres:PASSWORD@/<database>?host=DIR&port=PORT``). A round
+        trip costs the client about half the CPU of TCP loopback's (~50 against ~70-120 µs for
+        a one-row query, measured on a 2-core VM)."""
+        return (
+            f"postgresql://{PG_SUPERUSER}:{self.password}@/{quote(self.database, safe='')}"
+            f"?host={quote(str(self.socket_dir), safe='/')}&port={self._port}"
+        )
+
+    @property
     def pgdata(self) -> Path:
         """The cluster directory (PGDATA), symlinks resolved once the server has been prepared."""
         return self._pgdata if self._pgdata is not None else self.data_dir / "pgdata"
