@@ -503,6 +503,10 @@ def test_valkey_tightens_the_files_of_an_older_version(data_dir: Path, track: An
          "connect failed: 'postgresql://u:***@h/db' (timeout)"),
         ("INVENTORY_REDIS_URL=redis://:x-y_z@127.0.0.1:1/0 is bad",
          "INVENTORY_REDIS_URL=redis://:***@127.0.0.1:1/0 is bad"),
+        # the embedded stores' Unix socket URLs (local_url)
+        ("unix://:s3cr3t@/tmp/inv/redis/valkey.sock?db=0", "unix://:***@/tmp/inv/redis/valkey.sock?db=0"),
+        ("postgresql://postgres:pw@/inventory?host=/var/lib/inventory-pg/c1&port=5432",
+         "postgresql://postgres:***@/inventory?host=/var/lib/inventory-pg/c1&port=5432"),
         # nothing to hide
         ("postgresql://postgres@127.0.0.1:5432/db", "postgresql://postgres@127.0.0.1:5432/db"),
         ("redis://127.0.0.1:6379/0 and mail me at a:b@c",
