@@ -20,6 +20,13 @@ _PASSWORD_BYTES = 32  # secrets.token_urlsafe(32): 256 random bits, 43 URL-safe 
 # What a password file may hold: URL-unreserved characters only, so the password goes into a URL,
 # a Valkey config line and a SQL literal without any quoting; and not too short to guess.
 _PASSWORD_RE = re.compile(r"[A-Za-z0-9._~-]{16,}")
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_UNIX_SOCKET_PATH = 107
+
+
+def _fits_unix_socket(path: Path) -> bool:
+    """Whether a Unix socket can be bound at `path` (its bytes fit in sun_path)."""
+    return len(os.fsencode(path)) <= _MAX_UNIX_SOCKET_PATH
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from inventory_svc.embedded.binaries import postgres_bin_dir
 from inventory_svc.embedded.errors import EmbeddedServerError
 from inventory_svc.embedded.files import (
     _LOG_TAIL_BYTES,
+    _fits_unix_socket,
     _log_size,
     _log_tail,
     _new_password,
@@ -48,8 +49,6 @@ from inventory_svc.embedded.process import _ChildServer, _pid_alive, _spawner
 
 INITDB_TIMEOUT = 120.0
 PG_SUPERUSER = "postgres"
-# sun_path is 108 bytes on Linux, including the terminating NUL.
-_MAX_UNIX_SOCKET_PATH = 107
 
 # Every connection, over TCP or the unix socket, replication included, needs the password. Written
 # at every start, so a cluster made by an older version (trust for everything) is upgraded too.
@@ -170,7 +169,7 @@ class EmbeddedPostgres(_ChildServer):
     def socket_dir(self) -> Path:
         """Directory holding the unix socket ``.s.PGSQL.PORT``."""
         base = self._root if self._root is not None else self.data_dir
-        if len(os.fsencode(base / f".s.PGSQL.{self._port}")) <= _MAX_UNIX_SOCKET_PATH:
+        if _fits_unix_socket(base / f".s.PGSQL.{self._port}"):
             return base
         digest = hashlib.sha256(os.fsencode(base)).hexdigest()[:16]
         return Path("/tmp") / f"inventory-pg-{digest}"

@@ -16,11 +16,16 @@ from pathlib import Path
 from urllib.parse import quote
 
 from inventory_svc.embedded.binaries import valkey_server_binary
-from inventory_svc.embedded.files import _new_password, _read_password, _tighten, _write_private_file
+from inventory_svc.embedded.files import (
+    _fits_unix_socket,
+    _new_password,
+    _read_password,
+    _tighten,
+    _write_private_file,
+)
 from inventory_svc.embedded.process import _ChildServer, _spawner
 
 SOCKET_FILE = "valkey.sock"
-MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with its terminating NUL
 
 
 class EmbeddedRedis(_ChildServer):
@@ -46,7 +51,7 @@ class EmbeddedRedis(_ChildServer):
         """The Unix socket the server also listens on, in its owner-only data dir; None when
         the path is too long for one (the kernel's limit is 107 bytes)."""
         path = self.data_dir.resolve() / SOCKET_FILE
-        return path if len(os.fsencode(path)) <= MAX_SOCKET_PATH else None
+        return path if _fits_unix_socket(path) else None
 
     @property
     def local_url(self) -> str:
