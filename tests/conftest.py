@@ -11,6 +11,10 @@ the single server ([redis]) and against a 3-master Redis Cluster of embedded Val
 INVENTORY_TEST_REDIS_CLUSTER_URL) with a database of its own on the same Postgres server.
 `redis_cluster(soak=True)` runs the cluster variant only under --soak (the default run keeps a
 representative subset, for time).
+
+The suite runs in one process per usable CPU (pytest-xdist, at most 4), each with embedded stores
+of its own; a file's tests stay in one process, so its module fixtures start once. Given external
+stores it runs in one process: they are shared, and the Redis-flush test flushes that Redis.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from inventory.v1 import common_pb2 as pb
 from inventory.v1 import inventory_service_pb2 as api
 from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory_svc.config import Settings
+from inventory_svc.cpus import usable_cpus
 from inventory_svc.embedded import EmbeddedPostgres, EmbeddedRedis
 from inventory_svc.embedded.cluster import EmbeddedRedisCluster
 from inventory_svc.server import Running, serve
@@ -46,6 +51,18 @@ pytest_plugins = ["tests.embedded_fixtures"]
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", default=False,
                      help="run the long soak/chaos versions of the fault and model-based tests")
+
+
+EXTERNAL_STORES = ("INVENTORY_TEST_REDIS_URL", "INVENTORY_TEST_DATABASE_URL",
+                   "INVENTORY_TEST_REDIS_CLUSTER_URL")
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: a process per CPU this run may use (cgroup aware), at most 4 (each starts its own
+    Postgres, Valkey and cluster); one when the stores are external and so shared."""
+    if any(os.environ.get(name) for name in EXTERNAL_STORES):
+        return 1
+    return min(usable_cpus(), 4)
 
 
 def pytest_configure(config: pytest.Config) -> None:
