@@ -17,7 +17,7 @@ from inventory.v1 import inventory_service_pb2_grpc as api_grpc
 from inventory.v1 import routing_service_pb2 as rp
 from inventory.v1 import routing_service_pb2_grpc as rp_grpc
 from tests.conftest import make_world, store_location, uid
-from tests.grpc_helpers import bad_fields, expect_error
+from tests.grpc_helpers import bad_fields, details, expect_error, shortfalls
 
 Stub = api_grpc.InventoryServiceStub
 PROTOS = Path(__file__).resolve().parents[1] / "protos" / "inventory" / "v1"
@@ -189,3 +189,30 @@ async def test_already_exists_says_why_in_error_info(stub: Stub) -> None:
             infos.append(info)
     assert [(x.reason, x.domain) for x in infos] == [("IDEMPOTENCY_KEY_REUSED", "inventory.v1")]
     assert key in (err.details() or "")
+
+
+async def test_losers_of_one_row_hear_the_same_whole_answer_and_no_other_rows(stub: Stub) -> None:
+    """A refusal for stock is built once for what it says (transport/errors.py keeps it): every
+    loser of a sold-out row still gets the whole answer, and a kept answer never speaks for
+    another row or another amount."""
+    w = await make_world(stub, locations=2, skus=1, on_hand=1)
+    sku, (here, there) = w.skus[0], w.locations
+
+    def reserve(loc: str, qty: int) -> api.ReserveRequest:
+        return api.ReserveRequest(lines=[pb.ReservationLine(sku=sku, location_id=loc,
+                                                            quantity=qty)], ttl_seconds=60)
+
+    answers = []
+    for _ in range(3):
+        err = await expect_error(stub.Reserve(reserve(here, 2)), grpc.StatusCode.FAILED_PRECONDITION)
+        answers.append((err.details(), shortfalls(err), [type(d).__name__ for d in details(err)]))
+    assert answers[0] == answers[1] == answers[2]
+    assert answers[0][1] == [(sku, here, 2, 1)]
+    assert answers[0][2] == ["PreconditionFailure", "InsufficientStock"]
+    assert f"{sku}@{here}: requested 2, available 1" in answers[0][0]
+
+    err = await expect_error(stub.Reserve(reserve(there, 3)), grpc.StatusCode.FAILED_PRECONDITION)
+    assert shortfalls(err) == [(sku, there, 3, 1)]
+    await stub.Reserve(reserve(here, 1))  # the row's last unit: now it has none
+    err = await expect_error(stub.Reserve(reserve(here, 2)), grpc.StatusCode.FAILED_PRECONDITION)
+    assert shortfalls(err) == [(sku, here, 2, 0)]
