@@ -9,6 +9,10 @@ own), on a connection whose backend reports its CPU exactly (getrusage around ea
 `log_executor_stats` for the pass, `log_statement_stats` for its COMMIT, which flushes the WAL and
 sends the NOTIFY). stock_changes is vacuumed every 10 passes, as the sequencer does under load.
 
+Unlike `benchmarks.watch_pass` (wall time of bulk and steady passes over stock rows changed
+directly, on a bare database), the changes here are real group commits of Reserve calls, whose
+pass also looks up their outbox and reservation rows, and the figure is CPU.
+
 Each VARIANT.sql (e.g. a CREATE OR REPLACE of watch_number_pass) is applied in turn, after the
 function as it is, and measured the same way: an A/B of the pass in one run.
 """

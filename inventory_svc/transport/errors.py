@@ -77,18 +77,19 @@ def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
 
 
 def to_status(err: e.DomainError) -> grpc.Status:
-    if type(err) is e.InsufficientStock:
-        return _short_of_stock(tuple(err.shortfalls))
+    if type(err) is e.InsufficientStock and len(err.shortfalls) == 1:
+        return _short_of_stock(err.shortfalls[0])
     return _status(err)
 
 
-@functools.lru_cache(maxsize=4_096)
-def _short_of_stock(shortfalls: tuple[e.Shortfall, ...]) -> grpc.Status:
-    """The status of a refusal for stock, made once for what it says: the losers of a flash sale
-    all hear "requested 1, available 0" of the same few rows, and building the status with its
-    two packed details was an eighth of a loser's Python time. (Its text is made from the
-    shortfalls alone; the status is immutable, so one serves every call.)"""
-    return _status(e.InsufficientStock(shortfalls))
+@functools.lru_cache(maxsize=1_024)
+def _short_of_stock(shortfall: e.Shortfall) -> grpc.Status:
+    """The status of a one-line refusal for stock, made once for what it says: the losers of a
+    flash sale all hear "requested 1, available 0" of the same few rows, and building the status
+    with its two packed details was an eighth of a loser's Python time. Its text is made from
+    the shortfall alone, and a status is immutable, so one serves every call. One line only: a
+    key of a hundred made-up rows a call would let a client fill the cache with large entries."""
+    return _status(e.InsufficientStock((shortfall,)))
 
 
 def _status(err: e.DomainError) -> grpc.Status:
