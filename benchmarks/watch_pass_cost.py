@@ -84,7 +84,7 @@ async def measure(st: stack.LocalStack, u: stack.Universe, args: argparse.Namesp
     await conn.execute("VACUUM stock_changes")
     variants = [("as it is", ""), *args.variants]
     print("| round | pass function | changes a pass | pass CPU ms (median) | COMMIT CPU ms (median) |"
-          " per change ms |")
+          " whole pass ÷ changes, ms |")
     print("|---|---|---|---|---|---|")
     for rnd in range(args.rounds):
         for name, sql in variants:
