@@ -139,7 +139,8 @@ class GroupCommitter(Lanes[_Call]):
                      progress or Progress())
         self.submit(call)
         try:
-            out = await asyncio.shield(call.answer)
+            # (its own future: a caller that gives up cancels it, and its group then skips it)
+            out = await call.answer
         except asyncio.CancelledError:
             if self.withdraw(call):  # never sent: Postgres surely did not take it
                 await self.ctx.give_back(hold)
@@ -174,7 +175,7 @@ class GroupCommitter(Lanes[_Call]):
         sent = False
         try:
             async with asyncio.timeout_at(min(c.deadline for c in group)):
-                async with self.ctx.pg.connection(group=True) as conn:
+                async with self.ctx.pg.connection(group=True, in_deadline=True) as conn:
                     sent = True  # the statement is its own commit
                     for c in group:
                         c.progress.sent = True
@@ -203,7 +204,8 @@ class GroupCommitter(Lanes[_Call]):
         answers: list[Answer]
         try:
             async with asyncio.timeout_at(min(c.deadline for c in group)):
-                async with self.ctx.pg.unit(None, group=True) as unit:  # keys: claimed for all at once
+                async with self.ctx.pg.unit(None, group=True, in_deadline=True) as unit:
+                    # (keys: claimed for all at once)
                     answers = await self._decide(unit.conn, group)
                     sent = True  # from here on a failure may come after the commit
                     for c in group:

@@ -117,7 +117,8 @@ class SettleCommitter(Lanes[_End]):
         self.submit(call)
         try:
             async with asyncio.timeout(timeout_s):
-                out = await asyncio.shield(call.answer)
+                # (its own future: a caller that gives up cancels it, and its group then skips it)
+                out = await call.answer
         except TimeoutError as exc:
             if not self.withdraw(call) and call.progress.sent:
                 raise DeadlineExceeded(

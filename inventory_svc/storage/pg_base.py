@@ -335,21 +335,26 @@ class PgBase:
         return self.group_pool if group else self.pool
 
     @contextlib.asynccontextmanager
-    async def connection(self, *, group: bool = False) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self, *, group: bool = False, in_deadline: bool = False
+                         ) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection, no transaction: each statement commits on its own. `group`:
-        one of the group committers' (plans cached; statements of bounded size only)."""
+        one of the group committers' (plans cached; statements of bounded size only).
+        `in_deadline`: the caller's own asyncio timeout bounds the wait for it, so the pool's
+        is not set (on Python 3.11 asyncpg enforces it with a task of its own a call)."""
         with translate_errors():
-            async with self._pool_of(group).acquire(timeout=self.timeout_s) as conn:
+            async with self._pool_of(group).acquire(
+                    timeout=None if in_deadline else self.timeout_s) as conn:
                 yield conn
 
     @contextlib.asynccontextmanager
-    async def unit(self, idem: Idem | None, *, group: bool = False, quiet: bool = False
-                   ) -> AsyncIterator[Unit]:
+    async def unit(self, idem: Idem | None, *, group: bool = False, quiet: bool = False,
+                   in_deadline: bool = False) -> AsyncIterator[Unit]:
         """A transaction that commits on success; `unit.replay` is set for a repeated call.
-        `group`: as for `connection`. Its commit is `committed` unless `quiet` (a unit that
-        often writes nothing, and tells `committed` itself when it did)."""
+        `group`, `in_deadline`: as for `connection`. Its commit is `committed` unless `quiet`
+        (a unit that often writes nothing, and tells `committed` itself when it did)."""
         with translate_errors():
-            async with self._pool_of(group).acquire(timeout=self.timeout_s) as conn, \
+            async with self._pool_of(group).acquire(
+                    timeout=None if in_deadline else self.timeout_s) as conn, \
                     conn.transaction():
                 unit = Unit(conn, idem)
                 await unit.claim()

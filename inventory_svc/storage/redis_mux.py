@@ -40,14 +40,19 @@ def _error(reply: _ReplyError) -> redis.exceptions.RedisError:
     return err
 
 
-class _Batch:
-    __slots__ = ("future", "left", "replies", "sent_at")
+Finish = Callable[[list[Any]], Any]  # what a batch's future holds, made from its replies
 
-    def __init__(self, future: asyncio.Future[list[Any]], size: int, sent_at: float) -> None:
+
+class _Batch:
+    __slots__ = ("finish", "future", "left", "replies", "sent_at")
+
+    def __init__(self, future: asyncio.Future[Any], size: int, sent_at: float,
+                 finish: Finish | None) -> None:
         self.future = future
         self.left = size
         self.replies: list[Any] = []
         self.sent_at = sent_at
+        self.finish = finish
 
 
 class _Link(asyncio.Protocol):
@@ -77,7 +82,13 @@ class _Link(asyncio.Protocol):
             if batch.left == 0:
                 batches.popleft()
                 if not batch.future.done():  # its caller may have given up
-                    batch.future.set_result(batch.replies)
+                    if batch.finish is None:
+                        batch.future.set_result(batch.replies)
+                    else:
+                        try:
+                            batch.future.set_result(batch.finish(batch.replies))
+                        except Exception as exc:  # its caller's to hear, not the link's
+                            batch.future.set_exception(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         first = self.lost is None  # not a close of our own (fail) first
@@ -95,11 +106,13 @@ class _Link(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def send(self, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
+    def send(self, commands: Sequence[Command], finish: Finish | None = None
+             ) -> asyncio.Future[Any]:
+        """Written now; the future holds the replies in order (or `finish` of them)."""
         assert self.transport is not None
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        self.batches.append(_Batch(future, len(commands), loop.time()))
+        future: asyncio.Future[Any] = loop.create_future()
+        self.batches.append(_Batch(future, len(commands), loop.time(), finish))
         # hiredis's stub types the argument as a 1-tuple; it takes any number of arguments
         self.transport.write(b"".join(
             hiredis.pack_command(c) for c in commands))  # type: ignore[arg-type]
@@ -146,11 +159,25 @@ class RedisMux:
         link = self._link
         if link is None or link.lost is not None:
             link = await self._connect()
-        future = link.send(commands)
+        future: asyncio.Future[list[Any]] = link.send(commands)
+        self._arm_watchdog()
+        return await future
+
+    def send_now(self, commands: Sequence[Command], finish: Finish) -> asyncio.Future[Any] | None:
+        """`commands` written now, without awaiting anything, on the connection that is up; a
+        future of `finish` of their replies (errors as in `execute`). None when no connection
+        is up: then `execute`, which connects, is the way."""
+        link = self._link
+        if link is None or link.lost is not None or not commands:
+            return None
+        future = link.send(commands, finish)
+        self._arm_watchdog()
+        return future
+
+    def _arm_watchdog(self) -> None:
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().call_later(self.timeout_s / 4,
                                                                    self._watch)
-        return await future
 
     async def run(self, link: _Link, *command: str | bytes | int) -> Any:
         """One command on `link` (for `on_connect`, before the link serves anyone)."""
